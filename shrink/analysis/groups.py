@@ -1,0 +1,143 @@
+"""From propagated ids to channel groups.
+
+After propagation every id has a union-find root; a root is one *group channel*. Two roots are in
+the same *group* when they were allocated by the same producer (the ids of one ``fresh`` batch:
+a conv's output channels, a model input): so a consumer of ``cat([a, b])`` has members in a's
+group and in b's, while a residual add puts both branches' producers in one group.
+
+Invariant (checked): every position of every recorded module axis belongs to exactly one group.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from shrink.ids import Tracker
+from shrink.errors import InvariantError
+from shrink.plan import ChannelGroup, IndexMap, Member, Side
+
+
+def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[ChannelGroup, ...]:
+    n = len(t.parent)
+    root = np.fromiter((t.find(i) for i in range(n)), dtype=np.int64, count=n)
+
+    # cluster roots by shared allocation batch
+    cparent = {int(r): int(r) for r in np.unique(root)}
+
+    def cfind(x: int) -> int:
+        while cparent[x] != x:
+            cparent[x] = cparent[cparent[x]]
+            x = cparent[x]
+        return x
+
+    for b in t.batches:
+        rs = np.unique(root[b.start : b.start + b.size]).tolist()
+        first = cfind(rs[0])
+        for r in rs[1:]:
+            cr = cfind(r)
+            if cr != first:
+                lo, hi = min(first, cr), max(first, cr)
+                cparent[hi] = lo
+                first = lo
+
+    # channel order: first appearance in batch order; group label: its first batch
+    cluster_channels: dict[int, list[int]] = defaultdict(list)
+    channel_of: dict[int, int] = {}
+    label_of: dict[int, str] = {}
+    for b in t.batches:
+        for r in root[b.start : b.start + b.size].tolist():
+            c = cfind(r)
+            label_of.setdefault(c, b.label)
+            if r not in channel_of:
+                channel_of[r] = len(cluster_channels[c])
+                cluster_channels[c].append(r)
+
+    # members
+    members: dict[int, list[Member]] = defaultdict(list)
+    for (fqn, side), rec in sorted(t.members.items(), key=lambda kv: kv[1].order):
+        rr = root[rec.ids]
+        cl = np.fromiter((cfind(r) for r in rr.tolist()), dtype=np.int64, count=len(rr))
+        extent = extents.get((fqn, side), len(rec.ids))
+        if extent != len(rec.ids):
+            raise InvariantError(
+                f"{fqn} {side.value}-axis has {extent} positions but analysis saw {len(rec.ids)}"
+            )
+        for c in dict.fromkeys(cl.tolist()):
+            pos = np.nonzero(cl == c)[0]
+            imap = IndexMap(
+                tuple(pos.tolist()), tuple(channel_of[r] for r in rr[pos].tolist())
+            )
+            members[c].append(Member(fqn, side, extent, imap))
+
+    # pins, inexactness, block constraints
+    pin_reasons: dict[int, list[str]] = defaultdict(list)
+    for i, reason in t.pins.items():
+        c = cfind(int(root[i]))
+        if reason not in pin_reasons[c]:
+            pin_reasons[c].append(reason)
+    inexact = {cfind(int(root[i])) for i in t.inexact}
+    blocks: dict[int, tuple[int, ...]] = {}
+    for fqn, ids, nblocks in t.blocks:
+        _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, blocks,
+                      pin_reasons)
+
+    groups = []
+    seen: dict[str, int] = {}
+    for c, chans in sorted(cluster_channels.items(), key=lambda kv: _first_batch(kv[1], root, t)):
+        if not members.get(c):
+            continue
+        label = label_of[c]
+        k = seen.get(label, 0)
+        seen[label] = k + 1
+        gid = label if k == 0 else f"{label}#{k + 1}"
+        reasons = pin_reasons.get(c)
+        groups.append(
+            ChannelGroup(
+                id=gid,
+                size=len(chans),
+                members=tuple(members[c]),
+                pinned="; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+                if reasons else None,
+                exact=c not in inexact,
+                blocks=blocks.get(c, ()) if not reasons else (),
+            )
+        )
+    return tuple(groups)
+
+
+def _first_batch(chans: list[int], root: np.ndarray, t: Tracker) -> int:
+    return min(chans)
+
+
+def _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, blocks,  # type: ignore[no-untyped-def]
+                  pin_reasons) -> None:
+    """Turn 'these positions form nblocks equal blocks' into a block label per group channel."""
+    per = len(ids) // nblocks
+    clusters = {cfind(int(root[i])) for i in ids.tolist()}
+    why = None
+    labels: dict[int, dict[int, int]] = {c: {} for c in clusters}
+    if len(clusters) > 1:
+        why = f"grouped conv {fqn} spans channels of several groups"
+    else:
+        for k, i in enumerate(ids.tolist()):
+            r = int(root[i])
+            c = cfind(r)
+            ch = channel_of[r]
+            if labels[c].setdefault(ch, k // per) != k // per:
+                why = f"grouped conv {fqn} would need one channel in two of its conv groups"
+                break
+    for c in clusters:
+        if why is None:
+            size = len(cluster_channels[c])
+            if len(labels[c]) != size:
+                why = f"grouped conv {fqn} covers only part of its channel group"
+            else:
+                lab = tuple(labels[c][ch] for ch in range(size))
+                if blocks.get(c, lab) != lab:
+                    why = f"grouped conv {fqn} and another grouped conv split the channels differently"
+                else:
+                    blocks[c] = lab
+        if why is not None:
+            pin_reasons[c].append(why)

@@ -1,0 +1,144 @@
+"""Run the captured graph once, propagating channel ids alongside the real values.
+
+The real execution gives every rule the exact shapes and the concrete values of non-tensor
+arguments (``x.size(1) // 2``). Each node is dispatched to the rule for its module type or call
+target; a node without a rule pins every id it touches and produces pinned ids (fail closed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from shrink.ids import Call, Ids, Tracker, iter_ids, map_values
+from shrink.capture import Captured, describe, source_location
+from shrink.rules import function_rule, rule_for
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    return False
+
+
+def _matches(ids: Any, out: Any) -> bool:
+    """Whether a rule's result mirrors the runtime output's tensors."""
+    if isinstance(out, torch.Tensor):
+        return isinstance(ids, Ids) and ids.shape == tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return isinstance(ids, (tuple, list)) and len(ids) == len(out) and all(
+            _matches(i, o) for i, o in zip(ids, out)
+        )
+    if isinstance(out, dict):
+        return isinstance(ids, dict) and all(_matches(ids.get(k), v) for k, v in out.items())
+    return True
+
+
+class Propagator(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, tracker: Tracker) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.t = tracker
+        self.ids: dict[fx.Node, Any] = {}
+        self.modules = dict(gm.named_modules())
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.t.where = source_location(n)
+        self.ids[n] = self._propagate(n, out)
+        return out
+
+    def _propagate(self, n: fx.Node, out: Any) -> Any:
+        t = self.t
+        if n.op == "placeholder":
+            reason = f"model input {n.name!r}"
+            return map_values(
+                lambda v: t.fresh_pinned(tuple(v.shape), f"input:{n.name}", reason)
+                if isinstance(v, torch.Tensor) else v,
+                out,
+            )
+        if n.op == "get_attr":
+            if not isinstance(out, torch.Tensor):
+                return out
+            if out.numel() == 1:
+                return Ids(torch.full((1,) * out.ndim, -1).numpy(), tuple(out.shape))
+            return t.fresh_pinned(
+                tuple(out.shape), n.name,
+                f"tensor {n.target!r} is used directly in forward at {source_location(n)}, "
+                "not through a layer with a rule",
+            )
+        if n.op == "output":
+            for ids in iter_ids(fx.node.map_arg(n.args, lambda a: self.ids[a])):
+                t.pin(ids.a, "model output")
+            return None
+
+        args = fx.node.map_arg(n.args, lambda a: self.ids[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.ids[a])
+        call = Call(tuple(args), dict(kwargs), out, n, describe(n), source_location(n))
+        result: Any = None
+        handled = False
+        if n.op == "call_module":
+            module = self.modules[str(n.target)]
+            rule = rule_for(module)
+            if rule is not None:
+                result, handled = rule.propagate(t, str(n.target), module, call), True
+        else:
+            frule = function_rule(n.target)
+            if frule is not None:
+                result, handled = frule(t, call), True
+        if handled and _matches(result, out):
+            return result
+        return self._unknown(n, call, out, handled)
+
+    def _unknown(self, n: fx.Node, call: Call, out: Any, handled: bool) -> Any:
+        t = self.t
+        has_ids = any(True for _ in iter_ids([call.args, call.kwargs]))
+        if not has_ids and not _has_tensor(out):
+            return out
+        what = describe(n)
+        if n.op == "call_module":
+            what += f" ({type(self.modules[str(n.target)]).__name__})"
+        why = "whose rule did not understand this call" if handled else "which has no rule"
+        reason = f"flows through {what} at {call.where}, {why}"
+        if has_ids:
+            t.diagnose("pinned", reason)
+        for ids in iter_ids([call.args, call.kwargs]):
+            t.pin(ids.a, reason)
+        return map_values(
+            lambda v: t.fresh_pinned(tuple(v.shape), n.name, f"output of {what}, which has no rule")
+            if isinstance(v, torch.Tensor) else v,
+            out,
+        )
+
+
+def propagate(captured: Captured, tracker: Tracker) -> None:
+    """Fill ``tracker`` by running the captured graph on its example inputs."""
+    with torch.no_grad():
+        Propagator(captured.graph_module, tracker).run(*captured.example_inputs)
+
+
+def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:
+    """Pin layers whose parameters are shared with another layer, or that carry hooks."""
+    owners: dict[int, list[str]] = {}
+    for fqn, mod in gm.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(fqn)
+    hooked = {
+        fqn for fqn, mod in gm.named_modules()
+        if mod._forward_hooks or mod._forward_pre_hooks
+    }
+    shared: dict[str, list[str]] = {}
+    for fqns in owners.values():
+        if len(fqns) > 1:
+            for f in fqns:
+                shared.setdefault(f, []).extend(o for o in fqns if o != f)
+    for (fqn, _side), rec in tracker.members.items():
+        if fqn in shared:
+            tracker.pin(rec.ids, f"{fqn} shares a parameter with {shared[fqn]}: tied weights stay")
+        if any(fqn == h or fqn.startswith(h + ".") or not h for h in hooked):
+            tracker.pin(rec.ids, f"{fqn} has forward hooks shrink cannot see through")

@@ -1,0 +1,119 @@
+"""Capture a model as an fx graph: the only file that knows how the graph is obtained.
+
+shrink traces with ``torch.fx`` symbolic tracing. Every module type that has an op rule stays a
+``call_module`` node (its target is the module's FQN); everything else is traced through, except
+``torch.nn`` built-ins without a rule, which stay opaque leaves (and so pin what they touch).
+
+The caller's model is never touched: tracing and analysis run on a deep copy in eval mode (fx
+records the branch that ``self.training`` selects; eval is the deployed graph).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from shrink.errors import CaptureError
+from shrink.rules import rule_for
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Captured:
+    """A traced copy of a model plus the inputs it was traced with. Never serialised."""
+
+    graph_module: fx.GraphModule
+    example_inputs: tuple[Any, ...]
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: Sequence[type[nn.Module]]) -> None:
+        super().__init__()
+        self.leaf_types = tuple(leaf_types)
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if rule_for(m) is not None or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise CaptureError(
+        f"example_inputs must be a tensor or a tuple of positional inputs, got "
+        f"{type(example_inputs).__name__}. Pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
+    )
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_types: Sequence[type[nn.Module]] = (),
+) -> Captured:
+    """Trace a deep copy of ``model`` (in eval mode) with torch.fx.
+
+    Args:
+        model: the model; it is not modified.
+        example_inputs: a tensor or a tuple of positional inputs, used to record shapes.
+        leaf_types: extra module types to keep opaque (their channels are pinned).
+
+    Returns:
+        The traced copy and the normalised inputs.
+
+    Raises:
+        CaptureError: when fx cannot trace the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    copied = copy.deepcopy(model).eval()
+    tracer = _Tracer(leaf_types)
+    try:
+        graph = tracer.trace(copied)
+    except Exception as e:
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
+            "  why: symbolic tracing cannot follow Python control flow that depends on tensor "
+            "values or shapes.\n"
+            "  fix: make that code traceable (e.g. torch.fx.wrap a helper), or keep the module "
+            "that contains it opaque with leaf_types=[ThatModule] (its channels then stay)."
+        ) from e
+    return Captured(fx.GraphModule(copied, graph, type(model).__name__), inputs)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def source_location(node: fx.Node) -> str:
+    """``file.py:LINE in fn`` of the user code that created ``node``, or its name."""
+    trace = node.stack_trace or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return f"node {node.name!r}"
+    path, line, fn = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"
+
+
+def describe(node: fx.Node) -> str:
+    """Human-readable op name of a node, e.g. ``'cat_1' (torch.cat)``."""
+    target = node.target
+    if node.op == "call_method":
+        what = f"Tensor.{target}"
+    elif node.op == "call_function":
+        what = f"{getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', target)}"
+        what = what.replace("torch._C._nn.", "F.").replace("_operator.", "operator.").lstrip(".")
+    else:
+        what = str(target)
+    return f"{node.name!r} ({what})"

@@ -1,0 +1,243 @@
+"""Channel identities: the abstract value that analysis propagates through the graph.
+
+Every element of every tensor in the captured graph carries an integer *id*. A producer (a conv's
+output channels, a model input, an op shrink does not understand) allocates fresh ids; every other
+op moves ids around exactly as it moves data (cat concatenates, flatten repeats, transpose
+permutes, split slices) or *unions* them when two elements must be removed together (a residual
+add, a depthwise conv, a module called twice). After propagation, the union-find roots are the
+group channels and the allocation batches they share are the groups.
+
+Ids are stored compressed: an array with the tensor's rank where a dim along which ids do not vary
+(spatial dims, the batch) has length 1. Only reshapes materialise the full array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shrink.plan import Side
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Ids:
+    """Channel ids of a tensor: ``a`` broadcasts to ``shape``."""
+
+    a: np.ndarray
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def full(self) -> np.ndarray:
+        return np.broadcast_to(self.a, self.shape)
+
+    def varies(self, dim: int) -> bool:
+        return self.a.shape[dim] > 1
+
+    def with_shape(self, shape: tuple[int, ...]) -> Ids:
+        """Same ids, viewed with a new shape where only non-varying dims may change size."""
+        return Ids(self.a, tuple(shape))
+
+
+def compress(arr: np.ndarray) -> np.ndarray:
+    """Shrink every dim along which ``arr`` is constant to length 1."""
+    out = arr
+    for d in range(out.ndim):
+        if out.shape[d] > 1:
+            first = out.take([0], axis=d)
+            if np.array_equal(np.broadcast_to(first, out.shape), out):
+                out = first
+    return np.ascontiguousarray(out)
+
+
+def make_ids(arr: np.ndarray, shape: tuple[int, ...]) -> Ids:
+    return Ids(compress(np.asarray(arr, dtype=np.int64)), tuple(int(s) for s in shape))
+
+
+@dataclass(slots=True)
+class Batch:
+    start: int
+    size: int
+    label: str
+    order: int
+
+
+@dataclass(slots=True)
+class MemberRecord:
+    ids: np.ndarray  # 1-D, one id per axis position
+    order: int
+
+
+class Tracker:
+    """Union-find over channel ids plus what analysis records about them."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.batches: list[Batch] = []
+        self.pins: dict[int, str] = {}
+        self.inexact: dict[int, str] = {}
+        self.members: dict[tuple[str, Side], MemberRecord] = {}
+        self.blocks: list[tuple[str, np.ndarray, int]] = []
+        self.where: str = ""
+        self.diagnostics: list[tuple[str, str]] = []
+
+    # -------------------------------------------------------------- allocation
+    def fresh(self, n: int, label: str) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.batches.append(Batch(start, n, label, len(self.batches)))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def fresh_pinned(self, shape: tuple[int, ...], label: str, reason: str) -> Ids:
+        """One pinned id for a whole tensor: nothing about its layout is known."""
+        ids = self.fresh(1, label)
+        self.pins.setdefault(int(ids[0]), reason)
+        return Ids(ids.reshape((1,) * len(shape)), tuple(shape))
+
+    # -------------------------------------------------------------- union-find
+    def find(self, i: int) -> int:
+        parent = self.parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union ``a`` and ``b`` elementwise (after broadcasting)."""
+        a, b = np.broadcast_arrays(a, b)
+        pairs = np.stack([a.ravel(), b.ravel()], axis=1)
+        pairs = pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs >= 0).all(axis=1)]
+        if len(pairs) > 1:
+            pairs = np.unique(pairs, axis=0)
+        for x, y in pairs.tolist():
+            self._link(x, y)
+
+    def union_all(self, arr: np.ndarray) -> None:
+        flat = np.unique(arr)
+        flat = flat[flat >= 0]
+        if len(flat) == 0:
+            return
+        first = int(flat[0])
+        for x in flat[1:].tolist():
+            self._link(first, x)
+
+    def _link(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            if rx < ry:
+                rx, ry = ry, rx
+            self.parent[rx] = ry
+
+    # -------------------------------------------------------------- records
+    def pin(self, arr: np.ndarray, reason: str) -> None:
+        for x in np.unique(arr).tolist():
+            if x >= 0:
+                self.pins.setdefault(x, reason)
+
+    def mark_inexact(self, arr: np.ndarray, reason: str) -> None:
+        for x in np.unique(arr).tolist():
+            if x >= 0:
+                self.inexact.setdefault(x, reason)
+
+    def member(self, fqn: str, side: Side, ids: np.ndarray) -> None:
+        """Record that axis ``side`` of module ``fqn`` carries ``ids`` (one per position).
+
+        A module called more than once (shared weights) has one axis: its calls are unioned.
+        """
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        prev = self.members.get((fqn, side))
+        if prev is None:
+            self.members[(fqn, side)] = MemberRecord(ids.copy(), len(self.members))
+        else:
+            self.union(prev.ids, ids)
+
+    def block_constraint(self, fqn: str, ids: np.ndarray, nblocks: int) -> None:
+        """Positions of ``ids`` fall into ``nblocks`` equal blocks that must shrink equally."""
+        self.blocks.append((fqn, np.asarray(ids, dtype=np.int64).ravel(), nblocks))
+
+    def diagnose(self, severity: str, message: str) -> None:
+        self.diagnostics.append((severity, message))
+
+
+# ------------------------------------------------------------------ helpers on values
+def channel_ids(t: Tracker, ids: Ids, dim: int) -> np.ndarray:
+    """The 1-D ids of axis ``dim``; ids that vary along other dims are unioned per channel.
+
+    A conv or linear consumes every element of a channel slice as one channel, so whatever ids
+    those elements carry must go together.
+    """
+    dim = dim % ids.ndim
+    arr = np.moveaxis(ids.a, dim, 0)
+    flat = arr.reshape(arr.shape[0], -1)
+    if flat.shape[1] > 1:
+        t.union(flat[:, :1], flat)
+    col0 = np.broadcast_to(flat[:, 0], (ids.shape[dim],)).copy()
+    if (col0 < 0).any():  # a one-element tensor feeding a layer: its one channel stays
+        col0[col0 < 0] = t.fresh(1, "constant")[0]
+        t.pin(col0, "a constant tensor feeds this layer")
+    return col0
+
+
+def ids_on_axis(ids1d: np.ndarray, shape: tuple[int, ...], dim: int) -> Ids:
+    """A tensor whose ids vary only along ``dim``."""
+    dim = dim % len(shape)
+    view = [1] * len(shape)
+    view[dim] = len(ids1d)
+    return Ids(np.asarray(ids1d, dtype=np.int64).reshape(view), tuple(shape))
+
+
+def map_values(fn: Callable[[Any], Any], value: Any) -> Any:
+    """Apply ``fn`` to every leaf of a (tuple/list/dict) structure."""
+    if isinstance(value, (tuple, list)):
+        mapped = [map_values(fn, v) for v in value]
+        return type(value)(mapped) if isinstance(value, list) else tuple(mapped)
+    if isinstance(value, dict):
+        return {k: map_values(fn, v) for k, v in value.items()}
+    return fn(value)
+
+
+def iter_ids(value: Any) -> Iterator[Ids]:
+    """Every :class:`Ids` inside a structure."""
+    if isinstance(value, Ids):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_ids(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_ids(v)
+
+
+@dataclass(slots=True)
+class Call:
+    """What a rule sees of one graph node.
+
+    ``args``/``kwargs`` hold :class:`Ids` where the runtime value was a tensor and the runtime
+    value itself otherwise; ``out`` is the node's runtime output (for shapes); ``node`` is the fx
+    node (to tell literal arguments from computed ones).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out: Any
+    node: Any
+    name: str
+    where: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        if len(self.args) > i:
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+    def node_arg(self, i: int, name: str) -> Any:
+        if len(self.node.args) > i:
+            return self.node.args[i]
+        return self.node.kwargs.get(name)

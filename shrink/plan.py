@@ -1,0 +1,290 @@
+"""The plan: the only value that crosses from deciding what to prune to doing it.
+
+A :class:`Plan` is plain data, keyed by module FQNs, and serialises to canonical JSON (sorted keys,
+run-length encoded index maps) so plans diff cleanly, replay as goldens and never execute code when
+loaded.
+
+Channel coordinates. A :class:`ChannelGroup` of ``size`` channels is a set of tensor axes that must
+shrink together. Each :class:`Member` is one module axis (``side`` IN or OUT of module ``module``);
+its :class:`IndexMap` lists, for every axis position that belongs to the group, which group channel
+it carries. A group channel may own several positions of one axis (``cat([x, x])``, or a flatten
+into a Linear where channel ``c`` owns the block ``[c*H*W, (c+1)*H*W)``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from shrink.errors import PlanError
+
+SCHEMA = 1
+
+
+class Side(enum.Enum):
+    """Which axis of a module a member is: its input channels or its output channels."""
+
+    IN = "in"
+    OUT = "out"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexMap:
+    """Axis positions of one member and the group channel each carries.
+
+    ``index[k]`` is a position on the module axis, ``channel[k]`` the group channel stored there.
+    """
+
+    index: tuple[int, ...]
+    channel: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.index) != len(self.channel):
+            raise PlanError(
+                f"IndexMap has {len(self.index)} positions but {len(self.channel)} channels; "
+                "they must pair up. The plan file is corrupt: re-create it with shrink.select."
+            )
+
+    def positions(self, channels: Iterable[int]) -> list[int]:
+        """Axis positions carrying any of ``channels``."""
+        wanted = set(channels)
+        return [i for i, c in zip(self.index, self.channel) if c in wanted]
+
+    def to_runs(self) -> list[list[int]]:
+        """Run-length encode as ``[index_start, length, channel_start, channel_step]`` rows."""
+        runs: list[list[int]] = []
+        for i, c in zip(self.index, self.channel):
+            if runs:
+                start, n, c0, step = runs[-1]
+                if i == start + n:
+                    if n == 1 and c - c0 in (0, 1):
+                        runs[-1] = [start, 2, c0, c - c0]
+                        continue
+                    if n > 1 and c == c0 + step * n:
+                        runs[-1][1] += 1
+                        continue
+            runs.append([i, 1, c, 1])
+        return runs
+
+    @classmethod
+    def from_runs(cls, runs: Iterable[Iterable[int]]) -> IndexMap:
+        """Inverse of :meth:`to_runs`."""
+        index: list[int] = []
+        channel: list[int] = []
+        for run in runs:
+            start, n, c0, step = (int(v) for v in run)
+            if n < 0 or step not in (0, 1):
+                raise PlanError(f"invalid index run {list(run)!r}: length must be >= 0, step 0 or 1")
+            index.extend(range(start, start + n))
+            channel.extend(c0 + step * k for k in range(n))
+        return cls(tuple(index), tuple(channel))
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One module axis that shrinks with a group.
+
+    Attributes:
+        module: FQN of the module, e.g. ``"layer1.0.conv1"``.
+        side: IN (input channels/features) or OUT (output channels/features).
+        extent: length of that axis in the original model, checked when the plan is applied.
+        index_map: which positions of the axis belong to the group, and which channel each carries.
+    """
+
+    module: str
+    side: Side
+    extent: int
+    index_map: IndexMap
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelGroup:
+    """Channels that must be removed together, with every module axis they touch.
+
+    Attributes:
+        id: stable name, ``"<first producer fqn>:out"`` or the producing node's name.
+        size: number of group channels.
+        members: the module axes that shrink with the group.
+        pinned: why the group may not shrink, or None when it is prunable.
+        exact: whether the masked oracle holds exactly along this group.
+        blocks: block label per channel when grouped convolutions require that every block
+            (conv group) drops the same number of channels; empty when unconstrained.
+    """
+
+    id: str
+    size: int
+    members: tuple[Member, ...]
+    pinned: str | None = None
+    exact: bool = True
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return self.pinned is None and self.size > 1
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The channels of one group that stay, strictly ascending, in group coordinates."""
+
+    group: str
+    keep: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A self-contained pruning plan: groups, decisions and the fingerprint of the model."""
+
+    model: str
+    groups: tuple[ChannelGroup, ...]
+    decisions: tuple[Decision, ...]
+    schema: int = SCHEMA
+    _by_id: dict[str, ChannelGroup] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by_id = {g.id: g for g in self.groups}
+        if len(by_id) != len(self.groups):
+            raise PlanError("plan has duplicate group ids; re-create it with shrink.select")
+        self._by_id.update(by_id)
+        for d in self.decisions:
+            g = by_id.get(d.group)
+            if g is None:
+                raise PlanError(f"decision names unknown group {d.group!r}")
+            if not d.keep or list(d.keep) != sorted(set(d.keep)) or d.keep[-1] >= g.size:
+                raise PlanError(
+                    f"decision for group {d.group!r} must keep a non-empty, strictly ascending "
+                    f"subset of range({g.size}); got {len(d.keep)} indices"
+                )
+            if g.pinned is not None and len(d.keep) != g.size:
+                raise PlanError(f"decision drops channels of pinned group {d.group!r}: {g.pinned}")
+
+    def group(self, gid: str) -> ChannelGroup:
+        return self._by_id[gid]
+
+    def drops(self) -> dict[tuple[str, Side], list[int]]:
+        """Axis positions to remove, per (module FQN, side), ascending."""
+        out: dict[tuple[str, Side], set[int]] = {}
+        for d in self.decisions:
+            g = self._by_id[d.group]
+            dropped = set(range(g.size)) - set(d.keep)
+            if not dropped:
+                continue
+            for m in g.members:
+                out.setdefault((m.module, m.side), set()).update(m.index_map.positions(dropped))
+        return {k: sorted(v) for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1].value))}
+
+    def extents(self) -> dict[tuple[str, Side], int]:
+        return {(m.module, m.side): m.extent for g in self.groups for m in g.members}
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "schema": self.schema,
+            "model": self.model,
+            "groups": [
+                {
+                    "id": g.id,
+                    "size": g.size,
+                    "pinned": g.pinned,
+                    "exact": g.exact,
+                    "blocks": list(g.blocks),
+                    "members": [
+                        {
+                            "module": m.module,
+                            "side": m.side.value,
+                            "extent": m.extent,
+                            "runs": m.index_map.to_runs(),
+                        }
+                        for m in g.members
+                    ],
+                }
+                for g in self.groups
+            ],
+            "decisions": [{"group": d.group, "keep": list(d.keep)} for d in self.decisions],
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, compact index runs."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        """Parse a plan; raises :class:`PlanError` on anything malformed. Never executes code."""
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan is not valid JSON ({e}); was the file truncated?") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Plan:
+        if not isinstance(data, Mapping):
+            raise PlanError("plan JSON must be an object with 'schema', 'model', 'groups'")
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise PlanError(
+                f"plan schema {schema!r} is not supported (this shrink reads schema {SCHEMA}); "
+                "re-create the plan with this version of shrink"
+            )
+        try:
+            groups = tuple(
+                ChannelGroup(
+                    id=str(g["id"]),
+                    size=int(g["size"]),
+                    pinned=None if g.get("pinned") is None else str(g["pinned"]),
+                    exact=bool(g.get("exact", True)),
+                    blocks=tuple(int(b) for b in g.get("blocks", ())),
+                    members=tuple(
+                        Member(
+                            module=str(m["module"]),
+                            side=Side(m["side"]),
+                            extent=int(m["extent"]),
+                            index_map=IndexMap.from_runs(m["runs"]),
+                        )
+                        for m in g["members"]
+                    ),
+                )
+                for g in data["groups"]
+            )
+            decisions = tuple(
+                Decision(group=str(d["group"]), keep=tuple(int(k) for k in d["keep"]))
+                for d in data["decisions"]
+            )
+            return cls(model=str(data["model"]), groups=groups, decisions=decisions)
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"plan JSON is malformed: {type(e).__name__}: {e}") from e
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the sorted (name, shape, dtype) of every parameter and buffer."""
+    items = sorted(
+        (name, tuple(t.shape), str(t.dtype))
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+    )
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def describe_mismatch(plan_model: nn.Module, extents: Mapping[tuple[str, Side], int]) -> str | None:
+    """First plan extent that does not match the model, as a sentence; None when all match."""
+    from shrink.rules import rule_for
+
+    modules = dict(plan_model.named_modules())
+    for (fqn, side), extent in extents.items():
+        mod = modules.get(fqn)
+        if mod is None:
+            return f"the plan prunes module {fqn!r}, which the model does not have"
+        rule = rule_for(mod)
+        actual = None if rule is None else rule.extent(mod, side)
+        if actual != extent:
+            return (
+                f"the plan expects {fqn!r} ({type(mod).__name__}) to have {extent} "
+                f"{side.value}put channels, the model has {actual}"
+            )
+    return None

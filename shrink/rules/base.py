@@ -1,0 +1,79 @@
+"""The op-rule protocol: everything shrink knows about one family of ops lives in one rule.
+
+A *module rule* (registered for ``nn.Module`` types) says how channel ids flow through the layer
+(``propagate``), how long its IN/OUT axes are (``extent``), which parameter slices score a channel
+(``score_params``), which input axis carries its input channels (``in_axis``, used by the masked
+oracle), and how to rebuild it smaller (``shrink``, through the layer's constructor so PyTorch
+re-validates it). A *function rule* (registered for an fx call target) only propagates ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from shrink.ids import Call, Tracker
+from shrink.plan import Side
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """Positions to keep on each axis of a module; None means the axis is unchanged."""
+
+    in_: tuple[int, ...] | None = None
+    out: tuple[int, ...] | None = None
+
+    def resolve(self, side: Side, extent: int) -> list[int]:
+        keep = self.in_ if side is Side.IN else self.out
+        return list(range(extent)) if keep is None else list(keep)
+
+
+class ModuleRule:
+    """Base class of rules keyed by module type. Subclasses override what applies."""
+
+    types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    exact: ClassVar[bool] = True
+
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        raise NotImplementedError
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        """Length of the IN or OUT axis; None when the module has no such prunable axis."""
+        return None
+
+    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
+        """(tensor, dim) pairs whose slice ``i`` along ``dim`` belongs to axis position ``i``."""
+        return ()
+
+    def scale_params(self, m: nn.Module) -> Sequence[torch.Tensor]:
+        """Per-channel scale factors on the OUT axis (BN gamma), for the BN-scale criterion."""
+        return ()
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        """Axis of the layer's first input that carries the IN channels."""
+        return 1
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} has no prunable axes")
+
+
+def copy_param_(dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
+    """Copy ``src`` into the freshly constructed ``dst`` without recording autograd history."""
+    if dst is None or src is None:
+        return
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def index(t: torch.Tensor, dim: int, keep: Sequence[int]) -> torch.Tensor:
+    return t.index_select(dim, torch.as_tensor(list(keep), dtype=torch.long, device=t.device))
+
+
+def finish(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Carry the mode of ``old`` over to ``new``."""
+    new.train(old.training)
+    return new

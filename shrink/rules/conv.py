@@ -1,0 +1,150 @@
+"""Convolutions: Conv1d/2d/3d and ConvTranspose1d/2d/3d.
+
+* ``groups == 1``: OUT channels are fresh (weight dim 0, bias), IN channels are consumed
+  (weight dim 1). The conv mixes channels, so the masked oracle zeroes its dropped inputs.
+* depthwise (``groups == in_channels``, ``out = k * in``): output channel ``o`` reads only input
+  ``o // k``, so IN and OUT are one channel space: output ``o`` carries the id of input ``o // k``.
+* grouped (``1 < groups < in_channels``): IN and OUT are separate spaces, but each conv group
+  (block) must keep the same number of channels on each side, so both sides get a block
+  constraint and the rebuilt layer keeps ``groups``.
+* ConvTranspose: weight is ``[in, out // groups, *k]``; only ``groups == 1`` is prunable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
+from shrink.plan import Side
+from shrink.rules import register_rule
+from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+
+_ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _channel_dim(m: nn.Module, ndim: int) -> int:
+    return ndim - (len(m.kernel_size) + 1)  # type: ignore[arg-type]
+
+
+def _kind(m: Any) -> str:
+    if m.groups == 1:
+        return "dense"
+    if m.groups == m.in_channels:
+        return "depthwise"
+    return "grouped"
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(ModuleRule):
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        cdim = _channel_dim(m, x.ndim)
+        in_ids = channel_ids(t, x, cdim)
+        t.member(fqn, Side.IN, in_ids)
+        kind = _kind(m)
+        if kind == "depthwise":
+            out_ids = np.repeat(in_ids, m.out_channels // m.in_channels)  # type: ignore[operator]
+        else:
+            out_ids = t.fresh(m.out_channels, f"{fqn}:out")  # type: ignore[arg-type]
+        if kind == "grouped":
+            t.block_constraint(fqn, in_ids, m.groups)  # type: ignore[arg-type]
+            t.block_constraint(fqn, out_ids, m.groups)  # type: ignore[arg-type]
+        t.member(fqn, Side.OUT, out_ids)
+        return ids_on_axis(out_ids, tuple(call.out.shape), cdim)
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return int(m.in_channels if side is Side.IN else m.out_channels)  # type: ignore[arg-type]
+
+    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
+        if side is Side.OUT:
+            return ((m.weight, 0),)  # type: ignore[return-value]
+        return ((m.weight, 1),) if _kind(m) == "dense" else ()  # type: ignore[return-value]
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return _channel_dim(m, ndim)
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
+        kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
+        kind = _kind(m)
+        groups = {"dense": 1, "depthwise": len(kin), "grouped": m.groups}[kind]
+        new = type(m)(
+            len(kin), len(kout), m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
+            dilation=m.dilation, groups=groups, bias=m.bias is not None,  # type: ignore[arg-type]
+            padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,  # type: ignore[arg-type]
+        )
+        w = index(m.weight, 0, kout)  # type: ignore[arg-type]
+        if kind == "dense":
+            w = index(w, 1, kin)
+        elif kind == "grouped":
+            w = w.gather(1, _grouped_columns(m, kin, kout, w.shape))
+        copy_param_(new.weight, w)
+        if m.bias is not None:
+            copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
+        new.weight.requires_grad_(m.weight.requires_grad)  # type: ignore[union-attr]
+        if m.bias is not None:
+            new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
+        return finish(new, m)
+
+
+def _grouped_columns(m: Any, kin: list[int], kout: list[int], wshape: torch.Size) -> torch.Tensor:
+    """For each kept output, the local columns of the inputs kept in its conv group."""
+    g = m.groups
+    ipg, opg = m.in_channels // g, m.out_channels // g
+    local: list[list[int]] = [[] for _ in range(g)]
+    for i in kin:
+        local[i // ipg].append(i % ipg)
+    rows = [local[o // opg] for o in kout]
+    idx = torch.as_tensor(rows, dtype=torch.long, device=m.weight.device)
+    return idx.reshape(len(kout), -1, *([1] * (len(wshape) - 2))).expand(
+        len(kout), len(rows[0]), *wshape[2:]
+    )
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeRule(ModuleRule):
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        cdim = _channel_dim(m, x.ndim)
+        in_ids = channel_ids(t, x, cdim)
+        if m.groups != 1 or len(call.args) > 1 or call.kwargs:
+            reason = (
+                f"{fqn} ({type(m).__name__}) with groups={m.groups} or an output_size argument "
+                "is not prunable yet"
+            )
+            t.pin(in_ids, reason)
+            return t.fresh_pinned(tuple(call.out.shape), f"{fqn}:out", reason)
+        t.member(fqn, Side.IN, in_ids)
+        out_ids = t.fresh(m.out_channels, f"{fqn}:out")  # type: ignore[arg-type]
+        t.member(fqn, Side.OUT, out_ids)
+        return ids_on_axis(out_ids, tuple(call.out.shape), cdim)
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return int(m.in_channels if side is Side.IN else m.out_channels)  # type: ignore[arg-type]
+
+    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
+        return ((m.weight, 1 if side is Side.OUT else 0),)  # type: ignore[return-value]
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return _channel_dim(m, ndim)
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
+        kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
+        new = type(m)(
+            len(kin), len(kout), m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
+            output_padding=m.output_padding, groups=1, bias=m.bias is not None,  # type: ignore[arg-type]
+            dilation=m.dilation, padding_mode=m.padding_mode,  # type: ignore[arg-type]
+            device=m.weight.device, dtype=m.weight.dtype,  # type: ignore[arg-type]
+        )
+        copy_param_(new.weight, index(index(m.weight, 0, kin), 1, kout))  # type: ignore[arg-type]
+        new.weight.requires_grad_(m.weight.requires_grad)  # type: ignore[union-attr]
+        if m.bias is not None:
+            copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
+            new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
+        return finish(new, m)

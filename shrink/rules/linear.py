@@ -1,0 +1,51 @@
+"""Linear: IN features on weight dim 1 (the input's last axis), OUT features on weight dim 0.
+
+A Linear applies the same map at every leading position, so its output carries fresh ids along
+the last axis and the same ids at every position (tokens, batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
+from shrink.plan import Side
+from shrink.rules import register_rule
+from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+
+
+@register_rule(nn.Linear)
+class LinearRule(ModuleRule):
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        t.member(fqn, Side.IN, channel_ids(t, x, -1))
+        out_ids = t.fresh(m.out_features, f"{fqn}:out")  # type: ignore[arg-type]
+        t.member(fqn, Side.OUT, out_ids)
+        return ids_on_axis(out_ids, tuple(call.out.shape), -1)
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return int(m.in_features if side is Side.IN else m.out_features)  # type: ignore[arg-type]
+
+    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
+        return ((m.weight, 0 if side is Side.OUT else 1),)  # type: ignore[return-value]
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return ndim - 1
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        kin = keep.resolve(Side.IN, m.in_features)  # type: ignore[arg-type]
+        kout = keep.resolve(Side.OUT, m.out_features)  # type: ignore[arg-type]
+        new = type(m)(
+            len(kin), len(kout), bias=m.bias is not None,
+            device=m.weight.device, dtype=m.weight.dtype,  # type: ignore[arg-type]
+        )
+        copy_param_(new.weight, index(index(m.weight, 0, kout), 1, kin))  # type: ignore[arg-type]
+        new.weight.requires_grad_(m.weight.requires_grad)  # type: ignore[union-attr]
+        if m.bias is not None:
+            copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
+            new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
+        return finish(new, m)

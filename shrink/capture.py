@@ -20,15 +20,26 @@ import torch
 from torch import fx, nn
 
 from shrink.errors import CaptureError
+from shrink.plan import fingerprint
 from shrink.rules import rule_for
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Captured:
-    """A traced copy of a model plus the inputs it was traced with. Never serialised."""
+    """Traced copies of a model plus the inputs they were traced with. Never serialised.
 
-    graph_module: fx.GraphModule
+    ``graph_modules`` holds the eval-mode graph and, when the model has layers that only run in
+    training (GoogLeNet's auxiliary heads), the train-mode graph too, so those layers stay
+    consistent with the rest of the pruned model.
+    """
+
+    graph_modules: tuple[fx.GraphModule, ...]
     example_inputs: tuple[Any, ...]
+    fingerprint: str
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.graph_modules[0]
 
 
 class _Tracer(fx.Tracer):
@@ -79,18 +90,34 @@ def capture(
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     copied = copy.deepcopy(model).eval()
+    gms = [_trace(copied, leaf_types, type(model).__name__)]
+    used = {str(n.target) for n in gms[0].graph.nodes if n.op == "call_module"}
+    unused = [
+        f for f, m in copied.named_modules()
+        if f and f not in used and rule_for(m) is not None and any(True for _ in m.parameters())
+    ]
+    if unused:
+        train_copy = copy.deepcopy(model).train()
+        try:
+            gms.append(_trace(train_copy, leaf_types, type(model).__name__))
+        except CaptureError:
+            pass  # the train graph is a bonus; the unused layers then stay as they are
+    return Captured(tuple(gms), inputs, fingerprint(model))
+
+
+def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) -> fx.GraphModule:
     tracer = _Tracer(leaf_types)
     try:
         graph = tracer.trace(copied)
     except Exception as e:
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
+            f"torch.fx could not trace {name}: {type(e).__name__}: {e}\n"
             "  why: symbolic tracing cannot follow Python control flow that depends on tensor "
             "values or shapes.\n"
             "  fix: make that code traceable (e.g. torch.fx.wrap a helper), or keep the module "
             "that contains it opaque with leaf_types=[ThatModule] (its channels then stay)."
         ) from e
-    return Captured(fx.GraphModule(copied, graph, type(model).__name__), inputs)
+    return fx.GraphModule(copied, graph, name)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

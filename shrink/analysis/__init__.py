@@ -13,7 +13,7 @@ from shrink.ids import Tracker
 from shrink.analysis.propagate import pin_special_modules, propagate
 from shrink.capture import Captured
 from shrink.errors import ConfigError, InvariantError
-from shrink.plan import ChannelGroup, Side, fingerprint
+from shrink.plan import ChannelGroup, Side
 from shrink.rules import rule_for
 
 Ignore = str | type[nn.Module]
@@ -74,12 +74,12 @@ def analyze(captured: Captured, *, ignore: Sequence[Ignore] = (), check: bool = 
         >>> a = shrink.analyze(shrink.capture(model, x))
         >>> [g.id for g in a.prunable][:3]
     """
-    gm = captured.graph_module
     t = Tracker()
     propagate(captured, t)
-    pin_special_modules(gm, t)
-    _pin_ignored(gm, t, ignore)
-    modules = dict(gm.named_modules())
+    for g in captured.graph_modules:
+        pin_special_modules(g, t)
+    _pin_ignored(captured.graph_modules, t, ignore)
+    modules = {f: m for g in captured.graph_modules for f, m in g.named_modules()}
     extents: dict[tuple[str, Side], int] = {}
     for fqn, side in t.members:
         rule = rule_for(modules[fqn])
@@ -91,11 +91,11 @@ def analyze(captured: Captured, *, ignore: Sequence[Ignore] = (), check: bool = 
     if check:
         _check_partition(groups)
     diags = tuple(Diagnostic(sev, msg) for sev, msg in dict.fromkeys(t.diagnostics))
-    return Analysis(fingerprint(gm), groups, diags)
+    return Analysis(captured.fingerprint, groups, diags)
 
 
-def _pin_ignored(gm: nn.Module, t: Tracker, ignore: Sequence[Ignore]) -> None:
-    modules = dict(gm.named_modules())
+def _pin_ignored(gms: Sequence[nn.Module], t: Tracker, ignore: Sequence[Ignore]) -> None:
+    modules = {f: m for g in gms for f, m in g.named_modules()}
     for pattern in ignore:
         if isinstance(pattern, type):
             hits = [f for f, m in modules.items() if isinstance(m, pattern)]

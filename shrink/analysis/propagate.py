@@ -119,7 +119,10 @@ class Propagator(fx.Interpreter):
 def propagate(captured: Captured, tracker: Tracker) -> None:
     """Fill ``tracker`` by running the captured graph on its example inputs."""
     with torch.no_grad():
-        Propagator(captured.graph_module, tracker).run(*captured.example_inputs)
+        for k, gm in enumerate(captured.graph_modules):
+            if k:  # a train-mode graph: its structure is what matters; run its layers in eval
+                gm.eval()
+            Propagator(gm, tracker).run(*captured.example_inputs)
 
 
 def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:

@@ -1,0 +1,171 @@
+"""The user's entry points: :func:`compress` (one call) and :func:`prune` (returns the plan too)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from shrink.analysis import Analysis, analyze
+from shrink.capture import capture, normalize_inputs
+from shrink.config import PruneConfig, as_tuple
+from shrink.criteria import BNScale, Criterion, LnNorm, Random, UserScores, score
+from shrink.errors import ConfigError
+from shrink.plan import Plan
+from shrink.report import Report
+from shrink.rewrite import apply
+from shrink.select import Global, Uniform, select
+from shrink.verify import verify as verify_
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+class Result(NamedTuple):
+    """What :func:`prune` returns: the pruned model, its plan, the analysis and the report."""
+
+    model: nn.Module
+    plan: Plan
+    analysis: Analysis
+    report: Report | None
+
+
+def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """A random example input built from the model's first conv or linear layer.
+
+    Raises:
+        ConfigError: when the model starts with neither (pass ``example_inputs``).
+    """
+    for fqn, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            shape = (1, m.in_channels, *_DEFAULT_SPATIAL[len(m.kernel_size)])
+            return (torch.randn(shape, dtype=m.weight.dtype, device=m.weight.device),)
+        if isinstance(m, nn.Linear):
+            return (torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device),)
+        if isinstance(m, (nn.Embedding, nn.RNNBase, nn.MultiheadAttention)):
+            break
+    raise ConfigError(
+        f"cannot infer an example input for {type(model).__name__}: it does not start with a "
+        "Conv or Linear layer. Pass example_inputs=(tensor, ...) with the shapes the model takes."
+    )
+
+
+def _criterion(importance: Any, norm: float, seed: int) -> Criterion:
+    if isinstance(importance, str):
+        key = importance.lower()
+        if key in ("ln", "l1", "l2", "linf", "magnitude"):
+            p = {"l1": 1.0, "l2": 2.0, "linf": math.inf}.get(key, norm)
+            if p not in (1, 2, math.inf):
+                raise ConfigError(f"norm must be 1, 2 or inf (as in ln_structured), got {norm!r}")
+            return LnNorm(float(p))
+        if key == "random":
+            return Random(seed)
+        if key in ("bn", "bn_scale", "slimming"):
+            return BNScale()
+        raise ConfigError(
+            f"importance={importance!r} is unknown. Use 'ln' (with norm=1, 2 or inf), 'random' "
+            "(with seed=), 'bn_scale', a {module_name: scores} mapping, or a callable "
+            "fn(group, modules) -> scores."
+        )
+    if isinstance(importance, Mapping) or callable(importance):
+        if not isinstance(importance, Mapping) and hasattr(importance, "__dataclass_fields__"):
+            return importance  # type: ignore[no-any-return]  # a Criterion instance
+        return UserScores(importance)
+    raise ConfigError(f"importance must be a string, mapping or callable, got {importance!r}")
+
+
+_OPTIONS = ("norm", "importance", "seed", "scope", "ignore", "round_to", "verify", "min_keep",
+            "max_ratio", "rtol", "leaf_types")
+
+
+def make_config(ratio: float | int, **options: Any) -> PruneConfig:
+    """Build a :class:`PruneConfig` from :func:`compress`'s keyword options."""
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; valid options are {list(_OPTIONS)}")
+    norm = options.get("norm", 2)
+    if norm in ("inf", "fro"):
+        norm = math.inf if norm == "inf" else 2
+    criterion = _criterion(options.get("importance", "ln"), norm, int(options.get("seed", 0)))
+    scope = options.get("scope", "local")
+    round_to = options.get("round_to", 1)
+    min_keep = options.get("min_keep", 1)
+    if scope == "local":
+        policy: Uniform | Global = Uniform(ratio, round_to=round_to, min_keep=min_keep)
+    elif scope == "global":
+        policy = Global(ratio, round_to=round_to, min_keep=min_keep,
+                        max_ratio=options.get("max_ratio", 0.9))
+    else:
+        raise ConfigError(f"scope must be 'local' or 'global', got {scope!r}")
+    return PruneConfig(
+        policy=policy,
+        criterion=criterion,
+        ignore=as_tuple(options.get("ignore")),
+        verify=bool(options.get("verify", True)),
+        rtol=float(options.get("rtol", 1e-5)),
+        leaf_types=as_tuple(options.get("leaf_types")),
+    )
+
+
+def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
+    """capture → analyze → score → select → apply → verify, returning every artefact.
+
+    The caller's model is never modified.
+
+    Example:
+        >>> res = shrink.prune(model, (x,), shrink.PruneConfig(policy=shrink.Uniform(0.3)))
+        >>> print(res.report)
+    """
+    inputs = normalize_inputs(example_inputs)
+    captured = capture(model, inputs, leaf_types=config.leaf_types)
+    analysis = analyze(captured, ignore=config.ignore)
+    scores = score(analysis.groups, model, config.criterion)
+    plan = select(analysis.groups, scores, config.policy, analysis.model)
+    pruned = apply(model, plan)
+    report = None
+    if config.verify:
+        report = verify_(model, pruned, plan, inputs, rtol=config.rtol)
+        log.info("shrink: %s", report)
+    return Result(pruned, plan, analysis, report)
+
+
+def compress(
+    model: nn.Module,
+    ratio: float | int,
+    example_inputs: Any = None,
+    **options: Any,
+) -> nn.Module:
+    """Return a new, physically smaller copy of ``model``.
+
+    Args:
+        model: any traceable ``nn.Module``; it is never modified.
+        ratio: float in [0, 1): fraction of channels removed from every prunable group; int:
+            number of channels removed from every group (as ``amount`` in torch.nn.utils.prune).
+        example_inputs: a tensor or tuple of inputs; inferred for image models when omitted.
+        **options: ``norm`` (1, 2 or inf; default 2), ``importance`` ('ln', 'random',
+            'bn_scale', {module: scores} or a callable), ``seed``, ``scope`` ('local' or
+            'global'), ``ignore`` (names, globs or types kept intact), ``round_to`` (kept counts
+            rounded up to a multiple), ``min_keep``, ``max_ratio`` (global cap per group),
+            ``verify`` (default True), ``rtol``, ``leaf_types``.
+
+    Returns:
+        The pruned model, in the same mode, dtype and device as ``model``.
+
+    Raises:
+        ConfigError: bad ratio or options. CaptureError: untraceable model or bad inputs.
+        VerificationError: the pruned model is not equivalent (never returned silently wrong).
+
+    Example:
+        >>> small = shrink.compress(torchvision.models.resnet50(), 0.5)
+    """
+    config = make_config(ratio, **options)
+    inputs = infer_inputs(model) if example_inputs is None else example_inputs
+    return prune(model, inputs, config).model
+
+
+ImportanceFn = Callable[..., torch.Tensor]

@@ -1,0 +1,80 @@
+"""Report: what pruning did (params, MACs, groups, pinned reasons, oracle error), as a table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    id: str
+    kept: int
+    total: int
+    pinned: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Measured effect of a plan on a model."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: tuple[GroupRow, ...] = ()
+    max_rel_error: float | None = None
+    diagnostics: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["param_ratio"] = self.param_ratio
+        d["mac_ratio"] = self.mac_ratio
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{'':12}{'before':>16}{'after':>16}{'ratio':>9}",
+            f"{'params':12}{self.params_before:>16,}{self.params_after:>16,}{self.param_ratio:>9.3f}",
+            f"{'MACs':12}{self.macs_before:>16,}{self.macs_after:>16,}{self.mac_ratio:>9.3f}",
+        ]
+        if self.max_rel_error is not None:
+            lines.append(f"masked-oracle max relative error: {self.max_rel_error:.2e}")
+        pruned = [g for g in self.groups if g.pinned is None]
+        pinned = [g for g in self.groups if g.pinned is not None]
+        lines.append(f"groups: {len(pruned)} prunable, {len(pinned)} pinned")
+        width = max([len(g.id) for g in self.groups] + [5])
+        for g in pruned:
+            lines.append(f"  {g.id:<{width}} {g.kept:>6} / {g.total:<6}")
+        for g in pinned:
+            lines.append(f"  {g.id:<{width}} pinned ({g.total}): {g.pinned}")
+        return "\n".join(lines)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
+    """Multiply-accumulates of one forward pass (aten conv/mm/bmm/attention), via FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*example_inputs)
+    return int(counter.get_total_flops()) // 2

@@ -1,0 +1,89 @@
+"""apply / apply_: rebuild every layer a plan touches, physically smaller.
+
+Each layer is rebuilt by its rule through the layer's own constructor (so PyTorch re-validates
+channel counts and groups) with the kept slices of its parameters and buffers, then set on its
+parent. Nothing else of the model changes: other attributes, hooks, mode and dtype stay.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from shrink.errors import PlanError, RewriteError
+from shrink.plan import Plan, Side, describe_mismatch, fingerprint
+from shrink.rules import rule_for
+from shrink.rules.base import Keep
+
+
+def apply(model: nn.Module, plan: Plan) -> nn.Module:
+    """Return a pruned copy of ``model``; ``model`` itself is untouched.
+
+    The rebuilt layers are made from ``model``'s layers and put in place while the rest is deep
+    copied, so the large weights of replaced layers are never copied whole.
+
+    Raises:
+        PlanError: when the plan was made for a different model.
+        RewriteError: when a layer cannot be rebuilt.
+
+    Example:
+        >>> pruned = shrink.apply(model, plan)
+    """
+    check_plan(model, plan)
+    replaced = _rebuild(model, plan)
+    memo: dict[int, object] = {id(model.get_submodule(f)): new for f, new in replaced.items()}
+    return copy.deepcopy(model, memo)
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    fp = fingerprint(model)
+    if plan.model != fp:
+        why = describe_mismatch(model, plan.extents()) or "parameter names or shapes differ"
+        raise PlanError(
+            f"this plan was made for a different model (plan fingerprint {plan.model}, model "
+            f"{fp}): {why}. Build the same architecture the plan was made from, or re-create the "
+            "plan for this model."
+        )
+    why = describe_mismatch(model, plan.extents())
+    if why:
+        raise PlanError(f"plan does not fit the model: {why}")
+
+
+def apply_(model: nn.Module, plan: Plan) -> nn.Module:
+    """Prune ``model`` in place (its layers are replaced) and return it."""
+    check_plan(model, plan)
+    replaced = {id(model.get_submodule(f)): new for f, new in _rebuild(model, plan).items()}
+    for mod in list(model.modules()):
+        for name, child in list(mod._modules.items()):
+            if child is not None and id(child) in replaced:
+                mod._modules[name] = replaced[id(child)]  # every alias of a shared layer
+    return model
+
+
+def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """New, smaller layers for every module the plan touches (``model`` is only read)."""
+    extents = plan.extents()
+    per_module: dict[str, dict[Side, tuple[int, ...]]] = {}
+    for (fqn, side), dropped in plan.drops().items():
+        gone = set(dropped)
+        per_module.setdefault(fqn, {})[side] = tuple(
+            i for i in range(extents[(fqn, side)]) if i not in gone
+        )
+    out: dict[str, nn.Module] = {}
+    for fqn, keeps in per_module.items():
+        old = model.get_submodule(fqn)
+        rule = rule_for(old)
+        if rule is None:
+            raise PlanError(f"plan prunes {fqn!r} ({type(old).__name__}), which has no rule")
+        try:
+            new = rule.shrink(old, Keep(in_=keeps.get(Side.IN), out=keeps.get(Side.OUT)))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise RewriteError(
+                f"could not rebuild {fqn!r} ({type(old).__name__}) with "
+                f"{ {s.value: len(k) for s, k in keeps.items()} } channels: {e}"
+            ) from e
+        for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            getattr(new, hook_dict).update(getattr(old, hook_dict))
+        out[fqn] = new
+    return out

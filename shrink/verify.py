@@ -1,0 +1,126 @@
+"""The masked oracle: a pruned model must equal the original with dropped channels zeroed.
+
+For every channel-separable path (convs and linears are linear in their input channels; BN in
+eval, element-wise ops, residual adds, concat/split and flatten only move channels), physical
+pruning equals running the *original* model with the dropped channels zeroed where they are
+consumed: at the input of every layer whose IN axis loses them. The dropped channels are still
+computed, but nothing reads them. ``verify`` checks exactly that, in the model's own dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.errors import VerificationError
+from shrink.plan import Plan, Side
+from shrink.report import GroupRow, Report, count_macs, count_params
+from shrink.rules import rule_for
+
+
+def masked_reference(original: nn.Module, plan: Plan) -> nn.Module:
+    """A deep copy of ``original`` (eval mode) whose layers zero the inputs the plan drops."""
+    ref = copy.deepcopy(original).eval()
+    for (fqn, side), dropped in plan.drops().items():
+        if side is not Side.IN:
+            continue
+        mod = ref.get_submodule(fqn)
+        rule = rule_for(mod)
+        assert rule is not None
+        idx = torch.as_tensor(dropped, dtype=torch.long)
+
+        def hook(m: nn.Module, args: tuple[Any, ...], idx: torch.Tensor = idx, rule: Any = rule) -> Any:
+            x = args[0]
+            x = x.index_fill(rule.in_axis(m, x.ndim), idx.to(x.device), 0)
+            return (x, *args[1:])
+
+        mod.register_forward_pre_hook(hook)
+    return ref
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            yield from _tensors(value[k])
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """max |a - e| / max |e| over every output tensor (shapes must match)."""
+    worst = 0.0
+    acts, exps = list(_tensors(actual)), list(_tensors(expected))
+    if len(acts) != len(exps):
+        raise VerificationError(f"pruned model returns {len(acts)} tensors, original {len(exps)}")
+    for a, e in zip(acts, exps):
+        if a.shape != e.shape:
+            raise VerificationError(
+                f"pruned model output has shape {tuple(a.shape)}, original {tuple(e.shape)}"
+            )
+        if not a.is_floating_point():
+            worst = max(worst, float((a != e).any()))
+            continue
+        a64, e64 = a.double(), e.double()
+        scale = float(e64.abs().max()) if e64.numel() else 0.0
+        diff = float((a64 - e64).abs().max()) if e64.numel() else 0.0
+        if diff != diff:  # NaN
+            return float("inf")
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def verify(
+    original: nn.Module,
+    pruned: nn.Module,
+    plan: Plan,
+    example_inputs: tuple[Any, ...],
+    *,
+    rtol: float = 1e-5,
+    strict: bool = True,
+) -> Report:
+    """Check ``pruned`` against the masked original and measure params and MACs.
+
+    Args:
+        original: the unpruned model (not modified).
+        pruned: the model returned by :func:`shrink.apply`.
+        plan: the plan that produced it.
+        example_inputs: inputs to compare on.
+        rtol: largest allowed ``max|pruned - masked| / max|masked|``.
+        strict: raise when the error exceeds ``rtol``; otherwise only report it.
+
+    Raises:
+        VerificationError: when outputs differ in structure or shape, or the error exceeds rtol.
+
+    Example:
+        >>> print(shrink.verify(model, pruned, plan, (x,)))
+    """
+    ref = masked_reference(original, plan)
+    test = copy.deepcopy(pruned).eval()
+    with torch.no_grad():
+        expected = ref(*example_inputs)
+        actual = test(*example_inputs)
+    err = relative_error(actual, expected)
+    inexact = any(not plan.group(d.group).exact for d in plan.decisions)
+    if strict and not inexact and not err <= rtol:
+        raise VerificationError(
+            f"pruned model differs from the masked original: max relative error {err:.3e} > "
+            f"rtol {rtol:.1e}. This is a shrink bug: please report it with the model. The "
+            "model was not returned."
+        )
+    kept = {d.group: len(d.keep) for d in plan.decisions}
+    rows = tuple(GroupRow(g.id, kept.get(g.id, g.size), g.size, g.pinned) for g in plan.groups)
+    return Report(
+        params_before=count_params(ref),
+        params_after=count_params(test),
+        macs_before=count_macs(ref, example_inputs),
+        macs_after=count_macs(test, example_inputs),
+        groups=rows,
+        max_rel_error=err,
+    )

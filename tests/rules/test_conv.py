@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.utils.prune as tprune
+from torch import nn
+
+import shrink
+from shrink.plan import Side
+from shrink.rules import rule_for
+from shrink.rules.base import Keep
+from tests.helpers import kept, prune_checked
+
+
+def _stack(mid: nn.Module, c_in: int = 3, c_mid: int = 8, c_out: int = 4, dim: int = 2) -> nn.Module:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    return nn.Sequential(conv(c_in, c_mid, 3, padding=1), nn.ReLU(), mid, nn.ReLU(),
+                         conv(mid.out_channels, c_out, 1))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_dense_conv_chain_prunes_hidden_channels_exactly(dim: int) -> None:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    model = _stack(conv(8, 16, 3, padding=1), dim=dim)
+    x = torch.randn(2, 3, *([6] * dim))
+    res = prune_checked(model, x, 0.5)
+    assert kept(res, "0:out") == 4 and kept(res, "2:out") == 8
+    assert res.model[2].in_channels == 4 and res.model[2].out_channels == 8
+    assert res.model[4].in_channels == 8 and res.model[4].out_channels == 4  # output pinned
+
+
+def test_depthwise_conv_shares_one_space_with_its_input() -> None:
+    model = _stack(nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    res = prune_checked(model, torch.randn(1, 3, 8, 8), 0.5)
+    g = res.analysis.group("0:out")
+    assert {(m.module, m.side) for m in g.members} >= {("2", Side.IN), ("2", Side.OUT)}
+    dw = res.model[2]
+    assert dw.groups == dw.in_channels == dw.out_channels == 4
+
+
+def test_depthwise_multiplier_drops_all_outputs_of_an_input() -> None:
+    model = _stack(nn.Conv2d(8, 16, 3, padding=1, groups=8))
+    res = prune_checked(model, torch.randn(1, 3, 8, 8), 0.5)
+    dw = res.model[2]
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (4, 8, 4)
+
+
+def test_grouped_conv_keeps_groups_and_drops_evenly_per_group() -> None:
+    model = _stack(nn.Conv2d(8, 12, 3, padding=1, groups=4))
+    res = prune_checked(model, torch.randn(1, 3, 8, 8), 0.5)
+    gc = res.model[2]
+    assert gc.groups == 4
+    assert gc.in_channels == 4 and gc.out_channels == 8
+    for gid in ("0:out", "2:out"):
+        g = res.analysis.group(gid)
+        keep = next(d.keep for d in res.plan.decisions if d.group == gid)
+        per_block = [sum(1 for k in keep if g.blocks[k] == b) for b in sorted(set(g.blocks))]
+        assert len(set(per_block)) == 1
+
+
+def test_conv_transpose_prunes_in_and_out() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 6, 3, stride=2),
+                          nn.ReLU(), nn.Conv2d(6, 2, 1))
+    res = prune_checked(model, torch.randn(1, 3, 8, 8), 0.5)
+    ct = res.model[2]
+    assert (ct.in_channels, ct.out_channels) == (4, 3)
+
+
+def test_conv_shrink_slices_weight_exactly() -> None:
+    conv = nn.Conv2d(4, 6, 3, bias=True)
+    new = rule_for(conv).shrink(conv, Keep(in_=(0, 2), out=(1, 4, 5)))
+    torch.testing.assert_close(new.weight, conv.weight[[1, 4, 5]][:, [0, 2]])
+    torch.testing.assert_close(new.bias, conv.bias[[1, 4, 5]])
+    assert new.weight.requires_grad
+
+
+def test_grouped_conv_shrink_picks_local_columns() -> None:
+    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)  # in/out blocks {0,1},{2,3}
+    new = rule_for(conv).shrink(conv, Keep(in_=(1, 2), out=(0, 3)))
+    assert new.groups == 2
+    # out 0 (block 0) keeps local column of input 1 -> 1; out 3 (block 1) keeps input 2 -> local 0
+    torch.testing.assert_close(new.weight[:, :, 0, 0], conv.weight[[0, 3], :, 0, 0][[0, 1], [1, 0]].reshape(2, 1))
+
+
+def test_shrink_keeps_dtype_device_mode_and_requires_grad() -> None:
+    conv = nn.Conv2d(4, 6, 3).double().train()
+    conv.bias.requires_grad_(False)
+    new = rule_for(conv).shrink(conv, Keep(out=(0, 1)))
+    assert new.weight.dtype == torch.float64 and new.training
+    assert new.weight.requires_grad and not new.bias.requires_grad
+
+
+def test_ratio_as_int_removes_that_many_channels() -> None:
+    model = _stack(nn.Conv2d(8, 16, 3, padding=1))
+    res = prune_checked(model, torch.randn(1, 3, 8, 8), 3)
+    assert kept(res, "0:out") == 5 and kept(res, "2:out") == 13
+
+
+def test_ln_scores_match_ln_structured_choice() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9, 2))
+    with torch.no_grad():
+        model[3].weight.zero_()  # consumers add nothing: the choice is the filter norm alone
+    for n in (1, 2, float("inf")):
+        res = shrink.prune(model, (torch.randn(1, 3, 5, 5),),
+                           shrink.make_config(0.5, norm=n, verify=False))
+        keep = next(d.keep for d in res.plan.decisions if d.group == "0:out")
+        ref = nn.Conv2d(3, 8, 3)
+        ref.load_state_dict(model[0].state_dict())
+        tprune.ln_structured(ref, "weight", amount=0.5, n=n, dim=0)
+        assert keep == tuple(int(i) for i in ref.weight_mask.flatten(1).any(1).nonzero().flatten())

@@ -1,0 +1,512 @@
+"""Latency benchmarks: dense vs pruned, side by side, in one process.
+
+Protocol (issue 3; the only one that gives stable numbers on a shared CPU):
+
+* every variant (``dense``, ``pruned`` and any extra, e.g. torch-pruning's model) runs in the
+  same process; rounds are **interleaved** (A B C, then C B A, ...) so machine drift hits all
+  variants alike;
+* each call is timed on its own; the headline figure is the **minimum** (best-of) latency, the
+  median and p90 are reported next to it;
+* one intra-op thread by default (``threads=(1,)``); ORT runs sequentially with one inter-op
+  thread;
+* ``realized = min_ms(dense) / min_ms(variant)``, ``ideal = MACs(dense) / MACs(variant)``
+  (:func:`shrink.report.count_macs`), ``efficiency = realized / ideal``.
+
+Use BN-calibrated random weights (:func:`shrink.testing.calibrate_bn_`): raw init leaves
+denormal activations that slow onnxruntime down by ~40% and distort the comparison.
+
+Backends: ``"ort-cpu"``, ``"ort-cuda"`` (onnxruntime's CUDA provider), ``"torch-cpu"`` (eager),
+``"torch-cuda"``. A backend that is not available here is skipped, and the result says why.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.capture import normalize_inputs
+from shrink.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
+ModelLike = nn.Module | str | os.PathLike[str]
+"""An ``nn.Module`` or the path of an ONNX file (ONNX files run only on the ``ort-*`` backends)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One variant on one backend at one (batch, threads) setting.
+
+    Attributes:
+        variant: ``"dense"``, ``"pruned"`` or an extra variant's label.
+        backend: one of :data:`BACKENDS`.
+        batch: batch size of the timed input.
+        threads: intra-op threads.
+        min_ms, median_ms, p90_ms, mean_ms: latency statistics of single calls.
+        calls: number of timed calls.
+        throughput: items per second at ``min_ms`` (``batch * 1000 / min_ms``).
+        macs: multiply-accumulates per item (``None`` for ONNX-only inputs).
+        params: parameter count (``None`` for ONNX-only inputs).
+        size_bytes: ONNX file size (ort) or parameter+buffer bytes (torch).
+        peak_mem_bytes: CUDA peak allocation (torch-cuda) or resident-memory growth while the
+            session was built and warmed up (CPU; approximate); ``None`` if not measurable.
+        speedup: ``min_ms(dense) / min_ms`` at the same setting (realized speedup).
+        ideal: ``macs(dense) / macs``.
+        efficiency: ``speedup / ideal``.
+    """
+
+    variant: str
+    backend: str
+    batch: int
+    threads: int
+    min_ms: float
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    calls: int
+    throughput: float
+    macs: int | None
+    params: int | None
+    size_bytes: int | None
+    peak_mem_bytes: int | None
+    speedup: float | None = None
+    ideal: float | None = None
+    efficiency: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    """Every row of one :func:`compare` run, plus the environment it ran in.
+
+    Attributes:
+        name: a label for the run (e.g. the model name).
+        rows: one :class:`Row` per (backend, batch, threads, variant).
+        environment: sorted ``(key, value)`` pairs: versions, CPU, cores, providers.
+        skipped: ``(backend, reason)`` for each requested backend that did not run.
+    """
+
+    name: str
+    rows: tuple[Row, ...]
+    environment: tuple[tuple[str, str], ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def row(self, variant: str, backend: str = "ort-cpu", batch: int = 1, threads: int = 1) -> Row:
+        """The row of ``variant`` at a setting.
+
+        Raises:
+            KeyError: no such row (the message lists what was measured).
+        """
+        for r in self.rows:
+            if (r.variant, r.backend, r.batch, r.threads) == (variant, backend, batch, threads):
+                return r
+        have = sorted({(r.variant, r.backend, r.batch, r.threads) for r in self.rows})
+        raise KeyError(f"no row {(variant, backend, batch, threads)} in {self.name!r}; have {have}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rows": [asdict(r) for r in self.rows],
+            "environment": dict(self.environment),
+            "skipped": dict(self.skipped),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    def to_csv(self, header: bool = True) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        names = [f.name for f in fields(Row)]
+        if header:
+            writer.writerow(["name", *names])
+        for r in self.rows:
+            writer.writerow([self.name, *(getattr(r, n) for n in names)])
+        return buf.getvalue()
+
+    def table(self) -> str:
+        """A text table: one line per row, speedup columns relative to ``dense``."""
+        head = (f"{'backend':<10} {'batch':>5} {'thr':>3} {'variant':<14} {'min ms':>9} "
+                f"{'median':>9} {'p90':>9} {'items/s':>9} {'MB':>7} {'realized':>8} "
+                f"{'ideal':>6} {'eff':>5}")
+        lines = [f"{self.name}", head, "-" * len(head)]
+        for r in self.rows:
+            size = f"{r.size_bytes / 1e6:7.1f}" if r.size_bytes is not None else f"{'-':>7}"
+            lines.append(
+                f"{r.backend:<10} {r.batch:>5} {r.threads:>3} {r.variant:<14} {r.min_ms:>9.3f} "
+                f"{r.median_ms:>9.3f} {r.p90_ms:>9.3f} {r.throughput:>9.1f} {size} "
+                f"{_fmt(r.speedup, 8, 'x')} {_fmt(r.ideal, 6, 'x')} {_fmt(r.efficiency, 5)}"
+            )
+        for backend, why in self.skipped:
+            lines.append(f"{backend}: skipped ({why})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(v: float | None, width: int, suffix: str = "") -> str:
+    if v is None:
+        return f"{'-':>{width}}"
+    return f"{v:>{width - len(suffix)}.2f}{suffix}"
+
+
+def compare(
+    dense: ModelLike,
+    pruned: ModelLike,
+    example_inputs: Any = None,
+    *,
+    others: Mapping[str, ModelLike] | None = None,
+    backends: Sequence[str] = ("ort-cpu",),
+    batches: Sequence[int] = (1,),
+    threads: Sequence[int] = (1,),
+    seconds: float = 3.0,
+    min_calls: int = 5,
+    name: str = "",
+    workdir: str | os.PathLike[str] | None = None,
+) -> BenchResult:
+    """Time ``dense`` and ``pruned`` (and ``others``) interleaved, at every setting.
+
+    Args:
+        dense: the reference model, an ``nn.Module`` or an ONNX file.
+        pruned: the pruned model, same kinds.
+        example_inputs: a tensor or tuple of tensors (any batch; re-batched per setting). May be
+            ``None`` when both models are ONNX files: random inputs follow the file's input shape.
+        others: extra variants timed in the same rounds, e.g. ``{"torch-pruning": model}``.
+        backends: any of :data:`BACKENDS`; unavailable ones are skipped (see
+            :attr:`BenchResult.skipped`).
+        batches: batch sizes (1 for latency, e.g. 32 for throughput).
+        threads: intra-op thread counts.
+        seconds: time budget of the interleaved rounds per (backend, batch, threads).
+        min_calls: each variant is timed at least this many times per setting.
+        name: label of the run.
+        workdir: where modules are exported to ONNX for the ort backends (a temporary directory
+            by default).
+
+    Returns:
+        A :class:`BenchResult`.
+
+    Raises:
+        ConfigError: unknown backend, bad batch/thread counts, or no inputs for an
+            ``nn.Module``.
+        ExportError: a module could not be exported for the ort backends.
+
+    Example:
+        >>> res = shrink.bench.compare(model, small, (x,), batches=(1, 32))
+        >>> print(res.table())
+    """
+    variants: dict[str, ModelLike] = {"dense": dense, "pruned": pruned, **(others or {})}
+    _validate(backends, batches, threads, variants, example_inputs)
+    inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
+    stats = _static_stats(variants, inputs)
+    rows: list[Row] = []
+    skipped: list[tuple[str, str]] = []
+    with _workdir(workdir) as wd:
+        for backend in backends:
+            why = _unavailable(backend, variants)
+            if why:
+                log.info("bench %s: skipping %s (%s)", name, backend, why)
+                skipped.append((backend, why))
+                continue
+            rows += _run_backend(backend, variants, inputs, stats, batches, threads, seconds,
+                                 min_calls, name, Path(wd))
+    return BenchResult(name, tuple(rows), environment(), tuple(skipped))
+
+
+def _validate(backends: Sequence[str], batches: Sequence[int], threads: Sequence[int],
+              variants: Mapping[str, ModelLike], example_inputs: Any) -> None:
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise ConfigError(f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
+    if not batches or any(not isinstance(b, int) or b < 1 for b in batches):
+        raise ConfigError(f"batches must be ints >= 1, got {list(batches)}")
+    if not threads or any(not isinstance(t, int) or t < 1 for t in threads):
+        raise ConfigError(f"threads must be ints >= 1, got {list(threads)}")
+    if example_inputs is None and any(isinstance(m, nn.Module) for m in variants.values()):
+        raise ConfigError("compare() needs example_inputs to run nn.Module variants; pass "
+                          "(torch.randn(1, 3, 224, 224),) or the model's input shapes")
+
+
+@contextmanager
+def _workdir(workdir: str | os.PathLike[str] | None) -> Iterator[str]:
+    if workdir is not None:
+        yield str(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="shrink-bench-") as d:
+        yield d
+
+
+def _static_stats(variants: Mapping[str, ModelLike],
+                  inputs: tuple[Any, ...] | None) -> dict[str, tuple[int | None, int | None]]:
+    from shrink.report import count_macs, count_params
+
+    out: dict[str, tuple[int | None, int | None]] = {}
+    for label, m in variants.items():
+        if isinstance(m, nn.Module) and inputs is not None:
+            one = tuple(_rebatch(t, 1) for t in inputs)
+            out[label] = (count_macs(m.eval(), one), count_params(m))
+        else:
+            out[label] = (None, None)
+    return out
+
+
+def _unavailable(backend: str, variants: Mapping[str, ModelLike]) -> str | None:
+    if backend.startswith("torch"):
+        if any(not isinstance(m, nn.Module) for m in variants.values()):
+            return "a variant is an ONNX file; torch backends need nn.Module variants"
+        if backend == "torch-cuda" and not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False"
+        return None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'shrink[onnx]')"
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"CUDAExecutionProvider not available (have {ort.get_available_providers()})"
+    return None
+
+
+Runner = Callable[[], None]
+
+
+def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None,
+                 stats: Mapping[str, tuple[int | None, int | None]], batches: Sequence[int],
+                 threads: Sequence[int], seconds: float, min_calls: int, name: str,
+                 wd: Path) -> list[Row]:
+    rows: list[Row] = []
+    sources = _onnx_sources(variants, inputs, wd, name) if backend.startswith("ort") else {}
+    for n_threads in threads:
+        for batch in batches:
+            log.info("bench %s: %s batch %d, %d thread(s), %.1f s of interleaved rounds",
+                     name or "-", backend, batch, n_threads, seconds)
+            if inputs is not None:
+                feed = tuple(_rebatch(t, batch) for t in inputs)
+            else:
+                feed = onnx_inputs(next(iter(sources.values())), batch)
+            runners: dict[str, Runner] = {}
+            extra: dict[str, tuple[int | None, int | None]] = {}
+            for label, m in variants.items():
+                rss0 = _rss()
+                if backend.startswith("ort"):
+                    runners[label] = make_ort_runner(sources[label], feed, n_threads,
+                                                     cuda=backend == "ort-cuda")
+                    size: int | None = sources[label].stat().st_size
+                else:
+                    assert isinstance(m, nn.Module)
+                    runners[label] = make_torch_runner(m, feed, n_threads,
+                                                       cuda=backend == "torch-cuda")
+                    size = sum(t.numel() * t.element_size()
+                               for t in [*m.parameters(), *m.buffers()])
+                runners[label]()  # warm-up, part of the memory measurement
+                extra[label] = (size, _peak(backend, rss0))
+            times = _interleave(runners, seconds, min_calls)
+            rows += _rows(backend, batch, n_threads, times, stats, extra)
+            del runners
+    return rows
+
+
+def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *, cuda: bool = False) -> Runner:
+    """An onnxruntime session on ``path`` (all graph optimisations, sequential execution)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else [
+        "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), opts, providers=providers)
+    tensors = [t for t in feed if isinstance(t, torch.Tensor)]
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
+
+    def run() -> None:
+        session.run(None, feeds)
+
+    return run
+
+
+def make_torch_runner(model: nn.Module, feed: tuple[Any, ...], threads: int, *,
+                      cuda: bool = False) -> Runner:
+    """Eager PyTorch under ``torch.inference_mode`` (the model is used in eval mode, on CUDA a copy)."""
+    model = model.eval()
+    if cuda:
+        import copy
+
+        model = copy.deepcopy(model).cuda()
+        feed = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in feed)
+
+    def run() -> None:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                model(*feed)
+            if cuda:
+                torch.cuda.synchronize()
+        finally:
+            torch.set_num_threads(saved)
+
+    return run
+
+
+def onnx_inputs(path: Path, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random float inputs shaped like the ONNX file's inputs, symbolic dims set to ``batch``.
+
+    Raises:
+        ConfigError: an input has a symbolic non-batch dimension or is not float.
+    """
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(seed)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = []
+    for i, inp in enumerate(session.get_inputs()):
+        shape = [d if isinstance(d, int) else batch if j == 0 else None
+                 for j, d in enumerate(inp.shape)]
+        if None in shape or "float" not in inp.type:
+            raise ConfigError(
+                f"cannot make a random input {inp.name!r} ({inp.type}, shape {inp.shape}) for "
+                f"{path}: only float inputs with a symbolic batch dimension are supported. Pass "
+                "example inputs (CLI: --input-shape).")
+        if i == 0 and isinstance(inp.shape[0], int):
+            shape[0] = inp.shape[0]
+        out.append(torch.randn(*shape, generator=gen))
+    return tuple(out)
+
+
+def _onnx_sources(variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None, wd: Path,
+                  name: str) -> dict[str, Path]:
+    from shrink.export import export_onnx
+
+    sources: dict[str, Path] = {}
+    for label, m in variants.items():
+        if isinstance(m, nn.Module):
+            assert inputs is not None
+            path = wd / f"{name or 'model'}-{label}.onnx".replace("/", "_")
+            log.info("bench %s: exporting %s to %s", name or "-", label, path)
+            sources[label] = export_onnx(m, tuple(_rebatch(t, 1) for t in inputs), path)
+        else:
+            sources[label] = Path(m)
+    return sources
+
+
+def _interleave(runners: Mapping[str, Runner], seconds: float,
+                min_calls: int) -> dict[str, list[float]]:
+    """Time single calls in alternating-order rounds until ``seconds`` and ``min_calls`` are met."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    per_round = {}
+    for label, run in runners.items():  # calibrate calls per round to ~0.2 s per variant
+        t0 = time.perf_counter()
+        run()
+        per_round[label] = max(1, min(50, int(0.2 / max(time.perf_counter() - t0, 1e-6))))
+    order = list(runners)
+    start = time.perf_counter()
+    while (time.perf_counter() - start < seconds
+           or min(len(v) for v in times.values()) < min_calls):
+        for label in order:
+            run = runners[label]
+            for _ in range(per_round[label]):
+                t0 = time.perf_counter_ns()
+                run()
+                times[label].append((time.perf_counter_ns() - t0) / 1e6)
+        order.reverse()
+    return times
+
+
+def _rows(backend: str, batch: int, n_threads: int, times: Mapping[str, list[float]],
+          stats: Mapping[str, tuple[int | None, int | None]],
+          extra: Mapping[str, tuple[int | None, int | None]]) -> list[Row]:
+    dense_min = min(times["dense"])
+    dense_macs = stats["dense"][0]
+    rows = []
+    for label, ts in times.items():
+        ts_sorted = sorted(ts)
+        best = ts_sorted[0]
+        macs, params = stats[label]
+        speedup = dense_min / best
+        ideal = dense_macs / macs if dense_macs and macs else None
+        rows.append(Row(
+            variant=label, backend=backend, batch=batch, threads=n_threads, min_ms=best,
+            median_ms=statistics.median(ts_sorted),
+            p90_ms=ts_sorted[min(len(ts_sorted) - 1, int(0.9 * len(ts_sorted)))],
+            mean_ms=statistics.fmean(ts_sorted), calls=len(ts), throughput=batch * 1000 / best,
+            macs=macs, params=params, size_bytes=extra[label][0], peak_mem_bytes=extra[label][1],
+            speedup=speedup, ideal=ideal, efficiency=speedup / ideal if ideal else None,
+        ))
+    return rows
+
+
+def _rebatch(t: Any, batch: int) -> Any:
+    if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] == batch:
+        return t
+    reps = (batch + t.shape[0] - 1) // t.shape[0]
+    return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch].contiguous()
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _peak(backend: str, rss0: int) -> int | None:
+    if backend == "torch-cuda":
+        value = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        return value
+    if backend.endswith("cuda") or rss0 < 0:
+        return None
+    return max(0, _rss() - rss0)
+
+
+def environment() -> tuple[tuple[str, str], ...]:
+    """Versions, CPU and thread facts that a benchmark number depends on."""
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "max_rss_mb": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}",
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+    }
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime"] = ort.__version__
+        env["ort_providers"] = ",".join(ort.get_available_providers())
+    except ImportError:
+        env["onnxruntime"] = "not installed"
+    return tuple(sorted(env.items()))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -126,7 +126,7 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 def source_location(node: fx.Node) -> str:
     """``file.py:LINE in fn`` of the user code that created ``node``, or its name."""
     trace = node.stack_trace or ""
-    frames = _FRAME.findall(trace)
+    frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0] and "/shrink/" not in f[0]]
     if not frames:
         return f"node {node.name!r}"
     path, line, fn = frames[-1]

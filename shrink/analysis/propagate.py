@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from shrink.ids import Call, Ids, Tracker, iter_ids, map_values
 from shrink.capture import Captured, describe, source_location
+from shrink.errors import CaptureError
 from shrink.rules import function_rule, rule_for
 
 
@@ -122,7 +123,19 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
         for k, gm in enumerate(captured.graph_modules):
             if k:  # a train-mode graph: its structure is what matters; run its layers in eval
                 gm.eval()
-            Propagator(gm, tracker).run(*captured.example_inputs)
+            try:
+                Propagator(gm, tracker).run(*captured.example_inputs)
+            except Exception as e:
+                shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                          for x in captured.example_inputs]
+                mode = "training-mode graph (it uses layers that only run in training)" if k \
+                    else "model"
+                raise CaptureError(
+                    f"the {mode} failed on example_inputs {shapes}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}\n"
+                    "  fix: pass example_inputs of the shape and dtype the model expects in "
+                    "training and inference (e.g. the model's native resolution)."
+                ) from e
 
 
 def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:

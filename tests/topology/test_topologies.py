@@ -1,0 +1,340 @@
+"""Topology taxonomy: each test states which channels must go together, and checks the oracle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import shrink
+from shrink.plan import Side
+from tests.helpers import kept, n_params, prune_checked
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.stem(x)))
+        return self.head(y + self.b(F.relu(self.a(y))))
+
+
+def test_residual_add_couples_both_branches() -> None:
+    res = prune_checked(Residual(), torch.randn(2, 3, 8, 8))
+    g = res.analysis.group("stem:out")
+    mods = {(m.module, m.side) for m in g.members}
+    assert {("stem", Side.OUT), ("bn", Side.OUT), ("b", Side.OUT), ("a", Side.IN),
+            ("head", Side.IN)} <= mods
+    assert res.model.stem.out_channels == res.model.b.out_channels == 4
+    assert res.model.a.out_channels == 8
+
+
+class CatSelf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        return self.head(torch.cat([y, y], dim=1))
+
+
+def test_concat_of_same_tensor_groups_both_halves() -> None:
+    res = prune_checked(CatSelf(), torch.randn(1, 3, 6, 6))
+    g = res.analysis.group("conv:out")
+    (head,) = [m for m in g.members if m.module == "head"]
+    assert sorted(head.index_map.index) == list(range(16))
+    assert head.index_map.channel[:8] == head.index_map.channel[8:]
+    assert res.model.head.in_channels == 8
+
+
+class CatMixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 10, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([F.relu(self.a(x)), torch.sigmoid(self.b(x))], 1))
+
+
+def test_concat_of_mixed_producers_gives_offsets() -> None:
+    res = prune_checked(CatMixed(), torch.randn(1, 3, 6, 6))
+    ga, gb = res.analysis.group("a:out"), res.analysis.group("b:out")
+    (ha,) = [m for m in ga.members if m.module == "head"]
+    (hb,) = [m for m in gb.members if m.module == "head"]
+    assert ha.index_map.index == tuple(range(6)) and hb.index_map.index == tuple(range(6, 16))
+    assert res.model.head.in_channels == 3 + 5
+
+
+class SplitCat(nn.Module):
+    def __init__(self, use_chunk: bool) -> None:
+        super().__init__()
+        self.use_chunk = use_chunk
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.left = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.use_chunk:
+            p, q = y.chunk(2, dim=1)
+        else:
+            p, q = torch.split(y, y.shape[1] // 2, dim=1)
+        return self.head(torch.cat([self.left(p), q], dim=1))
+
+
+def test_chunk_then_cat_prunes_pieces_in_step() -> None:
+    for use_chunk in (True, False):
+        res = prune_checked(SplitCat(use_chunk), torch.randn(1, 3, 6, 6))
+        assert res.model.conv.out_channels == 6
+        assert res.model.left.in_channels == 3
+        assert res.model.head.in_channels == 3 + 3
+
+
+class LiteralSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, _ = torch.split(self.conv(x), [4, 8], dim=1)
+        return self.head(p)
+
+
+def test_split_with_literal_sizes_pins_the_channels() -> None:
+    res = prune_checked(LiteralSplit(), torch.randn(1, 3, 6, 6))
+    g = res.analysis.group("conv:out")
+    assert g.pinned is not None and "literal sizes" in g.pinned
+    assert res.model.conv.out_channels == 12
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.flatten(F.relu(self.conv(x)), 1)
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+def test_flatten_into_linear_expands_each_channel_to_a_block() -> None:
+    res = prune_checked(FlattenLinear(), torch.randn(2, 3, 6, 6))
+    g = res.analysis.group("conv:out")
+    (fc,) = [m for m in g.members if m.module == "fc1"]
+    assert fc.index_map.channel[:16] == (0,) * 16 and fc.index_map.channel[16:32] == (1,) * 16
+    assert res.model.fc1.in_features == 4 * 16 and res.model.fc1.out_features == 16
+    assert res.model.fc2.out_features == 5
+
+
+class HardcodedView(FlattenLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x)).view(x.shape[0], 128)
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+def test_view_with_literal_channel_size_pins_and_says_why() -> None:
+    res = prune_checked(HardcodedView(), torch.randn(2, 3, 6, 6))
+    g = res.analysis.group("conv:out")
+    assert g.pinned is not None and "literal size 128" in g.pinned
+    assert res.model.fc1.out_features == 16
+
+
+class Shuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(F.relu(y))
+
+
+def test_channel_shuffle_couples_interleaved_channels() -> None:
+    res = prune_checked(Shuffle(), torch.randn(1, 3, 5, 5))
+    assert res.analysis.group("a:out").id == res.analysis.group("a:out").id
+    assert res.model.head.in_channels == res.model.a.out_channels + res.model.b.out_channels
+    assert res.model.a.out_channels == 4
+
+
+class SE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head(y * s)
+
+
+def test_squeeze_excitation_gate_is_coupled_to_its_input() -> None:
+    res = prune_checked(SE(), torch.randn(2, 3, 6, 6))
+    g = res.analysis.group("conv:out")
+    assert ("fc2", Side.OUT) in {(m.module, m.side) for m in g.members}
+    assert res.model.fc2.out_channels == res.model.conv.out_channels == 8
+    assert res.model.fc1.out_channels == 2
+
+
+class AmaxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.amax(F.relu(self.conv(x)), dim=(2, 3)))
+
+
+def test_spatial_amax_keeps_channels_prunable() -> None:
+    res = prune_checked(AmaxHead(), torch.randn(1, 3, 6, 6))
+    assert res.model.conv.out_channels == 4 and res.model.fc.in_features == 4
+
+
+class MultiIO(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(1, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.out1 = nn.Conv2d(8, 4, 1)
+        self.out2 = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = F.relu(self.mid(F.relu(self.a(x) + self.b(y))))
+        return {"seg": self.out1(z), "cls": self.out2(z.mean((2, 3)))}
+
+
+def test_multi_input_dict_output_pins_only_io_channels() -> None:
+    res = prune_checked(MultiIO(), (torch.randn(1, 3, 6, 6), torch.randn(1, 1, 6, 6)))
+    assert res.model.a.out_channels == res.model.b.out_channels == 4
+    assert res.model.out1.out_channels == 4 and res.model.out2.out_features == 6
+    assert res.model.a.in_channels == 3 and res.model.b.in_channels == 1
+
+
+class Reuse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        return self.head(F.relu(self.shared(F.relu(self.shared(y)))))
+
+
+def test_module_called_twice_has_one_consistent_axis() -> None:
+    res = prune_checked(Reuse(), torch.randn(1, 3, 6, 6))
+    assert res.model.shared.in_channels == res.model.shared.out_channels
+    assert res.model.stem.out_channels == res.model.shared.in_channels
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 10)
+        self.b = nn.Linear(6, 10)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], -1))
+
+
+def test_tied_weights_are_pinned_with_reason() -> None:
+    res = prune_checked(Tied(), torch.randn(2, 6))
+    g = res.analysis.group("a:out")
+    assert g.pinned is not None and "shares a parameter" in g.pinned
+    assert res.model.a.weight is res.model.b.weight
+
+
+class Unknown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        y = torch.roll(y, 1, dims=1)  # no rule: channels permuted
+        return self.head(torch.relu(self.b(y)))
+
+
+def test_unknown_op_pins_what_it_touches_and_names_the_node() -> None:
+    res = prune_checked(Unknown(), torch.randn(1, 3, 6, 6))
+    g = res.analysis.group("a:out")
+    assert g.pinned is not None and "roll" in g.pinned and "test_topologies.py" in g.pinned
+    assert res.model.a.out_channels == 8
+    assert res.model.b.out_channels == 4  # downstream of the unknown op still prunes
+    assert any("roll" in d.message for d in res.analysis.diagnostics)
+
+
+class ChannelSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        return self.b(y) * torch.softmax(y, dim=1).sum(1, keepdim=True)
+
+
+def test_channel_reduction_and_softmax_pin_the_channels() -> None:
+    res = prune_checked(ChannelSum(), torch.randn(1, 3, 6, 6))
+    g = res.analysis.group("a:out")
+    assert g.pinned is not None and "across" in g.pinned
+    assert res.model.a.out_channels == 8
+
+
+def test_bn_linear_1d_and_global_scope_prune_and_stay_exact() -> None:
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Dropout(0.1),
+                          nn.Linear(32, 16), nn.Hardswish(), nn.Linear(16, 3))
+    res = prune_checked(model, torch.randn(4, 10), 0.5, scope="global")
+    before = n_params(model)
+    assert n_params(res.model) < before
+    assert res.model[1].num_features == res.model[0].out_features
+    assert res.model[-1].out_features == 3
+
+
+def test_round_to_rounds_kept_counts_up() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 2, 1))
+    res = prune_checked(model, torch.randn(1, 3, 6, 6), 0.7, round_to=8)
+    assert kept(res, "0:out") == 16  # 40 - round(28) = 12, rounded up to 16
+
+
+def test_ignore_keeps_named_layers_intact() -> None:
+    res = prune_checked(Residual(), torch.randn(1, 3, 6, 6), ignore=["a"])
+    assert (res.model.a.in_channels, res.model.a.out_channels) == (8, 16)
+    assert res.model.stem.out_channels == 8 and "ignore" in res.analysis.group("stem:out").pinned
+    res = prune_checked(Residual(), torch.randn(1, 3, 6, 6), ignore=["hea*"])
+    assert res.model.stem.out_channels == 8 and res.model.a.out_channels == 8
+    res = prune_checked(Residual(), torch.randn(1, 3, 6, 6), ignore=[nn.BatchNorm2d])
+    assert res.model.stem.out_channels == 8
+
+
+def test_train_mode_model_is_returned_in_train_mode() -> None:
+    model = Residual().train()
+    res = shrink.prune(model, (torch.randn(2, 3, 6, 6),), shrink.make_config(0.5))
+    assert model.training and res.model.training and res.model.bn.training

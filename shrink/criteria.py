@@ -33,6 +33,8 @@ Scores = Mapping[str, torch.Tensor]
 
 
 class Criterion(Protocol):
+    """Anything that scores the channels of one group (higher means more important)."""
+
     def __call__(self, group: ChannelGroup, modules: Mapping[str, nn.Module]) -> torch.Tensor | None:
         """Scores (float64, ``[group.size]``) or None when the criterion has no opinion."""
         ...

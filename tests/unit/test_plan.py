@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import shrink
+from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+
+
+def _plan(model: nn.Module) -> Plan:
+    return shrink.prune(model, (torch.randn(1, 3, 6, 6),), shrink.make_config(0.5)).plan
+
+
+@pytest.mark.parametrize(
+    ("index", "channel"),
+    [((0, 1, 2, 3), (0, 1, 2, 3)), ((4, 5, 6), (0, 0, 0)), ((0, 2, 3, 9), (3, 1, 1, 7)), ((), ())],
+)
+def test_index_map_runs_round_trip(index: tuple[int, ...], channel: tuple[int, ...]) -> None:
+    imap = IndexMap(index, channel)
+    assert IndexMap.from_runs(imap.to_runs()) == imap
+
+
+def test_flatten_map_compresses_to_one_run_per_channel() -> None:
+    imap = IndexMap(tuple(range(12)), tuple(i // 4 for i in range(12)))
+    assert imap.to_runs() == [[0, 4, 0, 0], [4, 4, 1, 0], [8, 4, 2, 0]]
+
+
+def test_plan_json_round_trip_is_canonical() -> None:
+    model = _model()
+    plan = _plan(model)
+    text = plan.to_json()
+    again = Plan.from_json(text)
+    assert again == plan
+    assert again.to_json() == text
+    assert json.loads(text)["schema"] == 1
+
+
+def test_same_model_and_config_give_byte_identical_plans() -> None:
+    model = _model()
+    assert _plan(model).to_json() == _plan(model).to_json()
+
+
+def test_plan_applies_to_a_fresh_instance_with_same_weights() -> None:
+    model = _model()
+    plan = Plan.from_json(_plan(model).to_json())
+    fresh = _model()
+    fresh.load_state_dict(model.state_dict())
+    a = shrink.apply(model, plan)
+    b = shrink.apply(fresh, plan)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_plan_for_another_model_names_the_mismatch() -> None:
+    plan = _plan(_model())
+    other = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 4))
+    with pytest.raises(shrink.PlanError, match="'0'.*8 outputput channels|different model"):
+        shrink.apply(other, plan)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{", "not valid JSON"),
+        ("[]", "must be an object"),
+        ('{"schema": 99}', "schema 99"),
+        ('{"schema": 1, "model": "x"}', "malformed"),
+        ('{"schema": 1, "model": "x", "groups": [{"id": 1}], "decisions": []}', "malformed"),
+    ],
+)
+def test_bad_plan_json_raises_plan_error(text: str, match: str) -> None:
+    with pytest.raises(shrink.PlanError, match=match):
+        Plan.from_json(text)
+
+
+def test_decision_must_be_ascending_subset() -> None:
+    g = ChannelGroup("g", 4, (Member("m", Side.OUT, 4, IndexMap((0, 1, 2, 3), (0, 1, 2, 3))),))
+    with pytest.raises(shrink.PlanError, match="strictly ascending"):
+        Plan("fp", (g,), (Decision("g", (2, 1)),))
+    with pytest.raises(shrink.PlanError, match="unknown group"):
+        Plan("fp", (g,), (Decision("h", (1,)),))
+    pinned = ChannelGroup("g", 4, g.members, pinned="model output")
+    with pytest.raises(shrink.PlanError, match="pinned"):
+        Plan("fp", (pinned,), (Decision("g", (1,)),))

@@ -11,6 +11,7 @@ from shrink.api import Result, compress, infer_inputs, make_config, prune
 from shrink.capture import Captured, capture
 from shrink.config import PruneConfig
 from shrink.criteria import BNScale, Criterion, LnNorm, Random, UserScores, score
+from shrink.io import load, load_plan, save
 from shrink.errors import (
     CaptureError,
     ConfigError,
@@ -22,6 +23,7 @@ from shrink.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from shrink.masks import MaskedTensor, Reconcile, find_masks, fold_masks, from_masks
 from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side, fingerprint
 from shrink.report import Report
 from shrink.rewrite import apply, apply_
@@ -31,6 +33,14 @@ from shrink.select import Global, Uniform, select
 from shrink.verify import masked_reference, verify
 
 __all__ = [
+    "save",
+    "load_plan",
+    "load",
+    "from_masks",
+    "fold_masks",
+    "find_masks",
+    "Reconcile",
+    "MaskedTensor",
     "Analysis",
     "BNScale",
     "CaptureError",

@@ -217,7 +217,7 @@ class Plan:
         """Parse a plan; raises :class:`PlanError` on anything malformed. Never executes code."""
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise PlanError(f"plan is not valid JSON ({e}); was the file truncated?") from e
         return cls.from_dict(data)
 
@@ -258,7 +258,7 @@ class Plan:
             return cls(model=str(data["model"]), groups=groups, decisions=decisions)
         except PlanError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise PlanError(f"plan JSON is malformed: {type(e).__name__}: {e}") from e
 
 

@@ -11,7 +11,6 @@ from shrink.api import Result, compress, infer_inputs, make_config, prune
 from shrink.capture import Captured, capture
 from shrink.config import PruneConfig
 from shrink.criteria import BNScale, Criterion, LnNorm, Random, UserScores, score
-from shrink.io import load, load_plan, save
 from shrink.errors import (
     CaptureError,
     ConfigError,
@@ -23,6 +22,7 @@ from shrink.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from shrink.io import load, load_plan, save
 from shrink.masks import MaskedTensor, Reconcile, find_masks, fold_masks, from_masks
 from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side, fingerprint
 from shrink.report import Report
@@ -31,16 +31,10 @@ from shrink.rules import register_function, register_rule
 from shrink.rules.base import Keep, ModuleRule
 from shrink.select import Global, Uniform, select
 from shrink.verify import masked_reference, verify
+from shrink.bench import BenchResult, compare
+from shrink.export import ExportResult, export_onnx, export_onnx_with_report
 
 __all__ = [
-    "save",
-    "load_plan",
-    "load",
-    "from_masks",
-    "fold_masks",
-    "find_masks",
-    "Reconcile",
-    "MaskedTensor",
     "Analysis",
     "BNScale",
     "CaptureError",
@@ -56,12 +50,14 @@ __all__ = [
     "InvariantError",
     "Keep",
     "LnNorm",
+    "MaskedTensor",
     "Member",
     "ModuleRule",
     "Plan",
     "PlanError",
     "PruneConfig",
     "Random",
+    "Reconcile",
     "Report",
     "Result",
     "RewriteError",
@@ -77,14 +73,25 @@ __all__ = [
     "apply_",
     "capture",
     "compress",
+    "find_masks",
     "fingerprint",
+    "fold_masks",
+    "from_masks",
     "infer_inputs",
+    "load",
+    "load_plan",
     "make_config",
     "masked_reference",
     "prune",
     "register_function",
     "register_rule",
+    "save",
     "score",
     "select",
     "verify",
+    "BenchResult",
+    "ExportResult",
+    "compare",
+    "export_onnx",
+    "export_onnx_with_report",
 ]

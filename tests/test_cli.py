@@ -1,0 +1,214 @@
+"""The ``shrink`` command line, called in-process: each subcommand, bad input, no partial files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shrink import cli
+
+TOY = '''
+import torch
+from torch import nn
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.roll(self.conv2(y), 1, dims=1)
+        y = self.conv3(torch.relu(y))
+        return self.head(y.mean((2, 3)))
+
+
+def build():
+    return Toy().eval()
+
+
+def untraceable():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.conv(x)
+            return self.conv(-x)
+
+    return Branchy()
+
+
+def broken():
+    raise RuntimeError("factory exploded")
+'''
+
+SHAPE = ["--input-shape", "1,3,16,16"]
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> str:
+    path = tmp_path / "toy_models.py"
+    path.write_text(TOY)
+    return str(path)
+
+
+def _error_is_one_paragraph(err: str) -> None:
+    assert "Traceback" not in err
+    assert err.startswith("shrink ")
+    assert err.strip().count("\n") == 0
+
+
+def test_compress_writes_onnx_that_matches_torch(toy: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "small.onnx"
+    rc = cli.main(["compress", f"{toy}:build", "--ratio", "0.5", *SHAPE, "--out", str(out),
+                   "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.is_file() and out.stat().st_size == report["export"]["file_bytes"]
+    assert report["export"]["parity"]["max_rel_error"] < 1e-4
+    assert report["export"]["parity"]["batches"] == [1, 4]
+    assert report["report"]["params_after"] < report["report"]["params_before"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx", "toy_models.py"]
+
+
+@pytest.mark.onnx
+def test_compress_torchvision_with_bench_prints_speedup_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r18.onnx"
+    rc = cli.main(["compress", "torchvision:resnet18", "--ratio", "0.5", "--round-to", "8",
+                   "--input-shape", "1,3,32,32", "--out", str(out), "--bench", "--seconds", "0.1"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.is_file()
+    assert "onnxruntime parity" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("ort-cpu")]
+    assert [r[3] for r in rows] == ["dense", "pruned"]
+    assert float(rows[1][-2].rstrip("x")) > 2.0  # ideal speedup of resnet18 at 0.5 is ~3.7
+
+
+def test_analyze_lists_groups_and_pinned_reasons(toy: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze", f"{toy}:build", *SHAPE]) == 0
+    text = capsys.readouterr().out
+    assert "conv1:out" in text
+    pinned = [ln for ln in text.splitlines() if "conv2:out" in ln]
+    assert pinned and "roll" in pinned[0]
+
+
+def test_analyze_json_lists_every_group(toy: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze", f"{toy}:build", *SHAPE, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    by_id = {g["id"]: g for g in data["groups"]}
+    assert by_id["conv1:out"]["pinned"] is None and by_id["conv1:out"]["size"] == 16
+    assert "roll" in by_id["conv2:out"]["pinned"]
+
+
+@pytest.mark.onnx
+def test_bench_two_onnx_files(toy: str, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    dense, small = tmp_path / "dense.onnx", tmp_path / "small.onnx"
+    assert cli.main(["compress", f"{toy}:build", "--ratio", "0", *SHAPE, "--out", str(dense)]) == 0
+    assert cli.main(["compress", f"{toy}:build", "--ratio", "0.5", *SHAPE, "--out",
+                     str(small)]) == 0
+    capsys.readouterr()
+    rc = cli.main(["bench", str(dense), str(small), "--batch", "1,2", "--seconds", "0.05",
+                   "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    got = {(r["variant"], r["batch"]) for r in data["rows"]}
+    assert got == {("dense", 1), ("pruned", 1), ("dense", 2), ("pruned", 2)}
+    assert all(r["min_ms"] > 0 and r["speedup"] > 0 for r in data["rows"])
+
+
+def test_bench_model_specs_on_torch_backend(toy: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["bench", f"{toy}:build", f"{toy}:build", *SHAPE, "--backend",
+                   "torch-cpu,torch-cuda", "--seconds", "0.05"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert len([ln for ln in text.splitlines() if ln.startswith("torch-cpu")]) == 2
+    assert "torch-cuda: skipped" in text or "torch-cuda " in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["compress", "torchvision:no_such_net", "--ratio", "0.5"], "no_such_net"),
+        (["compress", "resnet18", "--ratio", "0.5"], "not a model spec"),
+        (["analyze", "no/such/file.py:build"], "does not exist"),
+        (["analyze", "no_such_pkg_xyz.mod:build"], "cannot import"),
+        (["compress", "TOY:missing", "--ratio", "0.5"], "no callable 'missing'"),
+        (["compress", "TOY:broken", "--ratio", "0.5"], "factory exploded"),
+        (["compress", "TOY:untraceable", "--ratio", "0.5", *SHAPE], "Branchy"),
+        (["compress", "TOY:build", "--ratio", "1.5"], "out of range"),
+        (["compress", "TOY:build", "--ratio", "half"], "not a number"),
+        (["compress", "TOY:build", "--ratio", "0.5", "--input-shape", "1,3,x"], "shape"),
+        (["bench", "nope.onnx", "TOY:build"], "does not exist"),
+    ],
+    ids=["unknown-model", "bad-spec", "missing-file", "missing-module", "missing-factory",
+         "factory-raises", "untraceable", "ratio-out-of-range", "ratio-not-number",
+         "bad-shape", "missing-onnx"],
+)
+def test_bad_input_gives_one_paragraph_and_no_output(
+        argv: list[str], needle: str, toy: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.onnx"
+    argv = [a.replace("TOY", toy) for a in argv]
+    if argv[0] == "compress":
+        argv += ["--out", str(out)]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc != 0
+    _error_is_one_paragraph(err)
+    assert needle in err
+    assert not out.exists()
+
+
+def test_unwritable_output_fails_before_work(toy: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "no" / "such" / "dir" / "x.onnx"
+    rc = cli.main(["compress", f"{toy}:build", "--ratio", "0.5", *SHAPE, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    _error_is_one_paragraph(err)
+    assert "does not exist" in err and not out.parent.exists()
+
+
+def test_failed_export_leaves_no_partial_file(toy: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import shrink.export
+    from shrink.errors import ExportError
+
+    def reject(tmp: Path, target: Path) -> None:
+        assert tmp.stat().st_size > 0  # the exporter did write the temporary file
+        raise ExportError("checker says no")
+
+    monkeypatch.setattr(shrink.export, "_check_model", reject)
+    out = tmp_path / "x.onnx"
+    rc = cli.main(["compress", f"{toy}:build", "--ratio", "0.5", *SHAPE, "--out", str(out)])
+    assert rc == 1
+    assert "checker says no" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_models.py"]
+
+
+def test_help_lists_subcommands_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for word in ("compress", "analyze", "bench", "torchvision:NAME", "--round-to"):
+        assert word in text
+
+
+def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "required" in capsys.readouterr().err

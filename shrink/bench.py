@@ -176,6 +176,7 @@ def compare(
     backends: Sequence[str] = ("ort-cpu",),
     batches: Sequence[int] = (1,),
     threads: Sequence[int] = (1,),
+    settings: Sequence[tuple[int, int]] | None = None,
     seconds: float = 3.0,
     min_calls: int = 5,
     name: str = "",
@@ -193,6 +194,8 @@ def compare(
             :attr:`BenchResult.skipped`).
         batches: batch sizes (1 for latency, e.g. 32 for throughput).
         threads: intra-op thread counts.
+        settings: explicit ``(batch, threads)`` pairs, instead of every combination of
+            ``batches`` and ``threads``.
         seconds: time budget of the interleaved rounds per (backend, batch, threads).
         min_calls: each variant is timed at least this many times per setting.
         name: label of the run.
@@ -212,7 +215,9 @@ def compare(
         >>> print(res.table())
     """
     variants: dict[str, ModelLike] = {"dense": dense, "pruned": pruned, **(others or {})}
-    _validate(backends, batches, threads, variants, example_inputs)
+    if settings is None:
+        settings = [(b, t) for t in threads for b in batches]
+    _validate(backends, settings, variants, example_inputs)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
     stats = _static_stats(variants, inputs)
     rows: list[Row] = []
@@ -224,20 +229,22 @@ def compare(
                 log.info("bench %s: skipping %s (%s)", name, backend, why)
                 skipped.append((backend, why))
                 continue
-            rows += _run_backend(backend, variants, inputs, stats, batches, threads, seconds,
+            rows += _run_backend(backend, variants, inputs, stats, settings, seconds,
                                  min_calls, name, Path(wd))
     return BenchResult(name, tuple(rows), environment(), tuple(skipped))
 
 
-def _validate(backends: Sequence[str], batches: Sequence[int], threads: Sequence[int],
+def _validate(backends: Sequence[str], settings: Sequence[tuple[int, int]],
               variants: Mapping[str, ModelLike], example_inputs: Any) -> None:
     bad = [b for b in backends if b not in BACKENDS]
     if bad:
         raise ConfigError(f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
-    if not batches or any(not isinstance(b, int) or b < 1 for b in batches):
-        raise ConfigError(f"batches must be ints >= 1, got {list(batches)}")
-    if not threads or any(not isinstance(t, int) or t < 1 for t in threads):
-        raise ConfigError(f"threads must be ints >= 1, got {list(threads)}")
+    if not settings or any(not isinstance(v, int) or isinstance(v, bool) or v < 1
+                           for pair in settings for v in pair):
+        raise ConfigError(f"batch sizes and thread counts must be ints >= 1, got {list(settings)}")
+    reserved = {"dense", "pruned"} & (set(variants) - {"dense", "pruned"})
+    if reserved:
+        raise ConfigError(f"others may not use the labels {sorted(reserved)}")
     if example_inputs is None and any(isinstance(m, nn.Module) for m in variants.values()):
         raise ConfigError("compare() needs example_inputs to run nn.Module variants; pass "
                           "(torch.randn(1, 3, 224, 224),) or the model's input shapes")
@@ -286,38 +293,37 @@ Runner = Callable[[], None]
 
 
 def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None,
-                 stats: Mapping[str, tuple[int | None, int | None]], batches: Sequence[int],
-                 threads: Sequence[int], seconds: float, min_calls: int, name: str,
+                 stats: Mapping[str, tuple[int | None, int | None]],
+                 settings: Sequence[tuple[int, int]], seconds: float, min_calls: int, name: str,
                  wd: Path) -> list[Row]:
     rows: list[Row] = []
     sources = _onnx_sources(variants, inputs, wd, name) if backend.startswith("ort") else {}
-    for n_threads in threads:
-        for batch in batches:
-            log.info("bench %s: %s batch %d, %d thread(s), %.1f s of interleaved rounds",
-                     name or "-", backend, batch, n_threads, seconds)
-            if inputs is not None:
-                feed = tuple(_rebatch(t, batch) for t in inputs)
+    for batch, n_threads in settings:
+        log.info("bench %s: %s batch %d, %d thread(s), %.1f s of interleaved rounds",
+                 name or "-", backend, batch, n_threads, seconds)
+        if inputs is not None:
+            feed = tuple(_rebatch(t, batch) for t in inputs)
+        else:
+            feed = onnx_inputs(next(iter(sources.values())), batch)
+        runners: dict[str, Runner] = {}
+        extra: dict[str, tuple[int | None, int | None]] = {}
+        for label, m in variants.items():
+            rss0 = _rss()
+            if backend.startswith("ort"):
+                runners[label] = make_ort_runner(sources[label], feed, n_threads,
+                                                 cuda=backend == "ort-cuda")
+                size: int | None = sources[label].stat().st_size
             else:
-                feed = onnx_inputs(next(iter(sources.values())), batch)
-            runners: dict[str, Runner] = {}
-            extra: dict[str, tuple[int | None, int | None]] = {}
-            for label, m in variants.items():
-                rss0 = _rss()
-                if backend.startswith("ort"):
-                    runners[label] = make_ort_runner(sources[label], feed, n_threads,
-                                                     cuda=backend == "ort-cuda")
-                    size: int | None = sources[label].stat().st_size
-                else:
-                    assert isinstance(m, nn.Module)
-                    runners[label] = make_torch_runner(m, feed, n_threads,
-                                                       cuda=backend == "torch-cuda")
-                    size = sum(t.numel() * t.element_size()
-                               for t in [*m.parameters(), *m.buffers()])
-                runners[label]()  # warm-up, part of the memory measurement
-                extra[label] = (size, _peak(backend, rss0))
-            times = _interleave(runners, seconds, min_calls)
-            rows += _rows(backend, batch, n_threads, times, stats, extra)
-            del runners
+                assert isinstance(m, nn.Module)
+                runners[label] = make_torch_runner(m, feed, n_threads,
+                                                   cuda=backend == "torch-cuda")
+                size = sum(t.numel() * t.element_size()
+                           for t in [*m.parameters(), *m.buffers()])
+            runners[label]()  # warm-up, part of the memory measurement
+            extra[label] = (size, _peak(backend, rss0))
+        times = _interleave(runners, seconds, min_calls)
+        rows += _rows(backend, batch, n_threads, times, stats, extra)
+        del runners
     return rows
 
 

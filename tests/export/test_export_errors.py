@@ -1,0 +1,129 @@
+"""export_onnx's failure modes: clear errors, fallback reported, no file left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import shrink
+import shrink.export
+from shrink.errors import ExportError
+
+pytestmark = pytest.mark.onnx
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class CallCounter(nn.Module):
+    """Returns x * (number of calls so far): the export bakes in one count, torch moves on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * float(self.calls)
+
+
+X = (torch.randn(2, 3, 8, 8),)
+
+
+def test_export_writes_a_checked_file_with_dynamic_batch(tmp_path: Path) -> None:
+    out = shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
+    assert out == tmp_path / "m.onnx" and out.stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_export_restores_training_mode(tmp_path: Path) -> None:
+    model = Small().train()
+    shrink.export_onnx(model, X, tmp_path / "m.onnx")
+    assert all(m.training for m in model.modules())
+
+
+def test_parity_failure_raises_and_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="differs from PyTorch: max relative error"):
+        shrink.export_onnx(CallCounter(), X, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_check_skips_parity(tmp_path: Path) -> None:
+    res = shrink.export_onnx_with_report(CallCounter(), X, tmp_path / "m.onnx", check=False)
+    assert res.parity is None and res.path.is_file()
+
+
+def test_existing_file_survives_a_failed_export(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous")
+    with pytest.raises(ExportError):
+        shrink.export_onnx(CallCounter(), X, out)
+    assert out.read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "is-dir"])
+def test_unwritable_target_raises_before_exporting(where: str, tmp_path: Path) -> None:
+    out = tmp_path / "nope" / "m.onnx" if where == "missing-dir" else tmp_path
+    with pytest.raises(ExportError, match="cannot write ONNX"):
+        shrink.export_onnx(Small().eval(), X, out)
+
+
+def test_dynamo_failure_falls_back_and_says_so(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("aten.fancy_op has no ONNX lowering")
+
+    monkeypatch.setattr(shrink.export, "_export_dynamo", fail)
+    res = shrink.export_onnx_with_report(Small().eval(), X, tmp_path / "m.onnx")
+    assert res.exporter == "torchscript"
+    assert res.fallback_reason is not None and "aten.fancy_op" in res.fallback_reason
+    assert res.parity is not None and res.parity.max_rel_error < 1e-4
+
+
+def test_both_exporters_failing_names_the_error(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("aten.fancy_op has no ONNX lowering")
+
+    monkeypatch.setattr(shrink.export, "_export_dynamo", fail)
+    monkeypatch.setattr(shrink.export, "_export_torchscript", fail)
+    with pytest.raises(ExportError, match="fancy_op.*dynamo exporter failed first"):
+        shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_optimize_saves_an_ort_optimized_graph(tmp_path: Path) -> None:
+    import onnx
+
+    out = shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx", optimize=True)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "BatchNormalization" not in ops
+
+
+def test_missing_onnxruntime_gives_actionable_import_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install 'shrink\[onnx\]'"):
+        shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_shrink_does_not_import_onnx_or_torchvision() -> None:
+    code = ("import sys, shrink; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript', 'torchvision', "
+            "'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

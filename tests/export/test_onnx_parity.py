@@ -1,0 +1,70 @@
+"""onnxruntime agrees with PyTorch on every pruned model of the core zoo (issue 2's 19 models).
+
+Each model gets realistic random weights (``randomize_`` + ``calibrate_bn_``), is pruned at 0.5,
+exported with the dynamo exporter and a dynamic batch axis, and run in onnxruntime at batch 1
+and 4 against the pruned PyTorch model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import shrink
+from shrink.testing import calibrate_bn_, randomize_
+
+pytestmark = pytest.mark.onnx
+
+torchvision = pytest.importorskip("torchvision")
+ort = pytest.importorskip("onnxruntime")
+
+ZOO = {  # model -> smallest convenient input side (inception_v3 needs >= 75 px)
+    "resnet18": 64, "resnet50": 64, "resnext50_32x4d": 64, "wide_resnet50_2": 64,
+    "mobilenet_v2": 64, "mobilenet_v3_small": 64, "mobilenet_v3_large": 64,
+    "efficientnet_b0": 64, "efficientnet_v2_s": 64, "densenet121": 64, "googlenet": 64,
+    "inception_v3": 80, "squeezenet1_0": 64, "shufflenet_v2_x1_0": 64, "regnet_y_400mf": 64,
+    "regnet_x_400mf": 64, "vgg11_bn": 64, "mnasnet0_5": 64, "alexnet": 64,
+}
+
+
+def _pruned(name: str, side: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet",
+                                                                      "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    randomize_(model, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    calibrate_bn_(model, lambda: (torch.randn(4, 3, side, side, generator=gen),), steps=2)
+    x = torch.randn(1, 3, side, side, generator=gen)
+    small = shrink.compress(model, 0.5, (x,))
+    return model, small.eval(), x
+
+
+def _rel(a: np.ndarray, b: torch.Tensor) -> float:
+    ref = b.double()
+    return float((torch.from_numpy(a).double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_pruned_model_runs_in_onnxruntime_like_torch_at_batch_1_and_4(
+        name: str, tmp_path: Path) -> None:
+    model, small, x = _pruned(name, ZOO[name])
+    path = tmp_path / f"{name}.onnx"
+    result = shrink.export_onnx_with_report(small, (x,), path)
+    assert result.exporter == "dynamo", result.fallback_reason
+    assert result.parity is not None and result.parity.max_rel_error < 1e-4
+    assert result.parity.batches == (1, 4)
+    # independent check: batch 1 and a batch of 4 distinct samples through a fresh session
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert not isinstance(inp.shape[0], int)  # symbolic batch
+    for batch in (1, 4):
+        xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
+        (got,) = session.run(None, {inp.name: xb.numpy()})
+        with torch.no_grad():
+            want = small(xb)
+        assert got.shape == tuple(want.shape) == (batch, 1000)
+        assert _rel(got, want) < 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

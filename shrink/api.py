@@ -13,12 +13,21 @@ from torch import nn
 from shrink.analysis import Analysis, analyze
 from shrink.capture import capture, normalize_inputs
 from shrink.config import PruneConfig, as_tuple
-from shrink.criteria import BNScale, Criterion, LnNorm, Random, UserScores, score
+from shrink.criteria import (
+    Activation,
+    BNScale,
+    Criterion,
+    LnNorm,
+    Random,
+    Taylor,
+    UserScores,
+    score,
+)
 from shrink.errors import ConfigError
 from shrink.plan import Plan
 from shrink.report import Report
 from shrink.rewrite import apply
-from shrink.select import Global, Uniform, select
+from shrink.select import Global, Metric, Target, Uniform, select
 from shrink.verify import verify as verify_
 
 log = logging.getLogger(__name__)
@@ -55,9 +64,15 @@ def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _criterion(importance: Any, norm: float, seed: int) -> Criterion:
+def _criterion(importance: Any, norm: float, seed: int, options: Mapping[str, Any]) -> Criterion:
+    data_options = {k: options[k] for k in ("data", "loss_fn", "max_batches") if k in options}
     if isinstance(importance, str):
         key = importance.lower()
+        if key == "taylor":
+            return Taylor(**data_options)
+        if key in ("activation", "act"):
+            data_options.pop("loss_fn", None)
+            return Activation(**data_options)
         if key in ("ln", "l1", "l2", "linf", "magnitude"):
             p = {"l1": 1.0, "l2": 2.0, "linf": math.inf}.get(key, norm)
             if p not in (1, 2, math.inf):
@@ -69,8 +84,8 @@ def _criterion(importance: Any, norm: float, seed: int) -> Criterion:
             return BNScale()
         raise ConfigError(
             f"importance={importance!r} is unknown. Use 'ln' (with norm=1, 2 or inf), 'random' "
-            "(with seed=), 'bn_scale', a {module_name: scores} mapping, or a callable "
-            "fn(group, modules) -> scores."
+            "(with seed=), 'bn_scale', 'taylor' (with data= and loss_fn=), 'activation' (with "
+            "data=), a {module_name: scores} mapping, or a callable fn(group, modules) -> scores."
         )
     if isinstance(importance, Mapping) or callable(importance):
         if not isinstance(importance, Mapping) and hasattr(importance, "__dataclass_fields__"):
@@ -80,7 +95,20 @@ def _criterion(importance: Any, norm: float, seed: int) -> Criterion:
 
 
 _OPTIONS = ("norm", "importance", "seed", "scope", "ignore", "round_to", "verify", "min_keep",
-            "max_ratio", "rtol", "leaf_types")
+            "max_ratio", "rtol", "leaf_types", "data", "loss_fn", "max_batches", "min_ratio",
+            "overrides", "target")
+
+
+def _overrides(value: Any) -> tuple[tuple[str, float | int], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple((str(k), v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(item) for item in value)  # type: ignore[misc]
+    raise ConfigError(
+        f"overrides must be a {{pattern: ratio}} dict, e.g. {{'layer4.*': 0.2}}; got {value!r}"
+    )
 
 
 def make_config(ratio: float | int, **options: Any) -> PruneConfig:
@@ -91,17 +119,34 @@ def make_config(ratio: float | int, **options: Any) -> PruneConfig:
     norm = options.get("norm", 2)
     if norm in ("inf", "fro"):
         norm = math.inf if norm == "inf" else 2
-    criterion = _criterion(options.get("importance", "ln"), norm, int(options.get("seed", 0)))
-    scope = options.get("scope", "local")
+    criterion = _criterion(options.get("importance", "ln"), norm, int(options.get("seed", 0)),
+                           options)
+    if "data" in options and not isinstance(criterion, (Taylor, Activation)):
+        raise ConfigError("data= is used only by importance='taylor' or 'activation'")
+    target = options.get("target", "channels")
+    if target not in ("channels", "macs", "params"):
+        raise ConfigError(
+            f"target must be 'channels' (ratio = fraction of channels removed per group), 'macs' "
+            f"or 'params' (ratio = fraction of MACs/parameters removed); got {target!r}"
+        )
+    scope = options.get("scope", "local" if target == "channels" else "global")
     round_to = options.get("round_to", 1)
     min_keep = options.get("min_keep", 1)
+    overrides = _overrides(options.get("overrides"))
+    channel_ratio = 0.0 if target != "channels" else ratio
     if scope == "local":
-        policy: Uniform | Global = Uniform(ratio, round_to=round_to, min_keep=min_keep)
+        policy: Uniform | Global | Target = Uniform(channel_ratio, round_to=round_to,
+                                                    min_keep=min_keep, overrides=overrides)
     elif scope == "global":
-        policy = Global(ratio, round_to=round_to, min_keep=min_keep,
-                        max_ratio=options.get("max_ratio", 0.9))
+        policy = Global(channel_ratio, round_to=round_to, min_keep=min_keep,
+                        max_ratio=options.get("max_ratio", 0.9),
+                        min_ratio=options.get("min_ratio", 0.0), overrides=overrides)
     else:
         raise ConfigError(f"scope must be 'local' or 'global', got {scope!r}")
+    if "min_ratio" in options and scope != "global":
+        raise ConfigError("min_ratio (per-group floor) applies to scope='global' only")
+    if target != "channels":
+        policy = Target(ratio, Metric(target), policy)  # type: ignore[arg-type]  # checked there
     return PruneConfig(
         policy=policy,
         criterion=criterion,
@@ -125,7 +170,12 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     captured = capture(model, inputs, leaf_types=config.leaf_types)
     analysis = analyze(captured, ignore=config.ignore)
     scores = score(analysis.groups, model, config.criterion)
-    plan = select(analysis.groups, scores, config.policy, analysis.model)
+    policy = config.policy
+    if isinstance(policy, Target):
+        from shrink.allocate import solve_target
+
+        policy = solve_target(model, inputs, analysis.groups, scores, policy, analysis.model).policy
+    plan = select(analysis.groups, scores, policy, analysis.model)
     pruned = apply(model, plan)
     report = None
     if config.verify:
@@ -148,10 +198,15 @@ def compress(
             number of channels removed from every group (as ``amount`` in torch.nn.utils.prune).
         example_inputs: a tensor or tuple of inputs; inferred for image models when omitted.
         **options: ``norm`` (1, 2 or inf; default 2), ``importance`` ('ln', 'random',
-            'bn_scale', {module: scores} or a callable), ``seed``, ``scope`` ('local' or
-            'global'), ``ignore`` (names, globs or types kept intact), ``round_to`` (kept counts
-            rounded up to a multiple), ``min_keep``, ``max_ratio`` (global cap per group),
-            ``verify`` (default True), ``rtol``, ``leaf_types``.
+            'bn_scale', 'taylor', 'activation', {module: scores} or a callable), ``data``
+            (batches for 'taylor'/'activation'), ``loss_fn`` ('taylor'), ``max_batches``,
+            ``seed``, ``scope`` ('local' or 'global'), ``target`` ('channels', or 'macs' /
+            'params': ``ratio`` is then the fraction of MACs/parameters removed and shrink
+            solves for the channel ratio; scope defaults to 'global'), ``overrides``
+            ({name or glob: ratio}), ``ignore`` (names, globs or types kept intact),
+            ``round_to`` (kept counts rounded up to a multiple), ``min_keep``, ``max_ratio``
+            (global ceiling per group), ``min_ratio`` (global floor per group), ``verify``
+            (default True), ``rtol``, ``leaf_types``.
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``.

@@ -2,9 +2,18 @@
 
 * :class:`Uniform` removes the same fraction (or absolute number) of channels from every
   prunable group (``scope="local"``).
+* :class:`Target` is a budget (remove 50% of MACs or parameters) over a Uniform/Global template;
+  :func:`shrink.allocate.solve_target` turns it into a concrete policy.
 * :class:`Global` ranks channels across groups by their score divided by the group's mean score,
-  and removes the lowest ``ratio`` of all prunable channels, never more than ``max_ratio`` of any
-  one group.
+  and removes the lowest ``ratio`` of all prunable channels, at least ``min_ratio`` (floor) and
+  never more than ``max_ratio`` (ceiling) of any one group. Floors are served first, from each
+  group's lowest-scored channels, and count against the budget.
+
+``overrides`` (both policies) give some groups their own ratio: ``(("layer4.*", 0.2), ...)``.
+A pattern (fnmatch glob or exact name) applies to a group when it matches the group id or a
+module whose *output* channels belong to the group (its producers and their norms); the first
+matching pattern wins. A pattern matching no prunable group is an error. Under ``Global``,
+overridden groups are left out of the ranking and the budget ``ratio`` covers the other groups.
 
 Both round the kept count up to a multiple of ``round_to`` (capped at the group size), keep at
 least ``min_keep`` channels, and respect grouped-conv blocks (every block drops the same number).
@@ -13,14 +22,19 @@ Ties are broken by channel index (lower index dropped first), so plans are deter
 
 from __future__ import annotations
 
+import enum
+import fnmatch
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from shrink.errors import ConfigError
-from shrink.plan import ChannelGroup, Decision, Plan
+from shrink.plan import ChannelGroup, Decision, Plan, Side
+
+Ratio = float | int
+Overrides = tuple[tuple[str, Ratio], ...]
 
 
 def _check_ratio(ratio: float | int, name: str = "ratio") -> None:
@@ -45,10 +59,12 @@ class Uniform:
     ratio: float | int
     round_to: int = 1
     min_keep: int = 1
+    overrides: Overrides = ()
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         _check_round(self.round_to, self.min_keep)
+        _check_overrides(self.overrides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +75,71 @@ class Global:
     round_to: int = 1
     min_keep: int = 1
     max_ratio: float = 0.9
+    min_ratio: float = 0.0
+    overrides: Overrides = ()
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         _check_round(self.round_to, self.min_keep)
+        _check_overrides(self.overrides)
         if not 0.0 < self.max_ratio < 1.0:
             raise ConfigError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
+        if not 0.0 <= self.min_ratio <= self.max_ratio:
+            raise ConfigError(
+                f"min_ratio={self.min_ratio} must be in [0, max_ratio={self.max_ratio}]: it is the "
+                "fraction every group loses at least (floor); max_ratio is the ceiling"
+            )
 
 
-Policy = Uniform | Global
+class Metric(enum.Enum):
+    """What a :class:`Target` budget counts."""
+
+    MACS = "macs"
+    PARAMS = "params"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Remove ``ratio`` of the model's MACs or parameters; shrink solves for the channel ratio.
+
+    Attributes:
+        ratio: fraction of the metric removed, in (0, 1): ``0.5`` keeps 50% of the MACs.
+        metric: :attr:`Metric.MACS` (measured on the example inputs) or :attr:`Metric.PARAMS`.
+        policy: how channels are chosen; its ``ratio`` is what gets solved (``Global`` by default).
+        tolerance: accept a solution whose kept fraction is within this *relative* error of
+            ``1 - ratio``.
+        max_iter: bisection steps before returning the closest solution found.
+
+    Example:
+        >>> cfg = shrink.PruneConfig(policy=shrink.Target(0.5, shrink.Metric.MACS))
+        >>> res = shrink.prune(model, x, cfg)   # res.report.mac_ratio ~= 0.5
+    """
+
+    ratio: float
+    metric: Metric = Metric.MACS
+    policy: Uniform | Global = field(default_factory=lambda: Global(0.0))
+    tolerance: float = 0.005
+    max_iter: int = 30
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, float) or not (
+            0.0 < self.ratio < 1.0
+        ):
+            raise ConfigError(
+                f"Target.ratio must be a float in (0, 1), the fraction of {self.metric.value} "
+                f"removed; got {self.ratio!r}"
+            )
+        if not isinstance(self.metric, Metric):
+            raise ConfigError(f"Target.metric must be a shrink.Metric, got {self.metric!r}")
+        if not isinstance(self.policy, (Uniform, Global)) or not isinstance(self.policy.ratio, float):
+            raise ConfigError("Target.policy must be a Uniform or Global with a float ratio")
+        if not 0.0 < self.tolerance < 0.5:
+            raise ConfigError(f"Target.tolerance must be in (0, 0.5), got {self.tolerance}")
+        if self.max_iter < 1:
+            raise ConfigError(f"Target.max_iter must be >= 1, got {self.max_iter}")
+
+
+Policy = Uniform | Global | Target
 
 
 def _check_round(round_to: int, min_keep: int) -> None:
@@ -75,6 +147,53 @@ def _check_round(round_to: int, min_keep: int) -> None:
         raise ConfigError(f"round_to must be an int >= 1, got {round_to!r}")
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
         raise ConfigError(f"min_keep must be an int >= 1, got {min_keep!r}")
+
+
+def _check_overrides(overrides: Overrides) -> None:
+    if not isinstance(overrides, tuple):
+        raise ConfigError(
+            f"overrides must be a tuple of (pattern, ratio) pairs, got {type(overrides).__name__}; "
+            "make_config/compress also accept a {pattern: ratio} dict"
+        )
+    for item in overrides:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigError(f"overrides entry {item!r} must be a (pattern, ratio) pair")
+        _check_ratio(item[1], f"overrides[{item[0]!r}]")
+
+
+def override_for(g: ChannelGroup, overrides: Overrides) -> Ratio | None:
+    """The ratio of the first override whose pattern matches ``g`` (see module doc), or None."""
+    names = [g.id, *(m.module for m in g.members if m.side is Side.OUT)]
+    for pattern, ratio in overrides:
+        if any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
+            return ratio
+    return None
+
+
+def _resolve_overrides(targets: list[ChannelGroup], overrides: Overrides) -> dict[str, Ratio]:
+    fixed: dict[str, Ratio] = {}
+    for pattern, _ in overrides:
+        if not any(override_for(g, ((pattern, 0.0),)) is not None for g in targets):
+            raise ConfigError(
+                f"overrides pattern {pattern!r} matches no prunable group. Patterns match group "
+                f"ids or producer module names, e.g. {[g.id for g in targets][:5]}"
+            )
+    for g in targets:
+        r = override_for(g, overrides)
+        if r is not None:
+            fixed[g.id] = r
+    return fixed
+
+
+def _drop_count(g: ChannelGroup, ratio: Ratio) -> int:
+    if isinstance(ratio, float):
+        return int(round(ratio * g.size))
+    if ratio >= g.size:
+        raise ConfigError(
+            f"removing {ratio} channels would empty group {g.id!r}, which has "
+            f"{g.size}. Use a smaller count, a float ratio, or ignore= that layer."
+        )
+    return ratio
 
 
 def _n_keep(g: ChannelGroup, n_drop: int, round_to: int, min_keep: int) -> int:
@@ -116,21 +235,20 @@ def select(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torch.Tensor],
     Raises:
         ConfigError: when an absolute count would empty a group.
     """
+    if not isinstance(policy, (Uniform, Global)):
+        raise ConfigError(
+            f"select needs a Uniform or Global policy, got {type(policy).__name__}. A "
+            "shrink.Target (MACs/params goal) is solved by shrink.prune / shrink.solve_target."
+        )
     targets = [g for g in groups if g.prunable and g.id in scores]
-    n_drop: dict[str, int] = {}
+    fixed = _resolve_overrides(targets, policy.overrides)
+    n_drop = {gid: _drop_count(next(g for g in targets if g.id == gid), r)
+              for gid, r in fixed.items()}
+    ranked = [g for g in targets if g.id not in fixed]
     if isinstance(policy, Uniform):
-        for g in targets:
-            if isinstance(policy.ratio, float):
-                n_drop[g.id] = int(round(policy.ratio * g.size))
-            else:
-                if policy.ratio >= g.size:
-                    raise ConfigError(
-                        f"removing {policy.ratio} channels would empty group {g.id!r}, which has "
-                        f"{g.size}. Use a smaller count, a float ratio, or ignore= that layer."
-                    )
-                n_drop[g.id] = policy.ratio
+        n_drop.update({g.id: _drop_count(g, policy.ratio) for g in ranked})
     else:
-        n_drop = _global_drops(targets, scores, policy)
+        n_drop.update(_global_drops(ranked, scores, policy))
     decisions = []
     for g in targets:
         if n_drop.get(g.id, 0) <= 0:
@@ -152,12 +270,18 @@ def _global_drops(targets: list[ChannelGroup], scores: Mapping[str, torch.Tensor
         entries.extend((v, k, g.id) for v in normed)
     total = len(entries)
     budget = int(round(policy.ratio * total)) if isinstance(policy.ratio, float) else policy.ratio
-    cap = {g.id: g.size - max(policy.min_keep, math.ceil(g.size * (1 - policy.max_ratio)))
+    cap = {g.id: max(0, g.size - max(policy.min_keep, math.ceil(g.size * (1 - policy.max_ratio))))
            for g in targets}
-    drops: dict[str, int] = dict.fromkeys(cap, 0)
+    floor = {g.id: min(cap[g.id], math.ceil(g.size * policy.min_ratio - 1e-9)) for g in targets}
+    drops: dict[str, int] = dict(floor)
+    budget -= sum(floor.values())
+    seen: dict[str, int] = dict.fromkeys(cap, 0)
     for _v, _k, gid in sorted(entries):
         if budget <= 0:
             break
+        seen[gid] += 1
+        if seen[gid] <= floor[gid]:
+            continue  # one of the group's lowest channels, already dropped by its floor
         if drops[gid] < cap[gid]:
             drops[gid] += 1
             budget -= 1

@@ -6,11 +6,24 @@ original with the dropped channels masked. The stages are public too:
 """
 
 from shrink._version import __version__
+from shrink.allocate import Solution, solve_target
 from shrink.analysis import Analysis, Diagnostic, analyze
 from shrink.api import Result, compress, infer_inputs, make_config, prune
+from shrink.bench import BenchResult, compare
 from shrink.capture import Captured, capture
 from shrink.config import PruneConfig
-from shrink.criteria import BNScale, Criterion, LnNorm, Random, UserScores, score
+from shrink.criteria import (
+    Activation,
+    AxisScores,
+    BNScale,
+    Criterion,
+    DataCriterion,
+    LnNorm,
+    Random,
+    Taylor,
+    UserScores,
+    score,
+)
 from shrink.errors import (
     CaptureError,
     ConfigError,
@@ -22,6 +35,7 @@ from shrink.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from shrink.export import ExportResult, export_onnx, export_onnx_with_report
 from shrink.io import load, load_plan, save
 from shrink.masks import MaskedTensor, Reconcile, find_masks, fold_masks, from_masks
 from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side, fingerprint
@@ -29,29 +43,36 @@ from shrink.report import Report
 from shrink.rewrite import apply, apply_
 from shrink.rules import register_function, register_rule
 from shrink.rules.base import Keep, ModuleRule
-from shrink.select import Global, Uniform, select
+from shrink.schedule import IterativeResult, prune_iteratively, step_ratios
+from shrink.select import Global, Metric, Target, Uniform, select
+from shrink.sensitivity import Sensitivity, SensitivityRow, sensitivity
 from shrink.verify import masked_reference, verify
-from shrink.bench import BenchResult, compare
-from shrink.export import ExportResult, export_onnx, export_onnx_with_report
 
 __all__ = [
+    "Activation",
     "Analysis",
+    "AxisScores",
     "BNScale",
+    "BenchResult",
     "CaptureError",
     "Captured",
     "ChannelGroup",
     "ConfigError",
     "Criterion",
+    "DataCriterion",
     "Decision",
     "Diagnostic",
     "ExportError",
+    "ExportResult",
     "Global",
     "IndexMap",
     "InvariantError",
+    "IterativeResult",
     "Keep",
     "LnNorm",
     "MaskedTensor",
     "Member",
+    "Metric",
     "ModuleRule",
     "Plan",
     "PlanError",
@@ -61,8 +82,13 @@ __all__ = [
     "Report",
     "Result",
     "RewriteError",
+    "Sensitivity",
+    "SensitivityRow",
     "ShrinkError",
     "Side",
+    "Solution",
+    "Target",
+    "Taylor",
     "Uniform",
     "UnsupportedOpError",
     "UserScores",
@@ -72,7 +98,10 @@ __all__ = [
     "apply",
     "apply_",
     "capture",
+    "compare",
     "compress",
+    "export_onnx",
+    "export_onnx_with_report",
     "find_masks",
     "fingerprint",
     "fold_masks",
@@ -83,15 +112,14 @@ __all__ = [
     "make_config",
     "masked_reference",
     "prune",
+    "prune_iteratively",
     "register_function",
     "register_rule",
     "save",
     "score",
     "select",
+    "sensitivity",
+    "solve_target",
+    "step_ratios",
     "verify",
-    "BenchResult",
-    "ExportResult",
-    "compare",
-    "export_onnx",
-    "export_onnx_with_report",
 ]

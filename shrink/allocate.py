@@ -59,7 +59,7 @@ def measurer(model: nn.Module, inputs: tuple[Any, ...], metric: Metric) -> Calla
         meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
         base = count(meta, meta_inputs)
         base_model, base_inputs = meta, meta_inputs
-    except Exception as e:  # noqa: BLE001  # any failure on meta: fall back to real tensors
+    except Exception as e:  # any failure on meta: fall back to real tensors
         log.info("allocate: measuring on real tensors (meta device failed: %s)", e)
         base = count(model, inputs)
     if base <= 0:
@@ -114,13 +114,15 @@ def solve_target(
     hi = min(hi, 0.99)
     if f(hi) > goal * (1 + target.tolerance):
         raise ConfigError(
-            f"cannot remove {target.ratio:.1%} of {target.metric.value}: the {type(target.policy).__name__} "
-            f"policy at its largest ratio ({hi}) keeps {f(hi):.1%}. Pinned groups, max_ratio, "
-            "min_keep or overrides limit it; raise max_ratio, drop ignore= entries, or lower the "
-            "target."
+            f"cannot remove {target.ratio:.1%} of {target.metric.value}: the "
+            f"{type(target.policy).__name__} policy at its largest ratio ({hi}) keeps "
+            f"{f(hi):.1%}. Pinned groups, max_ratio, min_keep or overrides limit it; raise "
+            "max_ratio, drop ignore= entries, or lower the target."
         )
     lo, best = 0.0, hi
-    for it in range(1, target.max_iter + 1):
+    it = 0
+    while it < target.max_iter:
+        it += 1
         mid = (lo + hi) / 2
         k = f(mid)
         if abs(k - goal) < abs(f(best) - goal):
@@ -129,7 +131,7 @@ def solve_target(
             best = mid
             break
         lo, hi = (mid, hi) if k > goal else (lo, mid)
-    else:
+    if abs(f(best) / goal - 1) > target.tolerance:
         log.warning("allocate: closest kept %s fraction %.4f for goal %.4f after %d steps",
                     target.metric.value, f(best), goal, target.max_iter)
     log.info("allocate: ratio %.4f keeps %.4f of %s (goal %.4f, %d steps)",

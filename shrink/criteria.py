@@ -58,7 +58,9 @@ AxisKey = tuple[str, Side]
 class Criterion(Protocol):
     """Anything that scores the channels of one group (higher means more important)."""
 
-    def __call__(self, group: ChannelGroup, modules: Mapping[str, nn.Module]) -> torch.Tensor | None:
+    def __call__(
+        self, group: ChannelGroup, modules: Mapping[str, nn.Module]
+    ) -> torch.Tensor | None:
         """Scores (float64, ``[group.size]``) or None when the criterion has no opinion."""
         ...
 
@@ -139,7 +141,9 @@ class UserScores:
 
     scores: Mapping[str, torch.Tensor] | Callable[..., torch.Tensor] | None = None
 
-    def __call__(self, group: ChannelGroup, modules: Mapping[str, nn.Module]) -> torch.Tensor | None:
+    def __call__(
+        self, group: ChannelGroup, modules: Mapping[str, nn.Module]
+    ) -> torch.Tensor | None:
         if callable(self.scores):
             out = torch.as_tensor(self.scores(group, modules), dtype=torch.float64).flatten()
             if out.numel() != group.size:
@@ -161,7 +165,8 @@ class UserScores:
             if s.numel() != m.extent:
                 raise ConfigError(
                     f"importance[{m.module!r}] has {s.numel()} entries; the layer has {m.extent} "
-                    "output channels. Give one score per output channel (or a weight-shaped tensor)."
+                    "output channels. Give one score per output channel (or a weight-shaped "
+                    "tensor)."
                 )
             vals.append((m, s))
         if not vals:
@@ -185,9 +190,13 @@ class AxisScores:
 
     def __post_init__(self) -> None:
         if self.reduce not in ("sum", "mean", "amax"):
-            raise ConfigError(f"AxisScores.reduce must be 'sum', 'mean' or 'amax', got {self.reduce!r}")
+            raise ConfigError(
+                f"AxisScores.reduce must be 'sum', 'mean' or 'amax', got {self.reduce!r}"
+            )
 
-    def __call__(self, group: ChannelGroup, modules: Mapping[str, nn.Module]) -> torch.Tensor | None:
+    def __call__(
+        self, group: ChannelGroup, modules: Mapping[str, nn.Module]
+    ) -> torch.Tensor | None:
         vals = [(m, self.values[(m.module, m.side)]) for m in group.members
                 if (m.module, m.side) in self.values]
         if not vals:
@@ -293,11 +302,14 @@ class Taylor:
                 f"got {self.loss_fn!r}. Pass e.g. loss_fn=torch.nn.functional.cross_entropy."
             )
 
-    def __call__(self, group: ChannelGroup, modules: Mapping[str, nn.Module]) -> torch.Tensor | None:
+    def __call__(
+        self, group: ChannelGroup, modules: Mapping[str, nn.Module]
+    ) -> torch.Tensor | None:
         raise ConfigError("Taylor must be prepared on a model first: use shrink.score or prune")
 
     def prepare(self, model: nn.Module, groups: tuple[ChannelGroup, ...]) -> AxisScores:
-        assert self.data is not None and self.loss_fn is not None  # checked in __post_init__
+        assert self.data is not None  # both checked in __post_init__
+        assert self.loss_fn is not None
         work = copy.deepcopy(model)
         work.zero_grad(set_to_none=True)
         targets = _rules(work, {m.module for g in groups for m in g.members})
@@ -355,9 +367,12 @@ class Activation:
     max_batches: int | None = None
 
     def __post_init__(self) -> None:
-        _check_data(self.data, self.max_batches, "Activation", "data=loader (batches of x or (x, y))")
+        example = "data=loader (batches of x or (x, y))"
+        _check_data(self.data, self.max_batches, "Activation", example)
 
-    def __call__(self, group: ChannelGroup, modules: Mapping[str, nn.Module]) -> torch.Tensor | None:
+    def __call__(
+        self, group: ChannelGroup, modules: Mapping[str, nn.Module]
+    ) -> torch.Tensor | None:
         raise ConfigError("Activation must be prepared on a model first: use shrink.score or prune")
 
     def prepare(self, model: nn.Module, groups: tuple[ChannelGroup, ...]) -> AxisScores:
@@ -389,7 +404,9 @@ class Activation:
         return AxisScores({(f, Side.IN): s / counts[f] for f, s in sums.items()}, reduce="mean")
 
 
-def score(groups: tuple[ChannelGroup, ...], model: nn.Module, criterion: Criterion) -> dict[str, torch.Tensor]:
+def score(
+    groups: tuple[ChannelGroup, ...], model: nn.Module, criterion: Criterion
+) -> dict[str, torch.Tensor]:
     """Score every prunable group. Groups the criterion has no opinion on are left out.
 
     A :class:`DataCriterion` (:class:`Taylor`, :class:`Activation`) is first prepared on

@@ -131,7 +131,8 @@ class Target:
             )
         if not isinstance(self.metric, Metric):
             raise ConfigError(f"Target.metric must be a shrink.Metric, got {self.metric!r}")
-        if not isinstance(self.policy, (Uniform, Global)) or not isinstance(self.policy.ratio, float):
+        policy_ok = isinstance(self.policy, (Uniform, Global))
+        if not (policy_ok and isinstance(self.policy.ratio, float)):
             raise ConfigError("Target.policy must be a Uniform or Global with a float ratio")
         if not 0.0 < self.tolerance < 0.5:
             raise ConfigError(f"Target.tolerance must be in (0, 0.5), got {self.tolerance}")
@@ -187,7 +188,7 @@ def _resolve_overrides(targets: list[ChannelGroup], overrides: Overrides) -> dic
 
 def _drop_count(g: ChannelGroup, ratio: Ratio) -> int:
     if isinstance(ratio, float):
-        return int(round(ratio * g.size))
+        return round(ratio * g.size)
     if ratio >= g.size:
         raise ConfigError(
             f"removing {ratio} channels would empty group {g.id!r}, which has "
@@ -269,7 +270,7 @@ def _global_drops(targets: list[ChannelGroup], scores: Mapping[str, torch.Tensor
         normed = (s / mean if mean > 0 else s).tolist()
         entries.extend((v, k, g.id) for v in normed)
     total = len(entries)
-    budget = int(round(policy.ratio * total)) if isinstance(policy.ratio, float) else policy.ratio
+    budget = round(policy.ratio * total) if isinstance(policy.ratio, float) else policy.ratio
     cap = {g.id: max(0, g.size - max(policy.min_keep, math.ceil(g.size * (1 - policy.max_ratio))))
            for g in targets}
     floor = {g.id: min(cap[g.id], math.ceil(g.size * policy.min_ratio - 1e-9)) for g in targets}

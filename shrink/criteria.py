@@ -76,10 +76,16 @@ class DataCriterion(Protocol):
 
 def _scatter(total: torch.Tensor, group: ChannelGroup, member_vals: list[tuple[Any, torch.Tensor]],
              reduce: str) -> None:
+    # one scatter over every member's positions: with include_self=False, "mean" averages only
+    # the values that reach a channel, and separate calls would overwrite each other
+    if not member_vals:
+        return
+    chans, picked = [], []
     for member, vals in member_vals:
-        idx = torch.as_tensor(member.index_map.index, dtype=torch.long)
-        ch = torch.as_tensor(member.index_map.channel, dtype=torch.long)
-        total.scatter_reduce_(0, ch, vals[idx], reduce=reduce, include_self=False)
+        chans.append(torch.as_tensor(member.index_map.channel, dtype=torch.long))
+        picked.append(vals[torch.as_tensor(member.index_map.index, dtype=torch.long)])
+    total.scatter_reduce_(0, torch.cat(chans), torch.cat(picked), reduce=reduce,
+                          include_self=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,231 @@
+"""Train, prune, fine-tune: a small CNN on scikit-learn's handwritten digits (8x8, no download).
+
+    python examples/02_digits_workflow.py                       # L2, 50% of channels, plot + bench
+    python examples/02_digits_workflow.py --importance taylor   # first-order Taylor on train data
+    python examples/02_digits_workflow.py --compare --seeds 0 1 2   # the table in docs/criteria.md
+
+Steps: train the dense CNN; remove 50% of the channels of every prunable group with
+``shrink.prune`` (verified against the masked oracle); fine-tune a few epochs; report accuracy
+(dense / pruned / fine-tuned), parameters, MACs and onnxruntime latency (``shrink.bench.compare``:
+one intra-op thread, interleaved rounds, best-of latency). ``run()`` is what
+``tests/test_workflow.py`` calls. Needs: pip install 'shrink[examples]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import shrink
+
+
+def load_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Digits as (N, 1, 8, 8) float tensors in [0, 1], a stratified 75/25 train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        range(len(y)), test_size=0.25, stratify=digits.target, random_state=seed
+    )
+    return (TensorDataset(x[idx_train], y[idx_train]), TensorDataset(x[idx_test], y[idx_test]))
+
+
+def make_model() -> nn.Module:
+    """Three conv blocks and a two-layer head: 160k parameters, 2.4M MACs per image."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(1, 32), *block(32, 64), nn.MaxPool2d(2),
+        *block(64, 128), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def train(model: nn.Module, data: TensorDataset, epochs: int, lr: float, seed: int) -> nn.Module:
+    """Adam with cosine decay, batch 32, seeded shuffling."""
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=32, shuffle=True, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: TensorDataset) -> float:
+    """Top-1 accuracy in percent."""
+    x, y = data.tensors
+    return 100.0 * float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def prune_and_finetune(dense: nn.Module, train_set: TensorDataset, test_set: TensorDataset, *,
+                       importance: str = "l2", ratio: float = 0.5, finetune_epochs: int = 5,
+                       seed: int = 0) -> dict[str, Any]:
+    """Prune ``ratio`` of every prunable group's channels, then fine-tune; ``dense`` is untouched."""
+    x = (test_set.tensors[0][:1],)
+    options: dict[str, Any] = {"importance": importance, "seed": seed}
+    if importance in ("taylor", "activation"):
+        loader = DataLoader(train_set, batch_size=64, shuffle=False)
+        options.update(data=loader, max_batches=8)
+        if importance == "taylor":
+            options["loss_fn"] = F.cross_entropy
+    torch.manual_seed(seed)
+    res = shrink.prune(dense.eval(), x, shrink.make_config(ratio, **options))
+    pruned_acc = accuracy(res.model, test_set)
+    tuned = train(copy.deepcopy(res.model), train_set, finetune_epochs, lr=5e-4, seed=seed + 1)
+    assert res.report is not None
+    return {
+        "importance": importance,
+        "pruned": res.model,
+        "finetuned": tuned,
+        "report": res.report,
+        "acc_pruned": pruned_acc,
+        "acc_finetuned": accuracy(tuned, test_set),
+    }
+
+
+def run(*, importance: str = "l2", ratio: float = 0.5, epochs: int = 15, finetune_epochs: int = 5,
+        seed: int = 0, bench_seconds: float = 2.0, n_threads: int = 1) -> dict[str, Any]:
+    """The whole workflow; returns accuracies (percent), params, MACs and the measured speedup.
+
+    ``bench_seconds=0`` skips the onnxruntime timing (``speedup`` is then None).
+    """
+    with threads(n_threads):
+        torch.manual_seed(seed)
+        train_set, test_set = load_data(seed)
+        dense = train(make_model(), train_set, epochs, lr=2e-3, seed=seed)
+        out = prune_and_finetune(dense, train_set, test_set, importance=importance, ratio=ratio,
+                                 finetune_epochs=finetune_epochs, seed=seed)
+        report = out["report"]
+        speedup = ideal = None
+        if bench_seconds > 0:
+            x = (test_set.tensors[0][:1],)
+            bench = shrink.bench.compare(dense, out["finetuned"], x, seconds=bench_seconds)
+            row = bench.row("pruned")
+            speedup, ideal = row.speedup, row.ideal
+        return {
+            "importance": importance,
+            "acc_dense": accuracy(dense, test_set),
+            "acc_pruned": out["acc_pruned"],
+            "acc_finetuned": out["acc_finetuned"],
+            "params": (report.params_before, report.params_after),
+            "macs": (report.macs_before, report.macs_after),
+            "speedup": speedup,
+            "ideal_speedup": ideal,
+        }
+
+
+def compare(seeds: list[int], importances: list[str], *, ratio: float, epochs: int,
+            finetune_epochs: int) -> str:
+    """Markdown table: mean accuracy per criterion over ``seeds`` (same dense model per seed)."""
+    rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in importances}
+    with threads(1):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            train_set, test_set = load_data(seed)
+            dense = train(make_model(), train_set, epochs, lr=2e-3, seed=seed)
+            acc_dense = accuracy(dense, test_set)
+            for imp in importances:
+                out = prune_and_finetune(dense, train_set, test_set, importance=imp, ratio=ratio,
+                                         finetune_epochs=finetune_epochs, seed=seed)
+                rows[imp].append((acc_dense, out["acc_pruned"], out["acc_finetuned"]))
+    lines = [f"| criterion | dense acc. | pruned acc. (no fine-tune) | after {finetune_epochs} "
+             "fine-tune epochs | per seed (pruned / fine-tuned) |", "|---|---:|---:|---:|---|"]
+    for imp, vals in rows.items():
+        mean = [sum(v[i] for v in vals) / len(vals) for i in range(3)]
+        per_seed = ", ".join(f"{p:.1f} / {f:.1f}" for _, p, f in vals)
+        lines.append(f"| {imp} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Accuracy bars and the params / MACs / latency ratios, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = ["dense", "pruned", "fine-tuned"]
+    accs = [result["acc_dense"], result["acc_pruned"], result["acc_finetuned"]]
+    ax1.bar(names, accs, color=["#4c72b0", "#dd8452", "#55a868"])
+    ax1.set_ylim(min(accs) - 5, 100)
+    ax1.set_ylabel("test accuracy (%)")
+    for i, a in enumerate(accs):
+        ax1.text(i, a + 0.3, f"{a:.1f}", ha="center")
+    ratios = {"params": result["params"][1] / result["params"][0],
+              "MACs": result["macs"][1] / result["macs"][0]}
+    if result["speedup"]:
+        ratios["latency (ORT)"] = 1.0 / result["speedup"]
+    ax2.bar(list(ratios), list(ratios.values()), color="#8172b2")
+    ax2.axhline(1.0, color="grey", linewidth=0.5)
+    ax2.set_ylabel("pruned / dense")
+    fig.suptitle(f"digits CNN, 50% of channels removed ({result['importance']})")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--importance", default="l2",
+                        help="l1, l2, random, taylor, activation, bn_scale")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default="digits_workflow.png", help="'' to skip")
+    parser.add_argument("--bench-seconds", type=float, default=3.0)
+    parser.add_argument("--compare", action="store_true", help="table of criteria over --seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--criteria", nargs="+", default=["l2", "taylor", "random"])
+    args = parser.parse_args()
+    if args.compare:
+        print(compare(args.seeds, args.criteria, ratio=args.ratio, epochs=args.epochs,
+                      finetune_epochs=args.finetune_epochs))
+        return
+    r = run(importance=args.importance, ratio=args.ratio, epochs=args.epochs,
+            finetune_epochs=args.finetune_epochs, seed=args.seed, bench_seconds=args.bench_seconds)
+    print(f"accuracy   dense {r['acc_dense']:.2f}%  pruned {r['acc_pruned']:.2f}%  "
+          f"fine-tuned {r['acc_finetuned']:.2f}%")
+    print(f"params     {r['params'][0]:,} -> {r['params'][1]:,} "
+          f"({r['params'][1] / r['params'][0]:.3f}x)")
+    print(f"MACs       {r['macs'][0]:,} -> {r['macs'][1]:,} ({r['macs'][1] / r['macs'][0]:.3f}x)")
+    if r["speedup"] is not None:
+        print(f"latency    onnxruntime, 1 thread, batch 1, best-of interleaved: "
+              f"{r['speedup']:.2f}x faster (ideal from MACs {r['ideal_speedup']:.2f}x)")
+    if args.plot:
+        plot(r, args.plot)
+        print(f"plot       {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

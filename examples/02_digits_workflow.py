@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import cross_entropy
 from torch.utils.data import DataLoader, TensorDataset
 
 import shrink
@@ -64,7 +64,7 @@ def train(model: nn.Module, data: TensorDataset, epochs: int, lr: float, seed: i
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            cross_entropy(model(x), y).backward()
             opt.step()
             sched.step()
     return model.eval()
@@ -90,14 +90,14 @@ def threads(n: int) -> Iterator[None]:
 def prune_and_finetune(dense: nn.Module, train_set: TensorDataset, test_set: TensorDataset, *,
                        importance: str = "l2", ratio: float = 0.5, finetune_epochs: int = 5,
                        seed: int = 0) -> dict[str, Any]:
-    """Prune ``ratio`` of every prunable group's channels, then fine-tune; ``dense`` is untouched."""
+    """Prune ``ratio`` of every prunable group's channels, then fine-tune a copy."""
     x = (test_set.tensors[0][:1],)
     options: dict[str, Any] = {"importance": importance, "seed": seed}
     if importance in ("taylor", "activation"):
         loader = DataLoader(train_set, batch_size=64, shuffle=False)
         options.update(data=loader, max_batches=8)
         if importance == "taylor":
-            options["loss_fn"] = F.cross_entropy
+            options["loss_fn"] = cross_entropy
     torch.manual_seed(seed)
     res = shrink.prune(dense.eval(), x, shrink.make_config(ratio, **options))
     pruned_acc = accuracy(res.model, test_set)

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import mse_loss
 
 import shrink
 from shrink.criteria import Activation, AxisScores, BNScale, LnNorm, Random, Taylor, UserScores
@@ -13,7 +13,8 @@ from shrink.criteria import Activation, AxisScores, BNScale, LnNorm, Random, Tay
 
 def _two_linears(bias: bool = False, act: nn.Module | None = None) -> nn.Sequential:
     """Linear(2, 2) -> [act] -> Linear(2, 1) with W1 = [[1, 2], [3, 4]], W2 = [[5, 6]]."""
-    net = nn.Sequential(nn.Linear(2, 2, bias=bias), act or nn.Identity(), nn.Linear(2, 1, bias=False))
+    net = nn.Sequential(nn.Linear(2, 2, bias=bias), act or nn.Identity(),
+                        nn.Linear(2, 1, bias=False))
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         net[2].weight.copy_(torch.tensor([[5.0, 6.0]]))
@@ -22,7 +23,8 @@ def _two_linears(bias: bool = False, act: nn.Module | None = None) -> nn.Sequent
     return net
 
 
-def _scores(model: nn.Module, criterion: shrink.Criterion, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _scores(model: nn.Module, criterion: shrink.Criterion,
+            x: torch.Tensor) -> dict[str, torch.Tensor]:
     analysis = shrink.analyze(shrink.capture(model, (x,)))
     return shrink.score(analysis.groups, model, criterion)
 
@@ -43,14 +45,16 @@ def test_taylor_is_mean_over_batches_of_abs_weight_times_grad() -> None:
     #   ch0: |1*5|+|2*5| + |5*3| = 30;  ch1: |3*6|+|4*6| + |6*7| = 84
     # Batch x=[2,0]: h=[2,6], dL/dW1=[[10,0],[12,0]]
     #   ch0: 10 + 0 + |5*2| = 20;       ch1: 36 + 0 + |6*6| = 72      -> mean: [25, 78]
-    data = [(torch.tensor([[1.0, 1.0]]), torch.zeros(1)), (torch.tensor([[2.0, 0.0]]), torch.zeros(1))]
+    data = [(torch.tensor([[1.0, 1.0]]), torch.zeros(1)),
+            (torch.tensor([[2.0, 0.0]]), torch.zeros(1))]
     crit = Taylor(data, loss_fn=lambda out, y: out.sum())
     scores = _scores(_two_linears(), crit, torch.ones(1, 2))
     torch.testing.assert_close(scores["0:out"], torch.tensor([25.0, 78.0], dtype=torch.float64))
 
 
 def test_taylor_max_batches_limits_the_data() -> None:
-    data = [(torch.tensor([[1.0, 1.0]]), torch.zeros(1)), (torch.tensor([[2.0, 0.0]]), torch.zeros(1))]
+    data = [(torch.tensor([[1.0, 1.0]]), torch.zeros(1)),
+            (torch.tensor([[2.0, 0.0]]), torch.zeros(1))]
     crit = Taylor(data, loss_fn=lambda out, y: out.sum(), max_batches=1)
     scores = _scores(_two_linears(), crit, torch.ones(1, 2))
     torch.testing.assert_close(scores["0:out"], torch.tensor([30.0, 84.0], dtype=torch.float64))
@@ -80,7 +84,8 @@ def test_user_scores_mapping_and_callable() -> None:
 
 
 def test_random_is_reproducible_with_a_seed_and_differs_across_seeds_and_groups() -> None:
-    net = nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    net = nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                        nn.Conv2d(8, 2, 1))
     x = torch.randn(1, 1, 4, 4)
     a, b, c = (_scores(net, Random(seed), x) for seed in (3, 3, 4))
     assert set(a) == {"0:out", "2:out"}
@@ -104,9 +109,11 @@ class _Residual(nn.Module):
         return self.head(s + self.branch(s))
 
 
-def _residual_slices(m: _Residual, c: int, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def _residual_slices(m: _Residual, c: int,
+                     tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Every weight slice removed with residual channel c, from ``tensors`` shaped like weights."""
-    return [tensors["stem"][c], tensors["branch"][c], tensors["branch"][:, c], tensors["head"][:, c]]
+    stem, branch, head = tensors["stem"], tensors["branch"], tensors["head"]
+    return [stem[c], branch[c], branch[:, c], head[:, c]]
 
 
 def test_ln_norm_reduces_over_every_member_of_a_residual_group() -> None:
@@ -122,13 +129,13 @@ def test_ln_norm_reduces_over_every_member_of_a_residual_group() -> None:
 def test_taylor_reduces_over_every_member_of_a_residual_group() -> None:
     model = _Residual()
     batches = [(torch.randn(2, 2, 5, 5), torch.randn(2, 3, 5, 5)) for _ in range(2)]
-    scores = _scores(model, Taylor(batches, F.mse_loss), torch.randn(1, 2, 5, 5))
+    scores = _scores(model, Taylor(batches, mse_loss), torch.randn(1, 2, 5, 5))
     expected = torch.zeros(4, dtype=torch.float64)
     for x, y in batches:  # the reference: autograd on the model itself, |w * g| summed per slice
         model.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        prod = {n: (mod.weight * mod.weight.grad).abs().detach()
-                for n, mod in (("stem", model.stem), ("branch", model.branch), ("head", model.head))}
+        mse_loss(model(x), y).backward()
+        prod = {n: (getattr(model, n).weight * getattr(model, n).weight.grad).abs().detach()
+                for n in ("stem", "branch", "head")}
         for c in range(4):
             expected[c] += sum(float(t.sum()) for t in _residual_slices(model, c, prod)) / 2
     torch.testing.assert_close(scores["stem:out"], expected)

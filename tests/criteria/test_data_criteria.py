@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 import shrink
 from shrink.testing import assert_unchanged, state_snapshot
@@ -23,11 +23,11 @@ def test_taylor_without_data_says_it_needs_data() -> None:
     with pytest.raises(shrink.ConfigError, match=r"Taylor importance needs data.*data=loader"):
         shrink.compress(_net(), 0.5, importance="taylor")
     with pytest.raises(shrink.ConfigError, match="needs data"):
-        shrink.Taylor(loss_fn=F.cross_entropy)
+        shrink.Taylor(loss_fn=cross_entropy)
 
 
 def test_taylor_without_loss_fn_names_the_fix() -> None:
-    with pytest.raises(shrink.ConfigError, match="loss_fn=torch.nn.functional.cross_entropy"):
+    with pytest.raises(shrink.ConfigError, match=r"loss_fn=torch\.nn\.functional\.cross_entropy"):
         shrink.compress(_net(), 0.5, importance="taylor", data=_data())
 
 
@@ -35,17 +35,17 @@ def test_taylor_batches_without_targets_are_rejected() -> None:
     data = [torch.randn(2, 3, 8, 8)]
     with pytest.raises(shrink.ConfigError, match="no target"):
         shrink.compress(_net(), 0.5, example_inputs=data[0][:1], importance="taylor", data=data,
-                        loss_fn=F.cross_entropy)
+                        loss_fn=cross_entropy)
 
 
 @pytest.mark.parametrize("importance", ["taylor", "activation"])
 def test_empty_or_wrong_data_is_a_config_error(importance: str) -> None:
     with pytest.raises(shrink.ConfigError, match="no batches"):
         shrink.compress(_net(), 0.5, example_inputs=torch.randn(1, 3, 8, 8),
-                        importance=importance, data=[], loss_fn=F.cross_entropy)
+                        importance=importance, data=[], loss_fn=cross_entropy)
     with pytest.raises(shrink.ConfigError, match="iterable of batches"):
         shrink.compress(_net(), 0.5, importance=importance, data=torch.randn(2, 3, 8, 8),
-                        loss_fn=F.cross_entropy)
+                        loss_fn=cross_entropy)
 
 
 def test_data_option_with_a_data_free_criterion_is_rejected() -> None:
@@ -59,7 +59,7 @@ def test_data_criteria_leave_the_model_untouched_even_in_train_mode(importance: 
     snap = state_snapshot(model)
     res = shrink.prune(model, (torch.randn(2, 3, 8, 8),),
                        shrink.make_config(0.5, importance=importance, data=_data(),
-                                          loss_fn=F.cross_entropy, verify=False))
+                                          loss_fn=cross_entropy, verify=False))
     assert_unchanged(model, snap)
     assert all(p.grad is None for p in model.parameters())
     assert {d.group: len(d.keep) for d in res.plan.decisions} == {"0:out": 4, "3:out": 4}
@@ -71,6 +71,6 @@ def test_taylor_drops_channels_the_loss_does_not_depend_on() -> None:
         model[7].weight[:, :4] = 0.0
     res = shrink.prune(model, (torch.randn(1, 3, 8, 8),),
                        shrink.make_config(0.5, importance="taylor", data=_data(),
-                                          loss_fn=F.cross_entropy))
+                                          loss_fn=cross_entropy))
     (d,) = [d for d in res.plan.decisions if d.group == "3:out"]
     assert d.keep == (4, 5, 6, 7)

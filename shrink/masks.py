@@ -167,14 +167,15 @@ def from_masks(
     inputs = normalize_inputs(infer_inputs(folded) if example_inputs is None else example_inputs)
     analysis = analyze(capture(folded, inputs, leaf_types=leaf_types), ignore=ignore)
     probe_inputs = [inputs, *_random_like(inputs, probes, seed)]
-    zero_at = _arrives_zero(folded, analysis.groups, probe_inputs)
+    weights = _Weights(folded)
+    zero_at = _arrives_zero(folded, weights, analysis.groups, probe_inputs)
     decisions: list[Decision] = []
     notes: list[str] = []
     for g in analysis.groups:
-        dead, why = _dead_channels(g, folded, zero_at, policy)
+        dead, why = _dead_channels(g, weights, zero_at, policy)
+        if why:
+            notes.append(f"{g.id}: {why}")
         if not dead:
-            if why:
-                notes.append(f"{g.id}: {why}")
             continue
         if g.pinned is not None or g.size < 2:
             notes.append(f"{g.id}: {len(dead)} dead channel(s) stay: the group is pinned "
@@ -192,7 +193,8 @@ def from_masks(
                         "every channel); returning the folded model unchanged")
     pruned = apply(folded, plan)
     report = verify(folded, pruned, plan, inputs, rtol=rtol, strict=True)
-    deviation = max(_deviation(folded, pruned, x) for x in (inputs, probe_inputs[-1]))
+    deviation = 0.0 if not decisions else max(
+        _deviation(folded, pruned, x) for x in (inputs, probe_inputs[-1]))
     if policy is Reconcile.ALL and not deviation <= rtol:
         raise VerificationError(
             f"from_masks: the pruned model differs from the masked model by max relative error "
@@ -245,7 +247,7 @@ def _deviation(folded: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...]) ->
             m.training = mode
 
 
-def _readers(g: ChannelGroup, modules: Any) -> list[Member]:
+def _readers(g: ChannelGroup, weights: _Weights) -> list[Member]:
     """IN members that read the group into another channel space.
 
     A layer with both sides in the group and no weights on its IN axis (a depthwise conv)
@@ -256,17 +258,18 @@ def _readers(g: ChannelGroup, modules: Any) -> list[Member]:
     for m in g.members:
         if m.side is not Side.IN:
             continue
-        if m.module in out_mods and _zero_slices(modules.get_submodule(m.module), m) is None:
+        if m.module in out_mods and weights.zero(m) is None:
             continue
         readers.append(m)
     return readers
 
 
 def _arrives_zero(
-    folded: nn.Module, groups: Sequence[ChannelGroup], probes: Sequence[tuple[Any, ...]]
+    folded: nn.Module, weights: _Weights, groups: Sequence[ChannelGroup],
+    probes: Sequence[tuple[Any, ...]],
 ) -> dict[str, torch.Tensor]:
     """Per reader module: whether each input-axis position is exactly 0 on every probe."""
-    fqns = sorted({m.module for g in groups if g.prunable for m in _readers(g, folded)})
+    fqns = sorted({m.module for g in groups if g.prunable for m in _readers(g, weights)})
     zero: dict[str, torch.Tensor] = {}
     handles = []
     for fqn in fqns:
@@ -310,7 +313,21 @@ def _per_channel(g: ChannelGroup, member: Member, pos_zero: torch.Tensor) -> tor
     return res.bool()
 
 
-def _zero_slices(mod: nn.Module, member: Member, *, scales: bool = False) -> torch.Tensor | None:
+class _Weights:
+    """Which axis positions of the folded model's layers have all-zero weights (memoised)."""
+
+    def __init__(self, folded: nn.Module) -> None:
+        self.modules = dict(folded.named_modules())
+        self._memo: dict[tuple[str, Side, bool], torch.Tensor | None] = {}
+
+    def zero(self, member: Member, *, scales: bool = False) -> torch.Tensor | None:
+        key = (member.module, member.side, scales)
+        if key not in self._memo:
+            self._memo[key] = _zero_slices(self.modules[member.module], member, scales)
+        return self._memo[key]
+
+
+def _zero_slices(mod: nn.Module, member: Member, scales: bool) -> torch.Tensor | None:
     """Per axis position: the layer's weights on it are all zero; None when it has none.
 
     Weights are the rule's ``score_params`` (conv/linear filters and input columns) and, with
@@ -331,26 +348,25 @@ def _zero_slices(mod: nn.Module, member: Member, *, scales: bool = False) -> tor
 
 
 def _dead_channels(
-    g: ChannelGroup, folded: nn.Module, zero_at: dict[str, torch.Tensor], policy: Reconcile
+    g: ChannelGroup, weights: _Weights, zero_at: dict[str, torch.Tensor], policy: Reconcile
 ) -> tuple[list[int], str]:
     """Dead channels of ``g`` under ``policy`` and, when some were masked but stay, why."""
-    mods = {m.module: folded.get_submodule(m.module) for m in g.members}
     in_mods = {m.module for m in g.members if m.side is Side.IN}
     votes = torch.zeros(g.size, dtype=torch.bool)
     writers_silent = torch.ones(g.size, dtype=torch.bool)
     n_writers = 0
     ignores: dict[str, torch.Tensor] = {}
     for m in g.members:
-        scaled = _zero_slices(mods[m.module], m, scales=True)
+        scaled = weights.zero(m, scales=True)
         if scaled is not None:
             votes |= _per_channel(g, m, scaled)
-        zero = _zero_slices(mods[m.module], m)
+        zero = weights.zero(m)
         if zero is None:  # a BatchNorm (or a depthwise conv's IN side) only carries the group
             continue
         per = _per_channel(g, m, zero)
         if m.side is Side.IN:
             ignores[m.module] = per
-        elif m.module not in in_mods or _zero_slices(mods[m.module], _as_in(m, g)) is not None:
+        elif m.module not in in_mods or weights.zero(_as_in(m, g)) is not None:
             # a layer with an IN member but no IN weights (depthwise) only carries the group
             writers_silent &= per
             n_writers += 1
@@ -361,7 +377,7 @@ def _dead_channels(
     dead = torch.ones(g.size, dtype=torch.bool)
     constant: dict[str, int] = {}  # reader -> masked-filter channels arriving nonzero there
     unmasked: dict[str, int] = {}  # reader -> channels other readers ignore but it reads
-    readers = _readers(g, folded)
+    readers = _readers(g, weights)
     for r in readers:
         ignored = ignores.get(r.module, torch.zeros(g.size, dtype=torch.bool))
         arrived = zero_at.get(r.module)

@@ -1,0 +1,165 @@
+"""shrink.save / shrink.load: one safetensors file (weights + plan JSON), no pickle, exact."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import shrink
+from shrink.testing import assert_unchanged, state_snapshot
+
+torchvision = pytest.importorskip("torchvision")
+pytest.importorskip("safetensors")
+
+MODELS = [
+    "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",
+    "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_s",
+    "densenet121", "googlenet", "inception_v3", "squeezenet1_0", "shufflenet_v2_x1_0",
+    "regnet_y_400mf", "regnet_x_400mf", "vgg11_bn", "mnasnet0_5", "alexnet",
+]
+
+
+def build(name: str) -> nn.Module:
+    # no auxiliary heads: their train-only branch needs >= 299 px inputs
+    kwargs = {"init_weights": False, "aux_logits": False} if name in ("googlenet", "inception_v3") \
+        else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+FAST = ("resnet18", "mobilenet_v3_small")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST else pytest.param(n, marks=[pytest.mark.zoo, pytest.mark.slow]) for n in MODELS],
+)
+def test_save_load_round_trip_is_bit_identical(name: str, tmp_path: Path) -> None:
+    model = build(name)
+    size = 75 if name == "inception_v3" else 64
+    x = (torch.randn(1, 3, size, size),)
+    res = shrink.prune(model, x, shrink.make_config(0.3, verify=False))
+    path = shrink.save(res, tmp_path / f"{name}.safetensors")
+    fresh = build(name)  # a different random init: every weight must come from the file
+    snap = state_snapshot(fresh)
+    loaded = shrink.load(fresh, path)
+    assert_unchanged(fresh, snap)
+    _assert_same_state(res.model, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(*x), res.model.eval()(*x))
+    assert shrink.load_plan(path) == res.plan
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        self.tail = nn.Linear(4, 4)
+        self.tail2 = nn.Linear(4, 4)
+        self.tail2.weight = self.tail.weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.bn(self.a(x))))
+        z = self.head(y.mean(dim=(2, 3)))
+        return self.tail2(self.tail(z))
+
+
+def _pruned_tiny(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, shrink.Result]:
+    model = Tiny().to(dtype).eval()
+    res = shrink.prune(model, torch.randn(2, 3, 8, 8, dtype=dtype), shrink.make_config(0.5))
+    return model, res
+
+
+def _safetensors_layout(data: bytes) -> tuple[dict, int]:
+    """Parse the file the way the format defines it; every byte must be accounted for."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    end = 0
+    for start, stop in spans:
+        assert start == end, "tensor bytes must be contiguous, with nothing hidden between them"
+        end = stop
+    assert 8 + n + end == len(data), "bytes after the last tensor"
+    return header, n
+
+
+def test_saved_file_is_json_plus_raw_tensors_and_contains_no_pickle(tmp_path: Path) -> None:
+    _, res = _pruned_tiny()
+    path = shrink.save(res, tmp_path / "tiny.safetensors")
+    data = path.read_bytes()
+    assert not zipfile.is_zipfile(path)  # torch.save's format is a zip of pickles
+    assert data[:1] != b"\x80"  # pickle protocol >= 2 starts with PROTO
+    header, _ = _safetensors_layout(data)
+    meta = header["__metadata__"]
+    assert meta["format"] == "shrink.pruned" and meta["format_version"] == "1"
+    assert shrink.Plan.from_json(meta["plan"]) == res.plan
+    assert json.loads(meta["aliases"]) == {"tail2.weight": "tail.weight"}
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"F32", "I64"}
+    assert list(tmp_path.iterdir()) == [path]  # one file, no temporaries left behind
+
+
+def test_tied_weights_stay_tied_after_load(tmp_path: Path) -> None:
+    _, res = _pruned_tiny()
+    loaded = shrink.load(Tiny().eval(), shrink.save(res, tmp_path / "t.safetensors"))
+    assert loaded.tail.weight is loaded.tail2.weight
+    _assert_same_state(res.model, loaded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_round_trip(dtype: torch.dtype, tmp_path: Path) -> None:
+    _, res = _pruned_tiny(dtype)
+    loaded = shrink.load(Tiny().to(dtype), shrink.save(res, tmp_path / "h.safetensors"))
+    _assert_same_state(res.model, loaded)
+    assert loaded.a.weight.dtype == dtype
+
+
+def test_load_keeps_the_fresh_models_mode(tmp_path: Path) -> None:
+    _, res = _pruned_tiny()
+    loaded = shrink.load(Tiny().train(), shrink.save(res, tmp_path / "m.safetensors"))
+    assert loaded.training and all(m.training for m in loaded.modules())
+
+
+def test_save_needs_the_plan(tmp_path: Path) -> None:
+    _, res = _pruned_tiny()
+    with pytest.raises(shrink.ConfigError, match="needs the plan"):
+        shrink.save(res.model, tmp_path / "x.safetensors")
+    shrink.save(res.model, tmp_path / "x.safetensors", plan=res.plan)
+
+
+def test_save_refuses_a_plan_that_did_not_produce_the_model(tmp_path: Path) -> None:
+    model, res = _pruned_tiny()
+    with pytest.raises(shrink.PlanError, match="did not produce this model"):
+        shrink.save(model, tmp_path / "x.safetensors", plan=res.plan)
+
+
+@pytest.mark.parametrize(
+    ("fresh", "fragment"),
+    [
+        (lambda: torchvision.models.resnet34(), "'layer1.2.conv1.weight'"),
+        (lambda: torchvision.models.resnet18(num_classes=10), "'fc' (Linear) to have 1000"),
+        (lambda: torchvision.models.resnet18().half(), "'conv1.weight' is torch.float16"),
+    ],
+    ids=["deeper", "other_head", "other_dtype"],
+)
+def test_loading_into_the_wrong_model_names_the_parameter(fresh, fragment, tmp_path: Path) -> None:
+    model = torchvision.models.resnet18().eval()
+    res = shrink.prune(model, torch.randn(1, 3, 32, 32), shrink.make_config(0.25, verify=False))
+    path = shrink.save(res, tmp_path / "r18.safetensors")
+    with pytest.raises(shrink.PlanError, match="saved from a different model") as err:
+        shrink.load(fresh(), path)
+    assert fragment in str(err.value)

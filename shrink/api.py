@@ -167,8 +167,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
-    captured = capture(model, inputs, leaf_types=config.leaf_types)
-    analysis = analyze(captured, ignore=config.ignore)
+    captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
+    analysis = analyze(captured, ignore=config.ignore, source=model)
     scores = score(analysis.groups, model, config.criterion)
     policy = config.policy
     if isinstance(policy, Target):

@@ -11,6 +11,7 @@ records the branch that ``self.training`` selects; eval is the deployed graph).
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class Captured:
     graph_modules: tuple[fx.GraphModule, ...]
     example_inputs: tuple[Any, ...]
     fingerprint: str
+    on_meta: bool = False
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -72,6 +74,7 @@ def capture(
     example_inputs: Any,
     *,
     leaf_types: Sequence[type[nn.Module]] = (),
+    on_meta: bool = False,
 ) -> Captured:
     """Trace a deep copy of ``model`` (in eval mode) with torch.fx.
 
@@ -79,6 +82,8 @@ def capture(
         model: the model; it is not modified.
         example_inputs: a tensor or a tuple of positional inputs, used to record shapes.
         leaf_types: extra module types to keep opaque (their channels are pinned).
+        on_meta: trace a weightless copy on the meta device (analysis then needs no compute);
+            analysis falls back to a real copy when an op cannot run on meta.
 
     Returns:
         The traced copy and the normalised inputs.
@@ -89,7 +94,8 @@ def capture(
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    copied = copy.deepcopy(model).eval()
+    clone = meta_copy if on_meta else copy.deepcopy
+    copied = clone(model).eval()
     gms = [_trace(copied, leaf_types, type(model).__name__)]
     used = {str(n.target) for n in gms[0].graph.nodes if n.op == "call_module"}
     unused = [
@@ -97,12 +103,34 @@ def capture(
         if f and f not in used and rule_for(m) is not None and any(True for _ in m.parameters())
     ]
     if unused:
-        train_copy = copy.deepcopy(model).train()
+        train_copy = clone(model).train()
         try:
             gms.append(_trace(train_copy, leaf_types, type(model).__name__))
         except CaptureError:
             pass  # the train graph is a bonus; the unused layers then stay as they are
-    return Captured(tuple(gms), inputs, fingerprint(model))
+    return Captured(tuple(gms), inputs, fingerprint(model), on_meta)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers live on the meta device (no data is copied)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def to_meta(value: Any) -> Any:
+    """Example inputs with every tensor replaced by a meta tensor of the same shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_meta(v) for k, v in value.items()}
+    return value
 
 
 def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) -> fx.GraphModule:
@@ -117,7 +145,9 @@ def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) 
             "  fix: make that code traceable (e.g. torch.fx.wrap a helper), or keep the module "
             "that contains it opaque with leaf_types=[ThatModule] (its channels then stay)."
         ) from e
-    return fx.GraphModule(copied, graph, name)
+    gm = fx.GraphModule(copied, graph, name)
+    gm._shrink_leaf_types = tuple(leaf_types)
+    return gm
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

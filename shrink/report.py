@@ -28,6 +28,7 @@ class Report:
     macs_after: int
     groups: tuple[GroupRow, ...] = ()
     max_rel_error: float | None = None
+    oracle_dtype: str | None = None
     diagnostics: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -54,7 +55,9 @@ class Report:
             f"{'MACs':12}{self.macs_before:>16,}{self.macs_after:>16,}{self.mac_ratio:>9.3f}",
         ]
         if self.max_rel_error is not None:
-            lines.append(f"masked-oracle max relative error: {self.max_rel_error:.2e}")
+            lines.append(
+                f"masked-oracle max relative error: {self.max_rel_error:.2e} ({self.oracle_dtype})"
+            )
         pruned = [g for g in self.groups if g.pinned is None]
         pinned = [g for g in self.groups if g.pinned is not None]
         lines.append(f"groups: {len(pruned)} prunable, {len(pinned)} pinned")
@@ -71,10 +74,24 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
-    """Multiply-accumulates of one forward pass (aten conv/mm/bmm/attention), via FlopCounterMode."""
+    """Multiply-accumulates of one eval-mode forward pass (aten conv/mm/bmm/attention).
+
+    Counted with FlopCounterMode on a weightless meta-device copy (no compute), falling back to
+    a real run for models with ops that cannot run on meta. ``model`` is not modified.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*example_inputs)
-    return int(counter.get_total_flops()) // 2
+    from shrink.capture import meta_copy, to_meta
+
+    def run(m: nn.Module, inputs: tuple[Any, ...]) -> int:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            m(*inputs)
+        return int(counter.get_total_flops()) // 2
+
+    try:
+        return run(meta_copy(model).eval(), to_meta(example_inputs))
+    except Exception:  # an op without a meta kernel: count on a real copy
+        import copy
+
+        return run(copy.deepcopy(model).eval(), example_inputs)

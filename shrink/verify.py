@@ -107,6 +107,13 @@ def verify(
         expected = ref(*example_inputs)
         actual = test(*example_inputs)
     err = relative_error(actual, expected)
+    oracle_dtype = _dtype_name(actual)
+    if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):
+        # Deep nets with large activations lose more than rtol to fp32 rounding alone; a real
+        # mismatch stays O(1) in float64, rounding does not.
+        err64 = _error_in_double(ref, test, example_inputs)
+        if err64 <= rtol:
+            err, oracle_dtype = err64, "float64"
     inexact = any(not plan.group(d.group).exact for d in plan.decisions)
     if strict and not inexact and not err <= rtol:
         raise VerificationError(
@@ -123,4 +130,28 @@ def verify(
         macs_after=count_macs(test, example_inputs),
         groups=rows,
         max_rel_error=err,
+        oracle_dtype=oracle_dtype,
     )
+
+
+def _dtype_name(value: Any) -> str:
+    for t in _tensors(value):
+        if t.is_floating_point():
+            return str(t.dtype).replace("torch.", "")
+    return "none"
+
+
+def _error_in_double(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...]) -> float:
+    def to64(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().to("cpu", torch.float64)
+        if isinstance(v, (tuple, list)):
+            return type(v)(to64(i) for i in v)
+        if isinstance(v, dict):
+            return {k: to64(i) for k, i in v.items()}
+        return v
+
+    ref64 = copy.deepcopy(ref).to("cpu", torch.float64)
+    test64 = copy.deepcopy(test).to("cpu", torch.float64)
+    with torch.no_grad():
+        return relative_error(test64(*to64(inputs)), ref64(*to64(inputs)))

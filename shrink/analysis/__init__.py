@@ -10,9 +10,9 @@ from torch import nn
 
 from shrink.analysis.groups import build_groups
 from shrink.ids import Tracker
-from shrink.analysis.propagate import pin_special_modules, propagate
-from shrink.capture import Captured
-from shrink.errors import ConfigError, InvariantError
+from shrink.analysis.propagate import MetaUnsupported, pin_special_modules, propagate
+from shrink.capture import Captured, capture
+from shrink.errors import CaptureError, ConfigError, InvariantError
 from shrink.plan import ChannelGroup, Side
 from shrink.rules import rule_for
 
@@ -56,13 +56,21 @@ class Analysis:
         return tuple(g for g in self.groups if g.pinned is not None)
 
 
-def analyze(captured: Captured, *, ignore: Sequence[Ignore] = (), check: bool = True) -> Analysis:
+def analyze(
+    captured: Captured,
+    *,
+    ignore: Sequence[Ignore] = (),
+    check: bool = True,
+    source: nn.Module | None = None,
+) -> Analysis:
     """Find every group of channels that must be removed together.
 
     Args:
         captured: the output of :func:`shrink.capture`.
         ignore: module FQNs, glob patterns (``"layer4.*"``) or module types whose channels stay.
         check: verify the partition invariant (every module axis position in exactly one group).
+        source: the original model, to re-capture on real tensors when a meta capture hits an
+            op that cannot run on the meta device.
 
     Returns:
         The groups (sorted in graph order) and diagnostics.
@@ -75,7 +83,17 @@ def analyze(captured: Captured, *, ignore: Sequence[Ignore] = (), check: bool = 
         >>> [g.id for g in a.prunable][:3]
     """
     t = Tracker()
-    propagate(captured, t)
+    try:
+        propagate(captured, t)
+    except MetaUnsupported as e:
+        if source is None:
+            raise CaptureError(
+                f"an op of the model cannot run on the meta device ({e.__cause__}); capture "
+                "with on_meta=False or pass source= to analyze"
+            ) from e
+        captured = capture(source, captured.example_inputs, leaf_types=_leaf_types(captured))
+        t = Tracker()
+        propagate(captured, t)
     for g in captured.graph_modules:
         pin_special_modules(g, t)
     _pin_ignored(captured.graph_modules, t, ignore)
@@ -92,6 +110,11 @@ def analyze(captured: Captured, *, ignore: Sequence[Ignore] = (), check: bool = 
         _check_partition(groups)
     diags = tuple(Diagnostic(sev, msg) for sev, msg in dict.fromkeys(t.diagnostics))
     return Analysis(captured.fingerprint, groups, diags)
+
+
+def _leaf_types(captured: Captured) -> tuple[type[nn.Module], ...]:
+    tracer = getattr(captured.graph_module, "_shrink_leaf_types", ())
+    return tuple(tracer)
 
 
 def _pin_ignored(gms: Sequence[nn.Module], t: Tracker, ignore: Sequence[Ignore]) -> None:
@@ -119,14 +142,18 @@ def _pin_ignored(gms: Sequence[nn.Module], t: Tracker, ignore: Sequence[Ignore])
 
 
 def _check_partition(groups: Sequence[ChannelGroup]) -> None:
-    seen: dict[tuple[str, Side, int], str] = {}
+    """Every position of every module axis is in exactly one group."""
+    per_axis: dict[tuple[str, Side], list[tuple[tuple[int, ...], str]]] = {}
     for g in groups:
         for m in g.members:
-            for i in m.index_map.index:
-                key = (m.module, m.side, i)
-                if key in seen:
+            per_axis.setdefault((m.module, m.side), []).append((m.index_map.index, g.id))
+    for (module, side), parts in per_axis.items():
+        counts: dict[int, str] = {}
+        for index, gid in parts:
+            for i in index:
+                if i in counts:
                     raise InvariantError(
-                        f"position {i} of {m.module} {m.side.value}-axis is in groups "
-                        f"{seen[key]!r} and {g.id!r}: grouping is not a partition"
+                        f"position {i} of {module} {side.value}-axis is in groups "
+                        f"{counts[i]!r} and {gid!r}: grouping is not a partition"
                     )
-                seen[key] = g.id
+                counts[i] = gid

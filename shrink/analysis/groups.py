@@ -42,15 +42,21 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
                 cparent[hi] = lo
                 first = lo
 
+    # vectorised lookup: id -> cluster of its root
+    clu = np.zeros(n, dtype=np.int64)
+    for r in cparent:
+        clu[r] = cfind(r)
+    cluster = clu[root]
+
     # channel order: first appearance in batch order; group label: its first batch
     cluster_channels: dict[int, list[int]] = defaultdict(list)
     channel_of: dict[int, int] = {}
     label_of: dict[int, str] = {}
     for b in t.batches:
-        for r in root[b.start : b.start + b.size].tolist():
-            c = cfind(r)
-            label_of.setdefault(c, b.label)
+        sl = slice(b.start, b.start + b.size)
+        for r, c in zip(root[sl].tolist(), cluster[sl].tolist()):
             if r not in channel_of:
+                label_of.setdefault(c, b.label)
                 channel_of[r] = len(cluster_channels[c])
                 cluster_channels[c].append(r)
 
@@ -58,26 +64,28 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
     members: dict[int, list[Member]] = defaultdict(list)
     for (fqn, side), rec in sorted(t.members.items(), key=lambda kv: kv[1].order):
         rr = root[rec.ids]
-        cl = np.fromiter((cfind(r) for r in rr.tolist()), dtype=np.int64, count=len(rr))
+        cl = cluster[rec.ids]
         extent = extents.get((fqn, side), len(rec.ids))
         if extent != len(rec.ids):
             raise InvariantError(
                 f"{fqn} {side.value}-axis has {extent} positions but analysis saw {len(rec.ids)}"
             )
-        for c in dict.fromkeys(cl.tolist()):
-            pos = np.nonzero(cl == c)[0]
-            imap = IndexMap(
-                tuple(pos.tolist()), tuple(channel_of[r] for r in rr[pos].tolist())
-            )
-            members[c].append(Member(fqn, side, extent, imap))
+        chans = [channel_of[r] for r in rr.tolist()]
+        by_cluster: dict[int, tuple[list[int], list[int]]] = {}
+        for k, (c, ch) in enumerate(zip(cl.tolist(), chans)):
+            pos, cs = by_cluster.setdefault(c, ([], []))
+            pos.append(k)
+            cs.append(ch)
+        for c, (pos, cs) in by_cluster.items():
+            members[c].append(Member(fqn, side, extent, IndexMap(tuple(pos), tuple(cs))))
 
     # pins, inexactness, block constraints
     pin_reasons: dict[int, list[str]] = defaultdict(list)
     for i, reason in t.pins.items():
-        c = cfind(int(root[i]))
+        c = int(cluster[i])
         if reason not in pin_reasons[c]:
             pin_reasons[c].append(reason)
-    inexact = {cfind(int(root[i])) for i in t.inexact}
+    inexact = {int(cluster[i]) for i in t.inexact}
     blocks: dict[int, tuple[int, ...]] = {}
     for fqn, ids, nblocks in t.blocks:
         _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, blocks,

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from shrink.ids import Call, Ids, Tracker, iter_ids, map_values
-from shrink.capture import Captured, describe, source_location
+from shrink.capture import Captured, describe, source_location, to_meta
 from shrink.errors import CaptureError
 from shrink.rules import function_rule, rule_for
 
@@ -117,15 +117,22 @@ class Propagator(fx.Interpreter):
         )
 
 
+class MetaUnsupported(Exception):
+    """An op could not run on the meta device: analysis retries on a real copy."""
+
+
 def propagate(captured: Captured, tracker: Tracker) -> None:
     """Fill ``tracker`` by running the captured graph on its example inputs."""
     with torch.no_grad():
         for k, gm in enumerate(captured.graph_modules):
             if k:  # a train-mode graph: its structure is what matters; run its layers in eval
                 gm.eval()
+            inputs = to_meta(captured.example_inputs) if captured.on_meta else captured.example_inputs
             try:
-                Propagator(gm, tracker).run(*captured.example_inputs)
+                Propagator(gm, tracker).run(*inputs)
             except Exception as e:
+                if captured.on_meta:
+                    raise MetaUnsupported from e
                 shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                           for x in captured.example_inputs]
                 mode = "training-mode graph (it uses layers that only run in training)" if k \

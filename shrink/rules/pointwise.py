@@ -71,10 +71,10 @@ class ElementwiseModuleRule(ModuleRule):
 @register_function(*_BINARY, torch.where, "where", torch.lerp, "lerp", torch.addcmul, "addcmul")
 def broadcast(t: Tracker, call: Call) -> Any:
     """Union the ids of all tensor operands at every broadcast position."""
-    shape = tuple(call.out.shape)
     operands = [a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, Ids)]
     if not operands:
-        return None
+        return call.out  # arithmetic on sizes
+    shape = tuple(call.out.shape)
     arrays = [_align(a, len(shape)) for a in operands]
     out = np.broadcast_arrays(*arrays)[0].copy()
     for arr in arrays[1:]:

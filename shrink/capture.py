@@ -93,6 +93,7 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    _refuse_prune_masks(model)
     inputs = normalize_inputs(example_inputs)
     clone = meta_copy if on_meta else copy.deepcopy
     copied = clone(model).eval()
@@ -109,6 +110,21 @@ def capture(
         except CaptureError:
             pass  # the train graph is a bonus; the unused layers then stay as they are
     return Captured(tuple(gms), inputs, fingerprint(model), on_meta)
+
+
+def _refuse_prune_masks(model: nn.Module) -> None:
+    """torch.nn.utils.prune reparametrizations hold non-leaf tensors that cannot be copied."""
+    from shrink.masks import find_masks
+
+    masked = find_masks(model)
+    if masked:
+        names = [f"{m.module}.{m.name}" if m.module else m.name for m in masked]
+        raise CaptureError(
+            f"the model carries torch.nn.utils.prune masks on {names[:5]}"
+            f"{' ...' if len(names) > 5 else ''}, which shrink cannot trace or copy. To make "
+            "those masks physical, use shrink.from_masks(model, example_inputs); to prune on "
+            "top of them, fold them first with torch.nn.utils.prune.remove(module, name)."
+        )
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

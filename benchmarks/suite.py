@@ -2,8 +2,8 @@
 
 Run it as a script (the numbers in the README come from this)::
 
-    python benchmarks/suite.py --ratios 0.5 --seconds 6 --settings 1x1,1x2,32x1
-    python benchmarks/suite.py --models resnet18 --ratios 0.25,0.5,0.75 --round-to 1,8
+    python -m benchmarks.suite --ratios 0.5 --seconds 6 --settings 1x1,1x2,32x1
+    python -m benchmarks.suite --models resnet18 --ratios 0.25,0.5,0.75 --round-to 1,8
 
 or through pytest-benchmark (``pytest benchmarks/ --benchmark-only``, see ``test_latency.py``).
 Results go to ``benchmarks/results/`` as JSON, CSV and a PNG plot of realized vs ideal speedup.

@@ -1,0 +1,1 @@
+"""shrink benchmarks (run from the repository root: python -m benchmarks.suite)."""

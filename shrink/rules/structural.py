@@ -132,9 +132,15 @@ def split(t: Tracker, call: Call) -> Any:
 
 @register_function(torch.unbind, "unbind")
 def unbind(t: Tracker, call: Call) -> Any:
-    return _split_like(
-        t, call, call.arg(1, "dim", 0), False, "unbinds a channel axis into separate tensors"
-    )
+    x: Ids = call.args[0]
+    dim = _dim(call.arg(1, "dim", 0), x.ndim)
+    if x.varies(dim):
+        t.pin(x.a, f"{call.name} at {call.where} unbinds a channel axis into separate tensors")
+    pieces = []
+    for k, o in enumerate(call.out):
+        a = x.a.take([k if x.varies(dim) else 0], axis=dim)
+        pieces.append(Ids(np.squeeze(a, axis=dim), _shape(o)))
+    return tuple(pieces)
 
 
 # ---------------------------------------------------------------------- indexing

@@ -336,11 +336,13 @@ def _explain(
             return (f"{name!r} is {t.dtype} in the model but {s.dtype} in the file (convert the "
                     f"model first, e.g. model.to({s.dtype}))")
         owner = name.rsplit(".", 1)[0] if "." in name else ""
-        if owner not in touched and s.shape != t.shape:
-            return (f"{name!r} has shape {tuple(t.shape)} in the model but {tuple(s.shape)} in "
-                    "the file")
-        if s.ndim != t.ndim:
-            return f"{name!r} has {t.ndim} dims in the model but {s.ndim} in the file"
+        # a layer the plan shrinks keeps its other axes (conv kernels: dims 2 and up)
+        same = s.shape == t.shape if owner not in touched else (
+            s.ndim == t.ndim and s.shape[2:] == t.shape[2:])
+        if not same:
+            pruned = " (pruned)" if owner in touched else ""
+            return (f"{name!r} has shape {tuple(t.shape)} in the model but {tuple(s.shape)}"
+                    f"{pruned} in the file")
     return "parameter names, shapes or dtypes differ (not found in the saved tensors)"
 
 

@@ -171,7 +171,7 @@ ERRORS = {
     "inputs_wrong_shape": Row(net, lambda m, _: shrink.compress(m, 0.5, torch.randn(2, 5, 16, 16)),
                               shrink.CaptureError, "(2, 5, 16, 16)"),
     "inputs_wrong_dtype": Row(net, lambda m, _: shrink.compress(m, 0.5, X.long()),
-                              shrink.CaptureError, "example_inputs"),
+                              shrink.CaptureError, "int64'] in layer '0' (Conv2d)"),
     "inputs_wrong_type": Row(net, lambda m, _: shrink.compress(m, 0.5, "x.png"),
                              shrink.CaptureError, "must be a tensor or a tuple"),
     "model_with_prune_masks": Row(masked_net, lambda m, _: shrink.compress(m, 0.5, X),

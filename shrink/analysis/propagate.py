@@ -49,6 +49,7 @@ class Propagator(fx.Interpreter):
         self.modules = dict(gm.named_modules())
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n  # named by propagate() when the model fails on the example inputs
         out = super().run_node(n)
         self.t.where = source_location(n)
         self.ids[n] = self._propagate(n, out)
@@ -128,17 +129,24 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
             if k:  # a train-mode graph: its structure is what matters; run its layers in eval
                 gm.eval()
             inputs = to_meta(captured.example_inputs) if captured.on_meta else captured.example_inputs
+            prop = Propagator(gm, tracker)
             try:
-                Propagator(gm, tracker).run(*inputs)
+                prop.run(*inputs)
             except Exception as e:
                 if captured.on_meta:
                     raise MetaUnsupported from e
-                shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                shapes = [f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+                          if isinstance(x, torch.Tensor) else type(x).__name__
                           for x in captured.example_inputs]
+                node = getattr(prop, "current", None)
+                at = "" if node is None else f" at node {describe(node)}"
+                if node is not None and node.op == "call_module":
+                    at = f" in layer {node.target!r} " \
+                         f"({type(gm.get_submodule(str(node.target))).__name__})"
                 mode = "training-mode graph (it uses layers that only run in training)" if k \
                     else "model"
                 raise CaptureError(
-                    f"the {mode} failed on example_inputs {shapes}: {type(e).__name__}: "
+                    f"the {mode} failed on example_inputs {shapes}{at}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}\n"
                     "  fix: pass example_inputs of the shape and dtype the model expects in "
                     "training and inference (e.g. the model's native resolution)."

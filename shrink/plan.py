@@ -27,10 +27,11 @@ SCHEMA = 1
 
 
 class Side(enum.Enum):
-    """Which axis of a module a member is: its input channels or its output channels."""
+    """Which axis of a module a member is: input channels, output channels, or attention heads."""
 
     IN = "in"
     OUT = "out"
+    HEADS = "heads"
 
 
 @dataclass(frozen=True, slots=True)

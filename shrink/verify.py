@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from shrink.errors import VerificationError
-from shrink.plan import Plan, Side
+from shrink.plan import Plan
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
 
@@ -26,19 +26,11 @@ def masked_reference(original: nn.Module, plan: Plan) -> nn.Module:
     """A deep copy of ``original`` (eval mode) whose layers zero the inputs the plan drops."""
     ref = copy.deepcopy(original).eval()
     for (fqn, side), dropped in plan.drops().items():
-        if side is not Side.IN:
-            continue
         mod = ref.get_submodule(fqn)
         rule = rule_for(mod)
-        assert rule is not None
-        idx = torch.as_tensor(dropped, dtype=torch.long)
-
-        def hook(m: nn.Module, args: tuple[Any, ...], idx: torch.Tensor = idx, rule: Any = rule) -> Any:
-            x = args[0]
-            x = x.index_fill(rule.in_axis(m, x.ndim), idx.to(x.device), 0)
-            return (x, *args[1:])
-
-        mod.register_forward_pre_hook(hook)
+        if rule is None:
+            raise VerificationError(f"plan prunes {fqn!r} ({type(mod).__name__}), which has no rule")
+        rule.mask_(mod, side, dropped)
     return ref
 
 

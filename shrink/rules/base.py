@@ -26,9 +26,10 @@ class Keep:
 
     in_: tuple[int, ...] | None = None
     out: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
 
     def resolve(self, side: Side, extent: int) -> list[int]:
-        keep = self.in_ if side is Side.IN else self.out
+        keep = {Side.IN: self.in_, Side.OUT: self.out, Side.HEADS: self.heads}[side]
         return list(range(extent)) if keep is None else list(keep)
 
 
@@ -56,6 +57,24 @@ class ModuleRule:
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         """Axis of the layer's first input that carries the IN channels."""
         return 1
+
+    def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
+        """Make ``m`` (a copy) ignore the ``dropped`` positions of ``side``: the masked oracle.
+
+        The default zeroes dropped IN channels at the layer's input, so they are still computed
+        upstream but nothing reads them. OUT-only layers need nothing: their consumers mask.
+        """
+        if side is not Side.IN:
+            return
+        idx = torch.as_tensor(list(dropped), dtype=torch.long)
+        rule = self
+
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> Any:
+            x = args[0]
+            x = x.index_fill(rule.in_axis(mod, x.ndim), idx.to(x.device), 0)
+            return (x, *args[1:])
+
+        m.register_forward_pre_hook(hook)
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} has no prunable axes")

@@ -1,0 +1,56 @@
+"""Every torchvision classification model up to 150M parameters compresses at ratio 0.5.
+
+Marked ``slow``: run with ``python -m pytest -m slow tests/zoo`` (CI runs it as a second step).
+Each model: output shape unchanged, masked oracle holds on the exact groups, MACs down >= 25%.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shrink
+from shrink.testing import calibrate_bn_, randomize_
+
+torchvision = pytest.importorskip("torchvision")
+
+TRANSFORMER_KEYS = ("vit_", "swin", "maxvit")
+
+
+def _names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _size(name: str) -> int:
+    if name == "inception_v3":
+        return 299
+    return 224 if any(k in name for k in TRANSFORMER_KEYS) else 64
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | None:
+    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if sum(p.numel() for p in model.parameters()) > 150e6:
+        return None
+    size = _size(name)
+    randomize_(model, seed=2)
+    calibrate_bn_(model, lambda: (torch.randn(2, 3, size, size),), steps=1)
+    return model.eval(), (torch.randn(2, 3, size, size),)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", _names())
+def test_every_torchvision_classifier_compresses(name: str) -> None:
+    built = build(name)
+    if built is None:
+        pytest.skip(f"{name} has more than 150M parameters")
+    model, x = built
+    res = shrink.prune(model, x, shrink.make_config(0.5))
+    assert res.report is not None
+    assert res.report.max_rel_error < 1e-5
+    assert res.report.macs_after <= 0.75 * res.report.macs_before
+    with torch.no_grad():
+        assert res.model(*x).shape == model(*x).shape
+    for g in res.analysis.pinned:
+        assert g.pinned  # every pinned group says why

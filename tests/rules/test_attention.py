@@ -1,0 +1,75 @@
+import pytest
+import torch
+from torch import nn
+
+import shrink
+from shrink.rules.attention import PrunedMultiheadAttention
+from tests.helpers import prune_checked
+
+
+class Block(nn.Module):
+    def __init__(self, batch_first: bool, use_weights: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+        self.use_weights = use_weights
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, kpm: torch.Tensor) -> torch.Tensor:
+        y, w = self.attn(x, x, x, attn_mask=mask, key_padding_mask=kpm,
+                         need_weights=self.use_weights)
+        y = x + y
+        y = y + self.mlp(y)
+        out = self.head(y)
+        if self.use_weights:
+            out = out * w.mean()
+        return out
+
+
+def _inputs(batch_first: bool) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, -1] = True
+    return x, torch.randn(5, 5), kpm
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_heads_of_multihead_attention_prune_exactly(batch_first: bool) -> None:
+    res = prune_checked(Block(batch_first), _inputs(batch_first))
+    attn = res.model.attn
+    assert isinstance(attn, PrunedMultiheadAttention)
+    assert attn.num_heads == 2 and attn.head_dim == 4 and attn.embed_dim == 16
+    assert res.model.mlp[0].out_features == 16
+    assert res.analysis.group("attn:heads").size == 4
+
+
+def test_used_attention_weights_keep_the_heads() -> None:
+    res = prune_checked(Block(True, use_weights=True), _inputs(True))
+    g = res.analysis.group("attn:heads")
+    assert g.pinned is not None and "weights" in g.pinned
+    assert isinstance(res.model.attn, nn.MultiheadAttention)
+
+
+def test_pruned_attention_matches_original_when_no_head_is_dropped() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, batch_first=True).eval()
+    new = PrunedMultiheadAttention(mha, [0, 1, 2]).eval()
+    x = torch.randn(2, 4, 12)
+    a, wa = mha(x, x, x)
+    b, wb = new(x, x, x)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(wa, wb)
+
+
+def test_vit_half_heads_half_mlp_has_correct_head_counts() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=5,
+    )
+    res = prune_checked(model, torch.randn(2, 3, 32, 32))
+    for layer in res.model.encoder.layers:
+        assert layer.self_attention.num_heads == 2
+        assert layer.mlp[0].out_features == 32
+    assert res.report.macs_after < 0.75 * res.report.macs_before
+    assert shrink.verify(model, res.model, res.plan, (torch.randn(2, 3, 32, 32),)).max_rel_error < 1e-5

@@ -121,12 +121,12 @@ def build_case(name: str, ratio: float, *, round_to: Sequence[int] = (1,),
 
 
 def run_case(case: Case, *, seconds: float, settings: Sequence[tuple[int, int]],
-             backends: Sequence[str] = ("ort-cpu",)) -> BenchResult:
+             backends: Sequence[str] = ("ort-cpu",), clock: str = "wall") -> BenchResult:
     """Time the case's variants interleaved with the dense model at every (batch, threads)."""
     labels = list(case.variants)
     first, others = labels[0], {k: case.variants[k] for k in labels[1:]}
     res = compare(case.dense, case.variants[first], case.inputs, others=others,
-                  backends=backends, settings=settings, seconds=seconds, min_calls=3,
+                  backends=backends, settings=settings, seconds=seconds, min_calls=3, clock=clock,
                   name=f"{case.name}@{case.ratio}")
     # the primary variant is called "pruned" by compare(); give it its real label back
     rows = tuple(r if r.variant != "pruned" else _relabel(r, first) for r in res.rows)
@@ -239,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settings", default="1x1", help="BATCHxTHREADS list, e.g. 1x1,1x2,32x1")
     p.add_argument("--backends", default="ort-cpu")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: CPU time of the timing thread (1-thread settings only)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="latency")
     args = p.parse_args(argv)
@@ -252,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case = build_case(name, ratio, round_to=[int(k) for k in args.round_to.split(",")],
                               with_torch_pruning=not args.no_torch_pruning, size=args.size)
             res = run_case(case, seconds=args.seconds, settings=_parse_settings(args.settings),
-                           backends=args.backends.split(","))
+                           backends=args.backends.split(","), clock=args.clock)
             log.info("\n%s", res.table())
             results.append(res)
             write_results(results, args.out, args.stem)  # keep partial results of long runs

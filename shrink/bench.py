@@ -179,6 +179,7 @@ def compare(
     settings: Sequence[tuple[int, int]] | None = None,
     seconds: float = 3.0,
     min_calls: int = 5,
+    clock: str = "wall",
     name: str = "",
     workdir: str | os.PathLike[str] | None = None,
 ) -> BenchResult:
@@ -198,6 +199,11 @@ def compare(
             ``batches`` and ``threads``.
         seconds: time budget of the interleaved rounds per (backend, batch, threads).
         min_calls: each variant is timed at least this many times per setting.
+        clock: ``"wall"`` (``time.perf_counter``; the default) or ``"thread"``
+            (``time.thread_time``: CPU time of the calling thread). With one thread, onnxruntime
+            and PyTorch run every kernel on the calling thread, so ``"thread"`` measures the same
+            work without the time the OS gave to other processes: use it on a loaded machine.
+            Only valid with one thread on CPU backends.
         name: label of the run.
         workdir: where modules are exported to ONNX for the ort backends (a temporary directory
             by default).
@@ -218,6 +224,12 @@ def compare(
     if settings is None:
         settings = [(b, t) for t in threads for b in batches]
     _validate(backends, settings, variants, example_inputs)
+    if clock not in ("wall", "thread"):
+        raise ConfigError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    if clock == "thread" and (any(t != 1 for _, t in settings)
+                              or any(b.endswith("cuda") for b in backends)):
+        raise ConfigError("clock='thread' measures the calling thread only: use it with one "
+                          "thread on CPU backends, or use clock='wall'")
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
     stats = _static_stats(variants, inputs)
     rows: list[Row] = []
@@ -230,7 +242,7 @@ def compare(
                 skipped.append((backend, why))
                 continue
             rows += _run_backend(backend, variants, inputs, stats, settings, seconds,
-                                 min_calls, name, Path(wd))
+                                 min_calls, clock, name, Path(wd))
     return BenchResult(name, tuple(rows), environment(), tuple(skipped))
 
 
@@ -294,8 +306,8 @@ Runner = Callable[[], None]
 
 def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None,
                  stats: Mapping[str, tuple[int | None, int | None]],
-                 settings: Sequence[tuple[int, int]], seconds: float, min_calls: int, name: str,
-                 wd: Path) -> list[Row]:
+                 settings: Sequence[tuple[int, int]], seconds: float, min_calls: int,
+                 clock: str, name: str, wd: Path) -> list[Row]:
     rows: list[Row] = []
     sources = _onnx_sources(variants, inputs, wd, name) if backend.startswith("ort") else {}
     for batch, n_threads in settings:
@@ -321,7 +333,7 @@ def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[
                            for t in [*m.parameters(), *m.buffers()])
             runners[label]()  # warm-up, part of the memory measurement
             extra[label] = (size, _peak(backend, rss0))
-        times = _interleave(runners, seconds, min_calls)
+        times = _interleave(runners, seconds, min_calls, clock)
         rows += _rows(backend, batch, n_threads, times, stats, extra)
         del runners
     return rows
@@ -414,8 +426,8 @@ def _onnx_sources(variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | N
     return sources
 
 
-def _interleave(runners: Mapping[str, Runner], seconds: float,
-                min_calls: int) -> dict[str, list[float]]:
+def _interleave(runners: Mapping[str, Runner], seconds: float, min_calls: int,
+                clock: str = "wall") -> dict[str, list[float]]:
     """Time single calls in alternating-order rounds until ``seconds`` and ``min_calls`` are met."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     per_round = {}
@@ -424,15 +436,16 @@ def _interleave(runners: Mapping[str, Runner], seconds: float,
         run()
         per_round[label] = max(1, min(50, int(0.2 / max(time.perf_counter() - t0, 1e-6))))
     order = list(runners)
+    now = time.perf_counter_ns if clock == "wall" else time.thread_time_ns
     start = time.perf_counter()
     while (time.perf_counter() - start < seconds
            or min(len(v) for v in times.values()) < min_calls):
         for label in order:
             run = runners[label]
             for _ in range(per_round[label]):
-                t0 = time.perf_counter_ns()
+                t0 = now()
                 run()
-                times[label].append((time.perf_counter_ns() - t0) / 1e6)
+                times[label].append((now() - t0) / 1e6)
         order.reverse()
     return times
 

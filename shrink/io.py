@@ -134,7 +134,8 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     if plan.model != fp:
         raise PlanError(
             f"{_name(path)} was saved from a different model (plan fingerprint {plan.model}, "
-            f"model {fp}): {_explain(model, plan, tensors, aliases)}. Build the architecture the file "
+            f"model {fp}): {_explain(model, plan, tensors, aliases)}. Build the architecture "
+            "the file "
             "was saved from (same class, constructor arguments and dtype), then load."
         )
     pruned = apply(model, plan)

@@ -21,7 +21,7 @@ import shrink
 from shrink.testing import assert_unchanged, randomize_, state_snapshot
 
 pytest.importorskip("safetensors")
-import safetensors.torch  # noqa: E402
+import safetensors.torch
 
 
 def net() -> nn.Module:

@@ -31,7 +31,8 @@ def _following_bn(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
     """conv FQN -> the BatchNorm registered right after it (torchvision's conv/bn pairs)."""
     pairs, prev = {}, None
     for name, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d) and prev is not None and prev[1].out_channels == m.num_features:
+        bn_after_conv = isinstance(m, nn.BatchNorm2d) and prev is not None
+        if bn_after_conv and prev[1].out_channels == m.num_features:
             pairs[prev[0]] = m
         if isinstance(m, nn.Conv2d):
             prev = (name, m)
@@ -147,14 +148,15 @@ def test_global_unstructured_reports_nothing_structural_to_remove() -> None:
 
 def test_masked_filters_behind_batchnorm_stay_under_all_and_go_under_union() -> None:
     model = randomize_(torchvision.models.resnet18()).eval()
-    _all_convs(_ln(2), model, 0)  # filters only: BN turns each masked channel into a nonzero constant
+    _all_convs(_ln(2), model, 0)  # filters only: BN makes each masked channel a nonzero constant
     res_all = shrink.from_masks(model, torch.randn(1, 3, SIZE, SIZE))
     _assert_equal_to_masked(model, res_all.model)
     assert any("nonzero constant" in d for d in res_all.report.diagnostics)
     res_union = shrink.from_masks(model, torch.randn(1, 3, SIZE, SIZE), policy="union")
     assert _n_params(res_union.model) < _n_params(res_all.model)
     note = [d for d in res_union.report.diagnostics if "policy 'union'" in d]
-    assert note and float(note[0].split("relative error ")[1].split()[0]) > 1e-3
+    assert note
+    assert float(note[0].split("relative error ")[1].split()[0]) > 1e-3
 
 
 class ConvBiasNet(nn.Module):
@@ -213,7 +215,8 @@ def test_linear_neurons_with_masked_weight_and_bias_are_removed_in_train_mode() 
     prune.ln_structured(model[0], "weight", amount=4, n=2, dim=0)
     prune.custom_from_mask(model[0], "bias", model[0].weight_mask.any(1).float())
     res = shrink.from_masks(model, torch.randn(2, 6))
-    assert res.model.training and res.model[0].out_features == 6
+    assert res.model.training
+    assert res.model[0].out_features == 6
     x = torch.randn(5, 6)
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), model(x))

@@ -36,7 +36,8 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
 
 
 FAST = ("resnet18", "mobilenet_v3_small")
@@ -44,7 +45,8 @@ FAST = ("resnet18", "mobilenet_v3_small")
 
 @pytest.mark.parametrize(
     "name",
-    [n if n in FAST else pytest.param(n, marks=[pytest.mark.zoo, pytest.mark.slow]) for n in MODELS],
+    [n if n in FAST else pytest.param(n, marks=[pytest.mark.zoo, pytest.mark.slow])
+     for n in MODELS],
 )
 def test_save_load_round_trip_is_bit_identical(name: str, tmp_path: Path) -> None:
     model = build(name)
@@ -106,7 +108,8 @@ def test_saved_file_is_json_plus_raw_tensors_and_contains_no_pickle(tmp_path: Pa
     assert data[:1] != b"\x80"  # pickle protocol >= 2 starts with PROTO
     header, _ = _safetensors_layout(data)
     meta = header["__metadata__"]
-    assert meta["format"] == "shrink.pruned" and meta["format_version"] == "1"
+    assert meta["format"] == "shrink.pruned"
+    assert meta["format_version"] == "1"
     assert shrink.Plan.from_json(meta["plan"]) == res.plan
     assert json.loads(meta["aliases"]) == {"tail2.weight": "tail.weight"}
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"F32", "I64"}
@@ -131,7 +134,7 @@ def test_half_precision_round_trip(dtype: torch.dtype, tmp_path: Path) -> None:
 def test_load_keeps_the_fresh_models_mode(tmp_path: Path) -> None:
     _, res = _pruned_tiny()
     loaded = shrink.load(Tiny().train(), shrink.save(res, tmp_path / "m.safetensors"))
-    assert loaded.training and all(m.training for m in loaded.modules())
+    assert all(m.training for m in loaded.modules())
 
 
 def test_save_needs_the_plan(tmp_path: Path) -> None:

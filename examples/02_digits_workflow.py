@@ -89,13 +89,13 @@ def threads(n: int) -> Iterator[None]:
 
 def prune_and_finetune(dense: nn.Module, train_set: TensorDataset, test_set: TensorDataset, *,
                        importance: str = "l2", ratio: float = 0.5, finetune_epochs: int = 5,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, max_batches: int | None = 8) -> dict[str, Any]:
     """Prune ``ratio`` of every prunable group's channels, then fine-tune a copy."""
     x = (test_set.tensors[0][:1],)
     options: dict[str, Any] = {"importance": importance, "seed": seed}
     if importance in ("taylor", "activation"):
         loader = DataLoader(train_set, batch_size=64, shuffle=False)
-        options.update(data=loader, max_batches=8)
+        options.update(data=loader, max_batches=max_batches)
         if importance == "taylor":
             options["loss_fn"] = cross_entropy
     torch.manual_seed(seed)
@@ -145,7 +145,7 @@ def run(*, importance: str = "l2", ratio: float = 0.5, epochs: int = 15, finetun
 
 
 def compare(seeds: list[int], importances: list[str], *, ratio: float, epochs: int,
-            finetune_epochs: int) -> str:
+            finetune_epochs: int, max_batches: int | None = 8) -> str:
     """Markdown table: mean accuracy per criterion over ``seeds`` (same dense model per seed)."""
     rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in importances}
     with threads(1):
@@ -156,7 +156,8 @@ def compare(seeds: list[int], importances: list[str], *, ratio: float, epochs: i
             acc_dense = accuracy(dense, test_set)
             for imp in importances:
                 out = prune_and_finetune(dense, train_set, test_set, importance=imp, ratio=ratio,
-                                         finetune_epochs=finetune_epochs, seed=seed)
+                                         finetune_epochs=finetune_epochs, seed=seed,
+                                         max_batches=max_batches)
                 rows[imp].append((acc_dense, out["acc_pruned"], out["acc_finetuned"]))
     lines = [f"| criterion | dense acc. | pruned acc. (no fine-tune) | after {finetune_epochs} "
              "fine-tune epochs | per seed (pruned / fine-tuned) |", "|---|---:|---:|---:|---|"]
@@ -207,10 +208,12 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="table of criteria over --seeds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--criteria", nargs="+", default=["l2", "taylor", "random"])
+    parser.add_argument("--max-batches", type=int, default=8,
+                        help="batches of 64 for taylor/activation (0: all)")
     args = parser.parse_args()
     if args.compare:
         print(compare(args.seeds, args.criteria, ratio=args.ratio, epochs=args.epochs,
-                      finetune_epochs=args.finetune_epochs))
+                      finetune_epochs=args.finetune_epochs, max_batches=args.max_batches or None))
         return
     r = run(importance=args.importance, ratio=args.ratio, epochs=args.epochs,
             finetune_epochs=args.finetune_epochs, seed=args.seed, bench_seconds=args.bench_seconds)

@@ -331,7 +331,7 @@ class Taylor:
             loss = self.loss_fn(work(*inputs), target)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ConfigError(f"Taylor: loss_fn must return a scalar tensor, got {loss!r}")
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             with torch.no_grad():
                 for fqn, mod, rule in targets:
                     for side in Side:

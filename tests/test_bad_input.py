@@ -306,6 +306,21 @@ def _check_pinned(fragment: str) -> Callable[[nn.Module], None]:
     return check
 
 
+def _columns_masked(model: nn.Module) -> nn.Module:
+    prune.ln_structured(model[3], "weight", amount=0.5, n=2, dim=1)
+    return model
+
+
+def _check_from_masks(dtype: torch.dtype) -> Callable[[nn.Module], None]:
+    def check(model: nn.Module) -> None:
+        res = shrink.from_masks(model, X.to(dtype))
+        assert res.model[3].in_channels == 4
+        assert next(res.model.parameters()).dtype == dtype
+        with torch.no_grad():
+            torch.testing.assert_close(res.model(X.to(dtype)), model(X.to(dtype)))
+    return check
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 TOLERATED = {
@@ -316,6 +331,9 @@ TOLERATED = {
     "tied_weights": (lambda: randomize_(Tied()).eval(), _check_pinned("shares a parameter")),
     "unknown_op": (lambda: randomize_(UnknownOp()).eval(), _check_pinned("fft2")),
     "cuda_model": (lambda: net().cuda(), _check_compress(device="cuda")),
+    "fp16_masked_model": (lambda: _columns_masked(net().half()), _check_from_masks(torch.float16)),
+    "bf16_masked_model": (lambda: _columns_masked(net().bfloat16()),
+                          _check_from_masks(torch.bfloat16)),
 }
 
 

@@ -113,7 +113,7 @@ def fold_masks(model: nn.Module) -> nn.Module:
         ) from e
     for mt in masked:
         with torch.no_grad():
-            prune.remove(folded.get_submodule(mt.module), mt.name)
+            prune.remove(folded.get_submodule(mt.module), mt.name)  # type: ignore[no-untyped-call]
     return folded
 
 

@@ -134,7 +134,7 @@ def test_identity_mask_has_nothing_structural_to_remove() -> None:
 
 
 def test_global_unstructured_reports_nothing_structural_to_remove() -> None:
-    model = randomize_(torchvision.models.resnet18()).eval()
+    model = randomize_(torchvision.models.mobilenet_v2(width_mult=0.25)).eval()
     params = [(m, "weight") for _, m in _dense_convs(model)]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.5)
     snap = state_snapshot(model)

@@ -68,6 +68,9 @@ def _mutate(plan: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
     plan = copy.deepcopy(plan)
     for _ in range(data.draw(st.integers(1, 3))):
         paths = [p for p in _paths(plan) if p]
+        deep = [p for p in paths if len(p) >= 4]  # inside members, runs and keep lists
+        if deep and data.draw(st.booleans()):
+            paths = deep
         path = data.draw(st.sampled_from(paths))
         parent = plan
         for key in path[:-1]:

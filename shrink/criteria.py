@@ -283,12 +283,14 @@ class Taylor:
     sum over members; flatten members contribute every column the channel owns.
 
     Attributes:
-        data: re-iterable batches of ``(*inputs, target)``, e.g. a ``DataLoader``. Required.
+        data: re-iterable batches of ``(*inputs, target)``, e.g. a ``DataLoader``, on the
+            model's device. Required.
         loss_fn: ``loss_fn(output, target) -> scalar tensor``, e.g. ``F.cross_entropy``.
         max_batches: use at most this many batches (None: all of ``data``).
 
     Raises:
-        ConfigError: without ``data`` or ``loss_fn``, or when a batch has no target.
+        ConfigError: without ``data`` or ``loss_fn``, when a batch has no target, or when no
+            prunable weight gets a gradient.
 
     Example:
         >>> crit = shrink.Taylor(loader, torch.nn.functional.cross_entropy, max_batches=8)
@@ -343,6 +345,12 @@ class Taylor:
                             acc[(fqn, side)] = acc[(fqn, side)] + v if (fqn, side) in acc else v
             work.zero_grad(set_to_none=True)
             n += 1
+        if not acc:
+            raise ConfigError(
+                "Taylor: no prunable weight received a gradient from loss_fn over "
+                f"{n} batch(es). Are the parameters frozen (requires_grad=False) or the loss "
+                "detached from the output? Unfreeze them for scoring, or use importance='l1'."
+            )
         log.debug("Taylor: scored %d module axes over %d batches", len(acc), n)
         return AxisScores({k: v / n for k, v in acc.items()}, reduce="sum")
 
@@ -358,7 +366,8 @@ class Activation:
     over every consumer position that carries the channel. Groups with no consumer are left out.
 
     Attributes:
-        data: re-iterable batches: tensors, or ``(*inputs, target)`` tuples (target ignored).
+        data: re-iterable batches on the model's device: tensors, or ``(*inputs, target)``
+            tuples (target ignored).
         max_batches: use at most this many batches (None: all of ``data``).
 
     Raises:

@@ -47,3 +47,12 @@ def test_digits_run_is_deterministic_for_a_seed() -> None:
     digits = _example("02_digits_workflow.py")
     a, b = (digits.run(epochs=2, finetune_epochs=1, seed=3, bench_seconds=0) for _ in range(2))
     assert a == b
+
+
+def test_digits_plot_shows_accuracies_and_ratios(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    digits = _example("02_digits_workflow.py")
+    result = {"importance": "l2", "acc_dense": 99.0, "acc_pruned": 80.0, "acc_finetuned": 98.5,
+              "params": (100, 25), "macs": (1000, 260), "speedup": 2.5, "ideal_speedup": 3.8}
+    digits.plot(result, str(tmp_path / "digits.png"))
+    assert (tmp_path / "digits.png").stat().st_size > 10_000

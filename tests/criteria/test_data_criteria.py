@@ -74,3 +74,22 @@ def test_taylor_drops_channels_the_loss_does_not_depend_on() -> None:
                                           loss_fn=cross_entropy))
     (d,) = [d for d in res.plan.decisions if d.group == "3:out"]
     assert d.keep == (4, 5, 6, 7)
+
+
+def test_taylor_on_frozen_weights_says_no_gradient_reached_them() -> None:
+    model = _net()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model[7].bias.requires_grad_(True)  # the loss still has a graph, but no scored weight
+    with pytest.raises(shrink.ConfigError, match="requires_grad=False"):
+        shrink.compress(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), importance="taylor",
+                        data=_data(1), loss_fn=cross_entropy)
+
+
+def test_a_criterion_instance_is_accepted_as_importance() -> None:
+    crit = shrink.Taylor(_data(), cross_entropy, max_batches=2)
+    model, x = _net(), (torch.randn(1, 3, 8, 8),)
+    by_option = shrink.prune(model, x, shrink.make_config(0.5, importance=crit)).plan
+    by_config = shrink.prune(model, x, shrink.PruneConfig(criterion=crit)).plan
+    assert by_option == by_config
+    assert by_option.decisions

@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 import shrink
+from benchmarks.suite import RESULTS, final_classifier
 from shrink.report import count_macs, count_params
 from shrink.testing import randomize_
-
-from benchmarks.suite import RESULTS, final_classifier
 
 ZOO = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",
        "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_s",
@@ -84,8 +83,11 @@ def measure(name: str, ratio: float, repeat: int) -> list[dict[str, Any]]:
         if tool == "torch-pruning":
             # torch-pruning prunes in place: copy outside the timer, prune inside it
             copies = [copy.deepcopy(model) for _ in range(repeat)]
-            seconds, cpu, out, err = timed(
-                lambda: torch_pruning_prune_inplace(copies.pop(), inputs, ratio), repeat)
+
+            def tp_step(copies: list[nn.Module] = copies) -> nn.Module:
+                return torch_pruning_prune_inplace(copies.pop(), inputs, ratio)
+
+            seconds, cpu, out, err = timed(tp_step, repeat)
         else:
             seconds, cpu, out, err = timed(tools[tool], repeat)
         ok = out is not None

@@ -121,12 +121,13 @@ def build_case(name: str, ratio: float, *, round_to: Sequence[int] = (1,),
 
 
 def run_case(case: Case, *, seconds: float, settings: Sequence[tuple[int, int]],
-             backends: Sequence[str] = ("ort-cpu",), clock: str = "wall") -> BenchResult:
+             backends: Sequence[str] = ("ort-cpu",), clock: str = "wall",
+             dynamo: bool = True) -> BenchResult:
     """Time the case's variants interleaved with the dense model at every (batch, threads)."""
     labels = list(case.variants)
     first, others = labels[0], {k: case.variants[k] for k in labels[1:]}
     res = compare(case.dense, case.variants[first], case.inputs, others=others,
-                  backends=backends, settings=settings, seconds=seconds, min_calls=3, clock=clock,
+                  backends=backends, settings=settings, seconds=seconds, min_calls=3, clock=clock, dynamo=dynamo,
                   name=f"{case.name}@{case.ratio}")
     # the primary variant is called "pruned" by compare(); give it its real label back
     rows = tuple(r if r.variant != "pruned" else _relabel(r, first) for r in res.rows)
@@ -169,7 +170,7 @@ def write_results(results: Sequence[BenchResult], outdir: Path = RESULTS,
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Realized (solid) and ideal (dashed) speedup vs ratio, one panel per model (ORT, b1, 1 thr)."""
+    """Realized (solid) and ideal (dashed) speedup vs ratio; one panel per model, ORT b1 1 thr."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +182,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     cols = min(4, len(models))
     nrows = (len(models) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
-    for ax, model in zip(axes.flat, models):
+    for ax, model in zip(axes.flat, models, strict=False):
         for variant in sorted({r["variant"] for r in sel if r["model"] == model}):
             pts = sorted((r["ratio"], r["speedup"], r["ideal"]) for r in sel
                          if r["model"] == model and r["variant"] == variant)
@@ -239,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settings", default="1x1", help="BATCHxTHREADS list, e.g. 1x1,1x2,32x1")
     p.add_argument("--backends", default="ort-cpu")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torchscript: faster exports for exploratory runs")
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
                    help="thread: CPU time of the timing thread (1-thread settings only)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -254,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             case = build_case(name, ratio, round_to=[int(k) for k in args.round_to.split(",")],
                               with_torch_pruning=not args.no_torch_pruning, size=args.size)
             res = run_case(case, seconds=args.seconds, settings=_parse_settings(args.settings),
-                           backends=args.backends.split(","), clock=args.clock)
+                           backends=args.backends.split(","), clock=args.clock,
+                           dynamo=args.exporter == "dynamo")
             log.info("\n%s", res.table())
             results.append(res)
             write_results(results, args.out, args.stem)  # keep partial results of long runs

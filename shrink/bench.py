@@ -180,6 +180,7 @@ def compare(
     seconds: float = 3.0,
     min_calls: int = 5,
     clock: str = "wall",
+    dynamo: bool = True,
     name: str = "",
     workdir: str | os.PathLike[str] | None = None,
 ) -> BenchResult:
@@ -204,6 +205,8 @@ def compare(
             and PyTorch run every kernel on the calling thread, so ``"thread"`` measures the same
             work without the time the OS gave to other processes: use it on a loaded machine.
             Only valid with one thread on CPU backends.
+        dynamo: export modules with the dynamo exporter (``False``: the TorchScript-based one,
+            several times faster to export; onnxruntime optimises both to the same kernels).
         name: label of the run.
         workdir: where modules are exported to ONNX for the ort backends (a temporary directory
             by default).
@@ -242,7 +245,7 @@ def compare(
                 skipped.append((backend, why))
                 continue
             rows += _run_backend(backend, variants, inputs, stats, settings, seconds,
-                                 min_calls, clock, name, Path(wd))
+                                 min_calls, clock, name, Path(wd), dynamo)
     return BenchResult(name, tuple(rows), environment(), tuple(skipped))
 
 
@@ -307,9 +310,10 @@ Runner = Callable[[], None]
 def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None,
                  stats: Mapping[str, tuple[int | None, int | None]],
                  settings: Sequence[tuple[int, int]], seconds: float, min_calls: int,
-                 clock: str, name: str, wd: Path) -> list[Row]:
+                 clock: str, name: str, wd: Path, dynamo: bool = True) -> list[Row]:
     rows: list[Row] = []
-    sources = _onnx_sources(variants, inputs, wd, name) if backend.startswith("ort") else {}
+    sources = (_onnx_sources(variants, inputs, wd, name, dynamo) if backend.startswith("ort")
+               else {})
     for batch, n_threads in settings:
         log.info("bench %s: %s batch %d, %d thread(s), %.1f s of interleaved rounds",
                  name or "-", backend, batch, n_threads, seconds)
@@ -339,7 +343,8 @@ def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[
     return rows
 
 
-def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *, cuda: bool = False) -> Runner:
+def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *,
+                    cuda: bool = False) -> Runner:
     """An onnxruntime session on ``path`` (all graph optimisations, sequential execution)."""
     import onnxruntime as ort
 
@@ -353,7 +358,8 @@ def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *, cuda: bo
         "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), opts, providers=providers)
     tensors = [t for t in feed if isinstance(t, torch.Tensor)]
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), tensors)}
+    feeds = {i.name: t.detach().cpu().numpy()
+             for i, t in zip(session.get_inputs(), tensors, strict=False)}
 
     def run() -> None:
         session.run(None, feeds)
@@ -363,7 +369,7 @@ def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *, cuda: bo
 
 def make_torch_runner(model: nn.Module, feed: tuple[Any, ...], threads: int, *,
                       cuda: bool = False) -> Runner:
-    """Eager PyTorch under ``torch.inference_mode`` (the model is used in eval mode, on CUDA a copy)."""
+    """Eager PyTorch under ``torch.inference_mode`` (eval mode; on CUDA, a copy of the model)."""
     model = model.eval()
     if cuda:
         import copy
@@ -396,7 +402,7 @@ def onnx_inputs(path: Path, batch: int, seed: int = 0) -> tuple[torch.Tensor, ..
     gen = torch.Generator().manual_seed(seed)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = []
-    for i, inp in enumerate(session.get_inputs()):
+    for inp in session.get_inputs():
         shape = [d if isinstance(d, int) else batch if j == 0 else None
                  for j, d in enumerate(inp.shape)]
         if None in shape or "float" not in inp.type:
@@ -404,14 +410,12 @@ def onnx_inputs(path: Path, batch: int, seed: int = 0) -> tuple[torch.Tensor, ..
                 f"cannot make a random input {inp.name!r} ({inp.type}, shape {inp.shape}) for "
                 f"{path}: only float inputs with a symbolic batch dimension are supported. Pass "
                 "example inputs (CLI: --input-shape).")
-        if i == 0 and isinstance(inp.shape[0], int):
-            shape[0] = inp.shape[0]
-        out.append(torch.randn(*shape, generator=gen))
+        out.append(torch.randn([int(d) for d in shape if d is not None], generator=gen))
     return tuple(out)
 
 
 def _onnx_sources(variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None, wd: Path,
-                  name: str) -> dict[str, Path]:
+                  name: str, dynamo: bool = True) -> dict[str, Path]:
     from shrink.export import export_onnx
 
     sources: dict[str, Path] = {}
@@ -420,7 +424,8 @@ def _onnx_sources(variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | N
             assert inputs is not None
             path = wd / f"{name or 'model'}-{label}.onnx".replace("/", "_")
             log.info("bench %s: exporting %s to %s", name or "-", label, path)
-            sources[label] = export_onnx(m, tuple(_rebatch(t, 1) for t in inputs), path)
+            sources[label] = export_onnx(m, tuple(_rebatch(t, 1) for t in inputs), path,
+                                         dynamo=dynamo)
         else:
             sources[label] = Path(m)
     return sources

@@ -11,6 +11,16 @@ BatchNorm folding: the dynamo exporter's onnxscript optimiser already folds eval
 nodes with no BatchNormalization), and onnxruntime's own level-1 optimiser fuses Conv+BN anyway,
 so shrink does not fold BN itself.
 
+Global pooling: the dynamo exporter lowers ``adaptive_avg_pool2d(x, 1)`` and ``x.mean((2, 3))``
+to ``ReduceMean(axes=[2, 3])``. onnxruntime's NCHWc layout transformer (the fast path for conv
+nets on x86) keeps ``GlobalAveragePool`` in NCHWc but not ``ReduceMean``, so every squeeze-excite
+block and the final pool pay two layout reorders (measured on mobilenet_v3_large: 33 reorders
+instead of 28). :func:`global_pool_pass` rewrites such nodes to ``GlobalAveragePool`` (followed
+by ``Flatten`` when ``keepdims=0``); the result is the same tensor, and the optimised graph
+matches the TorchScript exporter's. Measured effect on latency is small (dense
+mobilenet_v3_large, 1 thread: 6.55 ms either way); it removes a layout hazard rather than a
+hot spot.
+
 ``onnx`` and ``onnxruntime`` are imported inside the functions that need them, so
 ``import shrink`` stays cheap.
 """
@@ -63,7 +73,8 @@ class ExportResult:
         exporter: ``"dynamo"``, or ``"torchscript"`` when the dynamo exporter failed and the
             TorchScript-based path inside ``torch.onnx.export`` was used instead.
         fallback_reason: the dynamo exporter's error when it fell back, else ``None``.
-        opset: the ONNX opset of the file.
+        opset: the default-domain ONNX opset of the file (the exporter may raise the one asked
+            for).
         file_bytes: size of the file.
         seconds: wall time of export and checks.
         parity: the onnxruntime check, or ``None`` when ``check=False``.
@@ -152,6 +163,7 @@ def export_onnx_with_report(
     start = time.perf_counter()
     with _eval_mode(model), _temp_path(target) as tmp:
         exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
+        opset = _rewrite_file(tmp)
         if optimize:
             _ort_optimize(tmp)
         parity = None
@@ -285,6 +297,61 @@ def _quiet(*loggers: str) -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
+def _rewrite_file(tmp: Path) -> int:
+    """Apply shrink's ONNX rewrites to the file in place; returns the file's default opset."""
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    if global_pool_pass(proto):
+        onnx.save(proto, str(tmp))
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def global_pool_pass(proto: Any) -> int:
+    """Rewrite ``ReduceMean`` over the spatial axes of 4-D tensors to ``GlobalAveragePool``.
+
+    In place on an ``onnx.ModelProto``; only nodes whose input rank is known to be 4 and whose
+    axes are exactly {2, 3} (constant, negative axes allowed) are touched.
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in (*graph.input, *graph.value_info, *graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    new_nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = (consts.get(node.input[1]) if len(node.input) > 1 else None)
+        axes_list = [int(a) for a in axes.reshape(-1)] if axes is not None else attrs.get("axes")
+        if (node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx")
+                or ranks.get(node.input[0]) != 4 or axes_list is None
+                or sorted(a % 4 for a in axes_list) != [2, 3]):
+            new_nodes.append(node)
+            continue
+        count += 1
+        if attrs.get("keepdims", 1):
+            new_nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]],
+                                              list(node.output), name=f"{node.name}_gap"))
+        else:
+            pooled = f"{node.output[0]}_gap"
+            new_nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], [pooled],
+                                              name=f"{node.name}_gap"))
+            new_nodes.append(helper.make_node("Flatten", [pooled], list(node.output), axis=1,
+                                              name=f"{node.name}_flatten"))
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return count
+
+
 def _ort_optimize(tmp: Path) -> None:
     import onnxruntime as ort
 
@@ -346,8 +413,9 @@ def check_parity(
         batches.append(tuple(_rebatch(t, 4) for t in inputs))
     worst_abs, worst_rel = 0.0, 0.0
     for batch_inputs in batches:
-        feeds = {i.name: t.detach().cpu().numpy() for i, t in
-                 zip(session.get_inputs(), (t for t in batch_inputs if isinstance(t, torch.Tensor)))}
+        tensors = [t for t in batch_inputs if isinstance(t, torch.Tensor)]
+        feeds = {i.name: t.detach().cpu().numpy()
+                 for i, t in zip(session.get_inputs(), tensors, strict=False)}
         try:
             got = session.run(None, feeds)
         except Exception as e:
@@ -373,7 +441,7 @@ def _errors(got: Sequence[Any], expected: list[torch.Tensor], where: Any) -> tup
         raise ExportError(f"{where} returns {len(got)} outputs in onnxruntime, PyTorch returns "
                           f"{len(expected)}; the exported graph is wrong.")
     worst_abs, worst_rel = 0.0, 0.0
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=False):
         a = torch.from_numpy(g).double()
         b = e.detach().cpu().double()
         if a.shape != b.shape:

@@ -34,14 +34,16 @@ def test_compare_on_torch_backend_reports_ideal_and_skips_missing_cuda() -> None
     assert {(r.variant, r.batch) for r in res.rows if r.backend == "torch-cpu"} == {
         ("dense", 1), ("pruned", 1), ("dense", 3), ("pruned", 3)}
     pruned = res.row("pruned", "torch-cpu", batch=3)
-    assert pruned.calls >= 3 and pruned.min_ms <= pruned.median_ms <= pruned.p90_ms
+    assert pruned.calls >= 3
+    assert pruned.min_ms <= pruned.median_ms <= pruned.p90_ms
     assert pruned.ideal == pytest.approx(res.row("dense", "torch-cpu").macs / pruned.macs)
     assert pruned.efficiency == pytest.approx(pruned.speedup / pruned.ideal)
     assert pruned.throughput == pytest.approx(3000 / pruned.min_ms)
     if not torch.cuda.is_available():
         assert dict(res.skipped)["torch-cuda"].startswith("torch.cuda.is_available()")
     data = json.loads(res.to_json())
-    assert len(data["rows"]) == len(res.rows) and data["environment"]["torch"] == torch.__version__
+    assert len(data["rows"]) == len(res.rows)
+    assert data["environment"]["torch"] == torch.__version__
     assert res.to_csv().count("\n") == len(res.rows) + 1
     assert "pruned" in res.table()
 

@@ -75,7 +75,8 @@ def test_compress_writes_onnx_that_matches_torch(toy: str, tmp_path: Path,
                    "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert out.is_file() and out.stat().st_size == report["export"]["file_bytes"]
+    assert out.is_file()
+    assert out.stat().st_size == report["export"]["file_bytes"]
     assert report["export"]["parity"]["max_rel_error"] < 1e-4
     assert report["export"]["parity"]["batches"] == [1, 4]
     assert report["report"]["params_after"] < report["report"]["params_before"]
@@ -103,14 +104,16 @@ def test_analyze_lists_groups_and_pinned_reasons(toy: str,
     text = capsys.readouterr().out
     assert "conv1:out" in text
     pinned = [ln for ln in text.splitlines() if "conv2:out" in ln]
-    assert pinned and "roll" in pinned[0]
+    assert pinned
+    assert "roll" in pinned[0]
 
 
 def test_analyze_json_lists_every_group(toy: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["analyze", f"{toy}:build", *SHAPE, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     by_id = {g["id"]: g for g in data["groups"]}
-    assert by_id["conv1:out"]["pinned"] is None and by_id["conv1:out"]["size"] == 16
+    assert by_id["conv1:out"]["pinned"] is None
+    assert by_id["conv1:out"]["size"] == 16
     assert "roll" in by_id["conv2:out"]["pinned"]
 
 
@@ -181,7 +184,8 @@ def test_unwritable_output_fails_before_work(toy: str, tmp_path: Path,
     err = capsys.readouterr().err
     assert rc == 1
     _error_is_one_paragraph(err)
-    assert "does not exist" in err and not out.parent.exists()
+    assert "does not exist" in err
+    assert not out.parent.exists()
 
 
 def test_failed_export_leaves_no_partial_file(toy: str, tmp_path: Path,

@@ -45,7 +45,8 @@ X = (torch.randn(2, 3, 8, 8),)
 
 def test_export_writes_a_checked_file_with_dynamic_batch(tmp_path: Path) -> None:
     out = shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
-    assert out == tmp_path / "m.onnx" and out.stat().st_size > 0
+    assert out == tmp_path / "m.onnx"
+    assert out.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
@@ -63,7 +64,8 @@ def test_parity_failure_raises_and_leaves_no_file(tmp_path: Path) -> None:
 
 def test_no_check_skips_parity(tmp_path: Path) -> None:
     res = shrink.export_onnx_with_report(CallCounter(), X, tmp_path / "m.onnx", check=False)
-    assert res.parity is None and res.path.is_file()
+    assert res.parity is None
+    assert res.path.is_file()
 
 
 def test_existing_file_survives_a_failed_export(tmp_path: Path) -> None:
@@ -89,8 +91,10 @@ def test_dynamo_failure_falls_back_and_says_so(tmp_path: Path,
     monkeypatch.setattr(shrink.export, "_export_dynamo", fail)
     res = shrink.export_onnx_with_report(Small().eval(), X, tmp_path / "m.onnx")
     assert res.exporter == "torchscript"
-    assert res.fallback_reason is not None and "aten.fancy_op" in res.fallback_reason
-    assert res.parity is not None and res.parity.max_rel_error < 1e-4
+    assert res.fallback_reason is not None
+    assert "aten.fancy_op" in res.fallback_reason
+    assert res.parity is not None
+    assert res.parity.max_rel_error < 1e-4
 
 
 def test_both_exporters_failing_names_the_error(tmp_path: Path,
@@ -100,7 +104,7 @@ def test_both_exporters_failing_names_the_error(tmp_path: Path,
 
     monkeypatch.setattr(shrink.export, "_export_dynamo", fail)
     monkeypatch.setattr(shrink.export, "_export_torchscript", fail)
-    with pytest.raises(ExportError, match="fancy_op.*dynamo exporter failed first"):
+    with pytest.raises(ExportError, match=r"fancy_op.*dynamo exporter failed first"):
         shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -127,3 +131,42 @@ def test_import_shrink_does_not_import_onnx_or_torchvision() -> None:
             "'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _reduce_mean_model(rank: int, axes: list[int], keepdims: int) -> object:
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = [2, 3, 5, 4][:rank]
+    out_shape = [d if i not in [a % rank for a in axes] else 1 for i, d in enumerate(shape)]
+    if not keepdims:
+        out_shape = [d for i, d in enumerate(shape) if i not in [a % rank for a in axes]]
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=keepdims)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), onnx
+
+
+@pytest.mark.parametrize(("axes", "keepdims"), [([2, 3], 1), ([-1, -2], 1), ([2, 3], 0)])
+def test_global_pool_pass_rewrites_spatial_mean_to_the_same_values(
+        axes: list[int], keepdims: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    proto, onnx = _reduce_mean_model(4, axes, keepdims)
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert shrink.export.global_pool_pass(proto) == 1
+    onnx.checker.check_model(proto, full_check=True)
+    assert "GlobalAveragePool" in [n.op_type for n in proto.graph.node]
+    after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("rank", "axes"), [(3, [1, 2]), (4, [1, 2]), (4, [3])])
+def test_global_pool_pass_leaves_other_reductions_alone(rank: int, axes: list[int]) -> None:
+    proto, _ = _reduce_mean_model(rank, axes, 1)
+    assert shrink.export.global_pool_pass(proto) == 0
+    assert [n.op_type for n in proto.graph.node] == ["ReduceMean"]

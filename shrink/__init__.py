@@ -13,17 +13,16 @@ from shrink.bench import BenchResult, compare
 from shrink.capture import Captured, capture
 from shrink.config import PruneConfig
 from shrink.criteria import (
-    Activation,
     AxisScores,
     BNScale,
     Criterion,
     DataCriterion,
     LnNorm,
     Random,
-    Taylor,
     UserScores,
     score,
 )
+from shrink.data_criteria import Activation, Taylor
 from shrink.errors import (
     CaptureError,
     ConfigError,

@@ -1,6 +1,8 @@
 """The train-prune-fine-tune workflow of examples/02_digits_workflow.py, run as a test."""
 
 import importlib.util
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,3 +58,10 @@ def test_digits_plot_shows_accuracies_and_ratios(tmp_path: Path) -> None:
               "params": (100, 25), "macs": (1000, 260), "speedup": 2.5, "ideal_speedup": 3.8}
     digits.plot(result, str(tmp_path / "digits.png"))
     assert (tmp_path / "digits.png").stat().st_size > 10_000
+
+
+def test_workflow_api_keeps_import_shrink_lean() -> None:
+    code = ("import sys, shrink; shrink.sensitivity; shrink.prune_iteratively; shrink.Taylor; "
+            "print([m for m in ('sklearn', 'matplotlib', 'torchvision') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -261,7 +261,7 @@ def _plan_from_metadata(
 ) -> Plan:
     data = _json_field(metadata, "plan", path)
     # generous (a plan for a bigger sibling architecture must still get to the mismatch message)
-    budget = 2 * _budget(model) + (1 << 20) if model is not None else 1 << 24
+    budget = 2 * _budget(model) + (1 << 20) if model is not None else 1 << 22
     _check_plan_size(data, budget, path)
     try:
         return Plan.from_dict(data)

@@ -309,7 +309,10 @@ def _arrives_zero(
 
 
 def _per_channel(g: ChannelGroup, member: Member, pos_zero: torch.Tensor) -> torch.Tensor:
-    """Channel c is True when every position of ``member`` carrying c is True."""
+    """Channel c is True when every position of ``member`` carrying c is True.
+
+    Channels the member does not carry are True: neutral for the ANDs this feeds.
+    """
     out = torch.ones(g.size, dtype=torch.bool)
     if not member.index_map.index:
         return out
@@ -332,6 +335,13 @@ class _Weights:
         if key not in self._memo:
             self._memo[key] = _zero_slices(self.modules[member.module], member, scales)
         return self._memo[key]
+
+
+def _carried(g: ChannelGroup, member: Member) -> torch.Tensor:
+    """Channels of ``g`` that ``member`` has at least one axis position for."""
+    out = torch.zeros(g.size, dtype=torch.bool)
+    out[torch.as_tensor(member.index_map.channel, dtype=torch.long)] = True
+    return out
 
 
 def _zero_slices(mod: nn.Module, member: Member, scales: bool) -> torch.Tensor | None:
@@ -365,8 +375,8 @@ def _dead_channels(
     ignores: dict[str, torch.Tensor] = {}
     for m in g.members:
         scaled = weights.zero(m, scales=True)
-        if scaled is not None:
-            votes |= _per_channel(g, m, scaled)
+        if scaled is not None:  # channels the member does not carry get no vote
+            votes |= _per_channel(g, m, scaled) & _carried(g, m)
         zero = weights.zero(m)
         if zero is None:  # a BatchNorm (or a depthwise conv's IN side) only carries the group
             continue
@@ -426,7 +436,28 @@ def _as_in(m: Member, g: ChannelGroup) -> Member:
 
 
 def _keep(g: ChannelGroup, dead: list[int]) -> tuple[tuple[int, ...], str]:
-    """Channels to keep: all but ``dead``, respecting grouped-conv blocks and never empty."""
+    """Channels to keep: all but ``dead``, but every layer axis keeps at least one channel.
+
+    A group can span several producers (``cat([a(x), b(x)])`` followed by a residual add): a
+    layer whose every channel is dead still needs one, as PyTorch layers cannot be empty.
+    """
+    keep, note = _keep_blocks(g, dead)
+    kept = set(keep)
+    rescued = set()
+    for m in g.members:
+        if m.index_map.channel and not kept.intersection(m.index_map.channel):
+            rescued.add(min(m.index_map.channel))
+    if not rescued:
+        return keep, note
+    if g.blocks:  # keeping one more channel in a block would unbalance the blocks: keep all
+        return tuple(range(g.size)), "dead channels stay: removing them would empty a layer"
+    why = (f"{len(rescued)} dead channel(s) stay because removing them would leave a layer "
+           "with no channels")
+    return tuple(sorted(kept | rescued)), "; ".join(filter(None, [note, why]))
+
+
+def _keep_blocks(g: ChannelGroup, dead: list[int]) -> tuple[tuple[int, ...], str]:
+    """All channels but ``dead``, respecting grouped-conv blocks and never empty."""
     gone = set(dead)
     if g.blocks:
         labels = sorted(set(g.blocks))

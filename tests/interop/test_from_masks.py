@@ -245,3 +245,34 @@ def test_from_masks_result_saves_and_loads_into_the_original_architecture(tmp_pa
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(loaded(x), res.model.eval()(x))
+
+
+class CatResidual(nn.Module):
+    """One group spans two producers: cat([a(x), b(x)]) tied by a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        return self.head(y + self.c(y))
+
+
+@pytest.mark.parametrize("policy", ["all", "union"])
+def test_a_producer_whose_channels_are_all_dead_keeps_one(policy: str) -> None:
+    model = randomize_(CatResidual()).eval()
+    dead = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1, 1])
+    for name in ("a", "c"):  # channels 0, 1 (all of a's) are written by a and c: mask both
+        conv = model.get_submodule(name)
+        mask = dead[: conv.out_channels]
+        prune.custom_from_mask(conv, "weight", mask[:, None, None, None].expand_as(conv.weight))
+        prune.custom_from_mask(conv, "bias", mask)
+    res = shrink.from_masks(model, torch.randn(1, 3, 8, 8), policy=policy)
+    assert res.model.a.out_channels == 1
+    assert res.model.c.out_channels == 7
+    assert any("leave a layer with no channels" in d for d in res.report.diagnostics)
+    _assert_equal_to_masked_small(model, res.model)

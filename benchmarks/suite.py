@@ -127,8 +127,8 @@ def run_case(case: Case, *, seconds: float, settings: Sequence[tuple[int, int]],
     labels = list(case.variants)
     first, others = labels[0], {k: case.variants[k] for k in labels[1:]}
     res = compare(case.dense, case.variants[first], case.inputs, others=others,
-                  backends=backends, settings=settings, seconds=seconds, min_calls=3, clock=clock, dynamo=dynamo,
-                  name=f"{case.name}@{case.ratio}")
+                  backends=backends, settings=settings, seconds=seconds, min_calls=3,
+                  clock=clock, dynamo=dynamo, name=f"{case.name}@{case.ratio}")
     # the primary variant is called "pruned" by compare(); give it its real label back
     rows = tuple(r if r.variant != "pruned" else _relabel(r, first) for r in res.rows)
     return BenchResult(res.name, rows, res.environment, res.skipped)
@@ -242,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torchscript: faster exports for exploratory runs")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="thread: CPU time of the timing thread (1-thread settings only)")
+    p.add_argument("--clock", choices=("wall", "thread", "auto"), default="wall",
+                   help="thread: CPU time of the timing thread (1-thread settings only); "
+                   "auto: thread for 1-thread settings, wall otherwise")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="latency")
     args = p.parse_args(argv)

@@ -26,7 +26,8 @@ def test_latency(benchmark: Any, name: str, ratio: float, suite_results: list[Be
     case = build_case(name, ratio, size=opt("--suite-size"),
                       round_to=[int(k) for k in opt("--suite-round-to").split(",")])
     res = benchmark.pedantic(run_case, args=(case,),
-                             kwargs={"seconds": opt("--suite-seconds"), "settings": settings},
+                             kwargs={"seconds": opt("--suite-seconds"), "settings": settings,
+                                     "clock": opt("--suite-clock")},
                              rounds=1, iterations=1)
     suite_results.append(res)
     for r in res.rows:

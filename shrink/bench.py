@@ -70,6 +70,7 @@ class Row:
         speedup: ``min_ms(dense) / min_ms`` at the same setting (realized speedup).
         ideal: ``macs(dense) / macs``.
         efficiency: ``speedup / ideal``.
+        clock: ``"wall"`` or ``"thread"`` (see :func:`compare`).
     """
 
     variant: str
@@ -89,6 +90,7 @@ class Row:
     speedup: float | None = None
     ideal: float | None = None
     efficiency: float | None = None
+    clock: str = "wall"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,11 +202,12 @@ def compare(
             ``batches`` and ``threads``.
         seconds: time budget of the interleaved rounds per (backend, batch, threads).
         min_calls: each variant is timed at least this many times per setting.
-        clock: ``"wall"`` (``time.perf_counter``; the default) or ``"thread"``
-            (``time.thread_time``: CPU time of the calling thread). With one thread, onnxruntime
+        clock: ``"wall"`` (``time.perf_counter``; the default), ``"thread"``
+            (``time.thread_time``: CPU time of the calling thread) or ``"auto"`` (``"thread"``
+            for one-thread CPU settings, ``"wall"`` otherwise). With one thread, onnxruntime
             and PyTorch run every kernel on the calling thread, so ``"thread"`` measures the same
             work without the time the OS gave to other processes: use it on a loaded machine.
-            Only valid with one thread on CPU backends.
+            ``"thread"`` is only valid with one thread on CPU backends.
         dynamo: export modules with the dynamo exporter (``False``: the TorchScript-based one,
             several times faster to export; onnxruntime optimises both to the same kernels).
         name: label of the run.
@@ -227,8 +230,8 @@ def compare(
     if settings is None:
         settings = [(b, t) for t in threads for b in batches]
     _validate(backends, settings, variants, example_inputs)
-    if clock not in ("wall", "thread"):
-        raise ConfigError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    if clock not in ("wall", "thread", "auto"):
+        raise ConfigError(f"clock must be 'wall', 'thread' or 'auto', got {clock!r}")
     if clock == "thread" and (any(t != 1 for _, t in settings)
                               or any(b.endswith("cuda") for b in backends)):
         raise ConfigError("clock='thread' measures the calling thread only: use it with one "
@@ -337,8 +340,11 @@ def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[
                            for t in [*m.parameters(), *m.buffers()])
             runners[label]()  # warm-up, part of the memory measurement
             extra[label] = (size, _peak(backend, rss0))
-        times = _interleave(runners, seconds, min_calls, clock)
-        rows += _rows(backend, batch, n_threads, times, stats, extra)
+        used = clock
+        if clock == "auto":
+            used = "thread" if n_threads == 1 and backend.endswith("cpu") else "wall"
+        times = _interleave(runners, seconds, min_calls, used)
+        rows += _rows(backend, batch, n_threads, times, stats, extra, used)
         del runners
     return rows
 
@@ -457,7 +463,7 @@ def _interleave(runners: Mapping[str, Runner], seconds: float, min_calls: int,
 
 def _rows(backend: str, batch: int, n_threads: int, times: Mapping[str, list[float]],
           stats: Mapping[str, tuple[int | None, int | None]],
-          extra: Mapping[str, tuple[int | None, int | None]]) -> list[Row]:
+          extra: Mapping[str, tuple[int | None, int | None]], clock: str) -> list[Row]:
     dense_min = min(times["dense"])
     dense_macs = stats["dense"][0]
     rows = []
@@ -474,6 +480,7 @@ def _rows(backend: str, batch: int, n_threads: int, times: Mapping[str, list[flo
             mean_ms=statistics.fmean(ts_sorted), calls=len(ts), throughput=batch * 1000 / best,
             macs=macs, params=params, size_bytes=extra[label][0], peak_mem_bytes=extra[label][1],
             speedup=speedup, ideal=ideal, efficiency=speedup / ideal if ideal else None,
+            clock=clock,
         ))
     return rows
 

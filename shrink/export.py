@@ -349,6 +349,10 @@ def global_pool_pass(proto: Any) -> int:
     if count:
         del graph.node[:]
         graph.node.extend(new_nodes)
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        unused = [i for i in graph.initializer if i.name not in used]
+        for init in unused:  # the ReduceMean axes constants
+            graph.initializer.remove(init)
     return count
 
 

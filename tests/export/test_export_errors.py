@@ -161,6 +161,7 @@ def test_global_pool_pass_rewrites_spatial_mean_to_the_same_values(
     assert shrink.export.global_pool_pass(proto) == 1
     onnx.checker.check_model(proto, full_check=True)
     assert "GlobalAveragePool" in [n.op_type for n in proto.graph.node]
+    assert list(proto.graph.initializer) == []  # the axes constant went with its node
     after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-7)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -234,25 +235,40 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _export(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: int, dynamo: bool,
             dynamic_batch: bool) -> tuple[str, str | None]:
     """Run the exporter; fall back to the TorchScript path once when dynamo fails."""
-    reason = None
+    reason, dynamo_error = None, None
     if dynamo:
         try:
             _export_dynamo(model, inputs, tmp, opset, dynamic_batch)
             return "dynamo", None
         except Exception as e:  # any exporter failure: try the other exporter, keep the reason
-            reason = _first_line(e)
+            reason, dynamo_error = _first_line(e), e
             log.warning("dynamo ONNX export of %s failed (%s); falling back to the TorchScript-"
                         "based exporter", type(model).__name__, reason)
     try:
         _export_torchscript(model, inputs, tmp, opset, dynamic_batch)
     except Exception as e:
+        ops = _op_names(e) or (_op_names(dynamo_error) if dynamo_error else "")
         raise ExportError(
             f"torch.onnx.export could not export {type(model).__name__}: {_first_line(e)}"
             + (f" (the dynamo exporter failed first: {reason})" if reason else "")
-            + ". The op named above has no ONNX lowering at opset "
-            f"{opset}: try another opset, replace that op, or register a custom symbolic."
+            + (f". Ops involved: {ops}" if ops else "")
+            + f". An op without an ONNX lowering at opset {opset} is the usual cause: try "
+            "another opset, replace that op in the model, or register a custom translation "
+            "(torch.onnx.export(custom_translation_table=...))."
         ) from e
     return "torchscript", reason
+
+
+def _op_names(e: BaseException) -> str:
+    """The aten/prims op names an exporter error mentions (its message and causes)."""
+    texts, seen = [], set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        texts.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    found = re.findall(r"\b(?:aten|prims|torchvision)(?:::|\.)[A-Za-z_][\w.]*", "\n".join(texts))
+    return ", ".join(dict.fromkeys(found))
 
 
 def _export_dynamo(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: int,

@@ -77,7 +77,8 @@ class Tracker:
     """Union-find over channel ids plus what analysis records about them."""
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self._parent = np.arange(4096, dtype=np.int64)
+        self.n = 0
         self.batches: list[Batch] = []
         self.pins: dict[int, str] = {}
         self.inexact: dict[int, str] = {}
@@ -88,8 +89,12 @@ class Tracker:
 
     # -------------------------------------------------------------- allocation
     def fresh(self, n: int, label: str) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start = self.n
+        if start + n > len(self._parent):
+            grown = np.arange(max(2 * len(self._parent), start + n), dtype=np.int64)
+            grown[:start] = self._parent[:start]
+            self._parent = grown
+        self.n = start + n
         self.batches.append(Batch(start, n, label, len(self.batches)))
         return np.arange(start, start + n, dtype=np.int64)
 
@@ -101,39 +106,51 @@ class Tracker:
 
     # -------------------------------------------------------------- union-find
     def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
+        return int(self.roots(np.asarray([i]))[0])
+
+    def roots(self, arr: np.ndarray) -> np.ndarray:
+        """Union-find roots of every id in ``arr`` (vectorised, with path compression)."""
+        parent = self._parent
+        r = parent[arr]
+        while True:
+            rr = parent[r]
+            if np.array_equal(rr, r):
+                break
+            r = rr
+        parent[arr] = r
+        return r
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Union ``a`` and ``b`` elementwise (after broadcasting)."""
-        a, b = np.broadcast_arrays(a, b)
-        pairs = np.stack([a.ravel(), b.ravel()], axis=1)
-        pairs = pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs >= 0).all(axis=1)]
-        if len(pairs) > 1:
-            pairs = np.unique(pairs, axis=0)
-        for x, y in pairs.tolist():
-            self._link(x, y)
+        """Union ``a`` and ``b`` elementwise (after broadcasting); negative ids are ignored."""
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        a, b = a.ravel(), b.ravel()
+        keep = (a >= 0) & (b >= 0)
+        if not keep.all():
+            a, b = a[keep], b[keep]
+        ra, rb = self.roots(a), self.roots(b)
+        diff = ra != rb
+        if not diff.any():
+            return
+        keys = np.unique((ra[diff] << 32) | rb[diff])
+        for key in keys.tolist():
+            self._link(key >> 32, key & 0xFFFFFFFF)
 
     def union_all(self, arr: np.ndarray) -> None:
         flat = np.unique(arr)
         flat = flat[flat >= 0]
-        if len(flat) == 0:
-            return
-        first = int(flat[0])
-        for x in flat[1:].tolist():
-            self._link(first, x)
+        if len(flat) > 1:
+            self.union(np.full(len(flat) - 1, flat[0]), flat[1:])
 
     def _link(self, x: int, y: int) -> None:
-        rx, ry = self.find(x), self.find(y)
-        if rx != ry:
-            if rx < ry:
-                rx, ry = ry, rx
-            self.parent[rx] = ry
+        parent = self._parent
+        while parent[x] != x:
+            x = int(parent[x])
+        while parent[y] != y:
+            y = int(parent[y])
+        if x != y:
+            if x < y:
+                x, y = y, x
+            parent[x] = y  # the smaller id is the root: roots follow allocation order
 
     # -------------------------------------------------------------- records
     def pin(self, arr: np.ndarray, reason: str) -> None:

@@ -20,8 +20,8 @@ from shrink.plan import ChannelGroup, IndexMap, Member, Side
 
 
 def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[ChannelGroup, ...]:
-    n = len(t.parent)
-    root = np.fromiter((t.find(i) for i in range(n)), dtype=np.int64, count=n)
+    n = t.n
+    root = t.roots(np.arange(n, dtype=np.int64))
 
     # cluster roots by shared allocation batch
     cparent = {int(r): int(r) for r in np.unique(root)}

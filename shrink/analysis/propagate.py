@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from shrink.ids import Call, Ids, Tracker, iter_ids, map_values
+from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values
 from shrink.capture import Captured, describe, source_location, to_meta
 from shrink.errors import CaptureError
 from shrink.rules import function_rule, rule_for
@@ -39,6 +39,9 @@ def _matches(ids: Any, out: Any) -> bool:
     if isinstance(out, dict):
         return isinstance(ids, dict) and all(_matches(ids.get(k), v) for k, v in out.items())
     return True
+
+
+_MAX_PARAM_IDS = 65_536
 
 
 class Propagator(fx.Interpreter):
@@ -69,11 +72,19 @@ class Propagator(fx.Interpreter):
                 return out
             if out.numel() == 1:
                 return Ids(torch.full((1,) * out.ndim, -1).numpy(), tuple(out.shape))
-            return t.fresh_pinned(
-                tuple(out.shape), n.name,
+            reason = (
                 f"tensor {n.target!r} is used directly in forward at {source_location(n)}, "
-                "not through a layer with a rule",
+                "not through a layer with a rule"
             )
+            # ids vary along the tensor's longest axis (its likely channel axis), so the report
+            # shows true group sizes without an id per element
+            shape = tuple(out.shape)
+            axis = max(range(len(shape)), key=lambda d: (shape[d], d)) if shape else 0
+            if not shape or shape[axis] > _MAX_PARAM_IDS:
+                return t.fresh_pinned(shape, n.name, reason)
+            ids = t.fresh(shape[axis], str(n.target))
+            t.pin(ids, reason)
+            return ids_on_axis(ids, shape, axis)
         if n.op == "output":
             for ids in iter_ids(fx.node.map_arg(n.args, lambda a: self.ids[a])):
                 t.pin(ids.a, "model output")

@@ -15,6 +15,7 @@ download), ``timm:NAME`` (when timm is installed), ``path/to/file.py:factory`` o
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import json
@@ -191,9 +192,10 @@ def _zoo_model(zoo: str, name: str) -> nn.Module:
 
             known = torchvision.models.list_models()
             if name not in known:
-                close = [k for k in known if name.lower()[:4] in k][:8]
-                raise SpecError(f"torchvision has no model {name!r}; similar: {close or known[:8]}"
-                                ". See torchvision.models.list_models().")
+                close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                raise SpecError(f"torchvision has no model {name!r}; {hint}See "
+                                "torchvision.models.list_models() for the names.")
             model = torchvision.models.get_model(name, weights=None)
         else:
             import timm

@@ -54,3 +54,23 @@ def test_every_torchvision_classifier_compresses(name: str) -> None:
         assert res.model(*x).shape == model(*x).shape
     for g in res.analysis.pinned:
         assert g.pinned  # every pinned group says why
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "name", sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+)
+def test_segmentation_models_compress(name: str) -> None:
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    randomize_(model, seed=2)
+    calibrate_bn_(model, lambda: (torch.randn(2, 3, 64, 64),), steps=1)
+    model.eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    res = shrink.prune(model, x, shrink.make_config(0.5))
+    assert res.report is not None and res.report.max_rel_error < 1e-5
+    assert res.report.macs_after <= 0.75 * res.report.macs_before
+    with torch.no_grad():
+        out, ref = res.model(*x), model(*x)
+    assert out.keys() == ref.keys()
+    assert all(out[k].shape == ref[k].shape for k in ref)

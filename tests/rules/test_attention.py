@@ -73,3 +73,17 @@ def test_vit_half_heads_half_mlp_has_correct_head_counts() -> None:
         assert layer.mlp[0].out_features == 32
     assert res.report.macs_after < 0.75 * res.report.macs_before
     assert shrink.verify(model, res.model, res.plan, (torch.randn(2, 3, 32, 32),)).max_rel_error < 1e-5
+
+
+@pytest.mark.onnx
+def test_pruned_vit_exports_to_onnx_and_matches_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("onnxruntime")
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=5,
+    )
+    res = prune_checked(model, torch.randn(2, 3, 32, 32))
+    out = shrink.export_onnx_with_report(res.model, (torch.randn(2, 3, 32, 32),),
+                                         tmp_path / "vit.onnx")
+    assert out.parity is not None and out.parity.max_rel_error < 1e-4

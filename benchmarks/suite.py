@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import logging
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -222,6 +223,36 @@ def summary(results: Sequence[BenchResult], threads: int = 1, batch: int = 1) ->
     return "\n".join(lines)
 
 
+def markdown(rows: Sequence[dict[str, Any]], ratio: float, batch: int, threads: int) -> str:
+    """One markdown table per setting: dense ms, then ms/realized/ideal/efficiency per variant."""
+    sel = [r for r in rows if r["ratio"] == ratio and r["batch"] == batch
+           and r["threads"] == threads and r["backend"] == "ort-cpu"]
+    variants = list(dict.fromkeys(r["variant"] for r in sel if r["variant"] != "dense"))
+    clock = ", ".join(sorted({r.get("clock", "wall") for r in sel})) or "-"
+    head = ["model", "dense ms"]
+    for v in variants:
+        head += [f"{v} ms", f"{v} realized", f"{v} ideal", f"{v} eff"]
+    lines = [f"ratio {ratio}, batch {batch}, {threads} thread(s), clock {clock}",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    effs: dict[str, list[float]] = {v: [] for v in variants}
+    for model in dict.fromkeys(r["model"] for r in sel):
+        by = {r["variant"]: r for r in sel if r["model"] == model}
+        cells = [model, f"{by['dense']['min_ms']:.2f}"]
+        for v in variants:
+            r = by.get(v)
+            if r is None:
+                cells += ["-"] * 4
+                continue
+            effs[v].append(r["efficiency"])
+            cells += [f"{r['min_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x",
+                      f"{r['efficiency']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for v, e in effs.items():
+        if e:
+            lines.append(f"{v}: median efficiency {statistics.median(e):.2f}, min {min(e):.2f}")
+    return "\n".join(lines)
+
+
 def _parse_settings(text: str) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):
@@ -247,7 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "auto: thread for 1-thread settings, wall otherwise")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="latency")
+    p.add_argument("--table-from", type=Path, default=None,
+                   help="print markdown tables from a results JSON instead of measuring")
     args = p.parse_args(argv)
+    if args.table_from is not None:
+        rows = json.loads(args.table_from.read_text())["rows"]
+        for ratio in sorted({r["ratio"] for r in rows}):
+            for batch, threads in sorted({(r["batch"], r["threads"]) for r in rows
+                                          if r["ratio"] == ratio}, key=lambda s: (s[1], s[0])):
+                sys.stdout.write(markdown(rows, ratio, batch, threads) + "\n\n")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("onnx_ir", "onnxscript", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

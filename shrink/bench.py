@@ -183,6 +183,7 @@ def compare(
     min_calls: int = 5,
     clock: str = "wall",
     dynamo: bool = True,
+    flush_denormals: bool = False,
     name: str = "",
     workdir: str | os.PathLike[str] | None = None,
 ) -> BenchResult:
@@ -210,6 +211,8 @@ def compare(
             ``"thread"`` is only valid with one thread on CPU backends.
         dynamo: export modules with the dynamo exporter (``False``: the TorchScript-based one,
             several times faster to export; onnxruntime optimises both to the same kernels).
+        flush_denormals: run onnxruntime with ``session.set_denormal_as_zero`` (flush-to-zero),
+            so that denormal activations of random weights cannot distort the comparison.
         name: label of the run.
         workdir: where modules are exported to ONNX for the ort backends (a temporary directory
             by default).
@@ -248,7 +251,7 @@ def compare(
                 skipped.append((backend, why))
                 continue
             rows += _run_backend(backend, variants, inputs, stats, settings, seconds,
-                                 min_calls, clock, name, Path(wd), dynamo)
+                                 min_calls, clock, name, Path(wd), dynamo, flush_denormals)
     return BenchResult(name, tuple(rows), environment(), tuple(skipped))
 
 
@@ -313,7 +316,8 @@ Runner = Callable[[], None]
 def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | None,
                  stats: Mapping[str, tuple[int | None, int | None]],
                  settings: Sequence[tuple[int, int]], seconds: float, min_calls: int,
-                 clock: str, name: str, wd: Path, dynamo: bool = True) -> list[Row]:
+                 clock: str, name: str, wd: Path, dynamo: bool = True,
+                 flush_denormals: bool = False) -> list[Row]:
     rows: list[Row] = []
     sources = (_onnx_sources(variants, inputs, wd, name, dynamo) if backend.startswith("ort")
                else {})
@@ -330,7 +334,8 @@ def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[
             rss0 = _rss()
             if backend.startswith("ort"):
                 runners[label] = make_ort_runner(sources[label], feed, n_threads,
-                                                 cuda=backend == "ort-cuda")
+                                                 cuda=backend == "ort-cuda",
+                                                 flush_denormals=flush_denormals)
                 size: int | None = sources[label].stat().st_size
             else:
                 assert isinstance(m, nn.Module)
@@ -350,7 +355,7 @@ def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[
 
 
 def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *,
-                    cuda: bool = False) -> Runner:
+                    cuda: bool = False, flush_denormals: bool = False) -> Runner:
     """An onnxruntime session on ``path`` (all graph optimisations, sequential execution)."""
     import onnxruntime as ort
 
@@ -360,6 +365,8 @@ def make_ort_runner(path: Path, feed: tuple[Any, ...], threads: int, *,
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if flush_denormals:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else [
         "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), opts, providers=providers)

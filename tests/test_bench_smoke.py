@@ -73,3 +73,15 @@ def test_latency_suite_smoke_run_writes_json_csv_and_plot(tmp_path: Path) -> Non
     with (tmp_path / "latency.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_round_to_does_not_cancel_grouped_conv_pruning() -> None:
+    """Regression (found by the latency suite on regnet_y_400mf): with 13 groups of 8 channels,
+    round_to=8 used to round every group's kept count to whole blocks, pruning nothing."""
+    conv = nn.Sequential(nn.Conv2d(8, 104, 1), nn.ReLU(), nn.Conv2d(104, 104, 3, groups=13),
+                         nn.ReLU(), nn.Conv2d(104, 8, 1)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    res = shrink.prune(conv, (x,), shrink.make_config(0.5, round_to=8))
+    assert res.model[2].out_channels == 52
+    assert res.model[2].groups == 13
+    assert res.model[0].out_channels == 52

@@ -18,6 +18,7 @@ from shrink.rules.base import Keep, ModuleRule
 FunctionRule = Callable[[Tracker, Call], Any]
 
 _MODULE_RULES: dict[type[nn.Module], ModuleRule] = {}
+_MODULE_RULES_BY_NAME: dict[str, ModuleRule] = {}  # third-party types, matched without importing
 _FUNCTION_RULES: dict[Any, FunctionRule] = {}
 
 R = TypeVar("R", bound=type[ModuleRule])
@@ -41,6 +42,18 @@ def register_rule(*types: type[nn.Module]) -> Callable[[R], R]:
     return deco
 
 
+def register_rule_by_name(*qualnames: str) -> Callable[[R], R]:
+    """Like :func:`register_rule`, for third-party types named ``"package.module.Class"``."""
+
+    def deco(cls: R) -> R:
+        inst = cls()
+        for name in qualnames:
+            _MODULE_RULES_BY_NAME[name] = inst
+        return cls
+
+    return deco
+
+
 def register_function(*targets: Any) -> Callable[[F], F]:
     """Decorator: register a function rule for fx call targets (callables or method names)."""
 
@@ -56,7 +69,9 @@ def rule_for(m: nn.Module | type[nn.Module]) -> ModuleRule | None:
     """The rule for a module (or module type), or None."""
     tp = m if isinstance(m, type) else type(m)
     for klass in tp.__mro__:
-        rule = _MODULE_RULES.get(klass)
+        rule = _MODULE_RULES.get(klass) or _MODULE_RULES_BY_NAME.get(
+            f"{klass.__module__}.{klass.__qualname__}"
+        )
         if rule is not None:
             return rule
         if "forward" in vars(klass) and klass is not nn.Module:
@@ -77,7 +92,7 @@ def function_rule(target: Any) -> FunctionRule | None:
 
 def supported_ops() -> dict[str, list[str]]:
     """Names of every registered module type and call target, for the README table."""
-    mods = sorted({f"{t.__module__}.{t.__qualname__}" for t in _MODULE_RULES})
+    mods = sorted({f"{t.__module__}.{t.__qualname__}" for t in _MODULE_RULES} | set(_MODULE_RULES_BY_NAME))
     funcs = sorted({t if isinstance(t, str) else getattr(t, "__name__", repr(t)) for t in _FUNCTION_RULES})
     return {"modules": mods, "functions": funcs}
 

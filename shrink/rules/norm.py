@@ -10,6 +10,7 @@ output, so the channels they normalise are pinned (the report names the layer).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +19,9 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids
 from shrink.plan import Side
-from shrink.rules import register_rule
+from shrink.rules import register_rule, register_rule_by_name, rule_for
 from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+from shrink.rules.pointwise import ElementwiseModuleRule
 
 _STATE = ("weight", "bias", "running_mean", "running_var")
 
@@ -54,6 +56,38 @@ class BatchNormRule(ModuleRule):
                     getattr(new, name).requires_grad_(old.requires_grad)
         if m.num_batches_tracked is not None:
             copy_param_(new.num_batches_tracked, m.num_batches_tracked)  # type: ignore[arg-type]
+        return finish(new, m)
+
+
+@register_rule_by_name("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.BatchNormAct1d")
+class BatchNormActRule(BatchNormRule):
+    """timm's BatchNorm + drop + activation in one layer: exact when drop and act are
+    element-wise (their own rules say so); rebuilt by slicing a copy, since the constructor
+    takes the activation as a factory."""
+
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        ids = channel_ids(t, x, 1)
+        for part in ("drop", "act"):
+            sub = getattr(m, part, None)
+            if sub is not None and not isinstance(rule_for(sub), ElementwiseModuleRule):
+                t.pin(ids, f"{fqn}.{part} ({type(sub).__name__}) is not a known element-wise op")
+        t.member(fqn, Side.OUT, ids)
+        return x
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
+        new = copy.deepcopy(m)
+        for name in _STATE:
+            old = getattr(m, name)
+            if old is None:
+                continue
+            sliced = index(old.detach(), 0, kout).clone()
+            if isinstance(old, nn.Parameter):
+                setattr(new, name, nn.Parameter(sliced, requires_grad=old.requires_grad))
+            else:
+                new.register_buffer(name, sliced)
+        new.num_features = len(kout)
         return finish(new, m)
 
 

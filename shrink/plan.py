@@ -24,6 +24,9 @@ from torch import nn
 from shrink.errors import PlanError
 
 SCHEMA = 1
+MAX_POSITIONS = 1 << 24
+"""Most channel positions (and the largest group) a plan may describe: run-length encoding lets a
+few bytes of JSON ask for billions, so :meth:`Plan.from_dict` checks before expanding."""
 
 
 class Side(enum.Enum):
@@ -232,6 +235,7 @@ class Plan:
                 f"plan schema {schema!r} is not supported (this shrink reads schema {SCHEMA}); "
                 "re-create the plan with this version of shrink"
             )
+        _check_size(data)
         try:
             groups = tuple(
                 ChannelGroup(
@@ -261,6 +265,35 @@ class Plan:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise PlanError(f"plan JSON is malformed: {type(e).__name__}: {e}") from e
+
+
+def _check_size(data: Mapping[str, object]) -> None:
+    """Refuse plans that would expand to more than MAX_POSITIONS positions, before expanding.
+
+    Sizes and index runs must be JSON integers (what :meth:`Plan.to_dict` writes).
+    """
+    total = 0
+    groups = data.get("groups")
+    for g in groups if isinstance(groups, list) else ():
+        if not isinstance(g, Mapping):
+            continue
+        size = g.get("size", 0)
+        if not isinstance(size, int) or not 0 <= size <= MAX_POSITIONS:
+            raise PlanError(f"plan JSON is malformed: group size {size!r} must be an integer "
+                            f"in [0, {MAX_POSITIONS}]")
+        members = g.get("members")
+        for m in members if isinstance(members, list) else ():
+            runs = m.get("runs") if isinstance(m, Mapping) else None
+            for run in runs if isinstance(runs, list) else ():
+                if not (isinstance(run, list) and all(isinstance(v, int) for v in run)):
+                    raise PlanError(f"plan JSON is malformed: index run {str(run)[:40]} must be "
+                                    "a list of integers")
+                total += max(run[1], 0) if len(run) > 1 else 0
+                if total > MAX_POSITIONS:
+                    raise PlanError(
+                        f"plan JSON is malformed: it lists more than {MAX_POSITIONS} channel "
+                        "positions (corrupt or hostile)"
+                    )
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -134,3 +134,23 @@ def test_corrupted_file_is_a_plan_error_or_loads(
     with contextlib.suppress(shrink.PlanError):
         shrink.load(fresh, path)
     assert_unchanged(fresh, snap)
+
+
+@pytest.mark.parametrize(
+    ("group", "fragment"),
+    [
+        ({"id": "a", "size": 10**12, "members": []}, "group size"),
+        ({"id": "a", "size": "99999999999", "members": []}, "group size"),
+        ({"id": "a", "size": 2, "members": [
+            {"module": "m", "side": "in", "extent": 2, "runs": [[0, 10**12, 0, 0]]}]}, "more than"),
+        ({"id": "a", "size": 2, "members": [
+            {"module": "m", "side": "in", "extent": 2, "runs": [[0, "10000000000", 0, 0]]}]},
+         "list of integers"),
+    ],
+    ids=["huge_size", "size_as_string", "huge_run", "run_as_string"],
+)
+def test_issue5_hostile_plan_sizes_are_refused_before_expanding(group: dict, fragment: str) -> None:
+    data = {"schema": 1, "model": "x", "groups": [group],
+            "decisions": [{"group": "a", "keep": [0]}]}
+    with pytest.raises(shrink.PlanError, match=fragment):
+        shrink.Plan.from_dict(data)

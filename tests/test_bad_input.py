@@ -325,7 +325,17 @@ def _check_from_masks(dtype: torch.dtype) -> Callable[[nn.Module], None]:
     return check
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def _check_from_masks_cuda(model: nn.Module) -> None:
+    x = X.cuda()
+    res = shrink.from_masks(model, x)
+    assert res.model[3].in_channels == 4
+    assert next(res.model.parameters()).is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), model(x))
+
+
+CUDA = [pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TOLERATED = {
     "fp16_model": (lambda: net().half(), _check_compress(torch.float16)),
@@ -335,6 +345,7 @@ TOLERATED = {
     "tied_weights": (lambda: randomize_(Tied()).eval(), _check_pinned("shares a parameter")),
     "unknown_op": (lambda: randomize_(UnknownOp()).eval(), _check_pinned("fft2")),
     "cuda_model": (lambda: net().cuda(), _check_compress(device="cuda")),
+    "cuda_masked_model": (lambda: _columns_masked(net().cuda()), _check_from_masks_cuda),
     "fp16_masked_model": (lambda: _columns_masked(net().half()), _check_from_masks(torch.float16)),
     "bf16_masked_model": (lambda: _columns_masked(net().bfloat16()),
                           _check_from_masks(torch.bfloat16)),

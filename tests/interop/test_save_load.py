@@ -166,3 +166,13 @@ def test_loading_into_the_wrong_model_names_the_parameter(fresh, fragment, tmp_p
     with pytest.raises(shrink.PlanError, match="saved from a different model") as err:
         shrink.load(fresh(), path)
     assert fragment in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_saves_on_cpu_and_loads_onto_the_fresh_models_device(tmp_path: Path) -> None:
+    model = Tiny().cuda().eval()
+    res = shrink.prune(model, torch.randn(2, 3, 8, 8, device="cuda"), shrink.make_config(0.5))
+    loaded = shrink.load(Tiny().cuda(), shrink.save(res, tmp_path / "c.safetensors"))
+    assert next(loaded.parameters()).is_cuda
+    _assert_same_state(res.model, loaded)

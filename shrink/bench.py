@@ -229,6 +229,9 @@ def compare(
         >>> res = shrink.bench.compare(model, small, (x,), batches=(1, 32))
         >>> print(res.table())
     """
+    reserved = sorted({"dense", "pruned"} & set(others or {}))
+    if reserved:
+        raise ConfigError(f"others may not use the labels {reserved}; they name dense and pruned")
     variants: dict[str, ModelLike] = {"dense": dense, "pruned": pruned, **(others or {})}
     if settings is None:
         settings = [(b, t) for t in threads for b in batches]
@@ -263,9 +266,6 @@ def _validate(backends: Sequence[str], settings: Sequence[tuple[int, int]],
     if not settings or any(not isinstance(v, int) or isinstance(v, bool) or v < 1
                            for pair in settings for v in pair):
         raise ConfigError(f"batch sizes and thread counts must be ints >= 1, got {list(settings)}")
-    reserved = {"dense", "pruned"} & (set(variants) - {"dense", "pruned"})
-    if reserved:
-        raise ConfigError(f"others may not use the labels {sorted(reserved)}")
     if example_inputs is None and any(isinstance(m, nn.Module) for m in variants.values()):
         raise ConfigError("compare() needs example_inputs to run nn.Module variants; pass "
                           "(torch.randn(1, 3, 224, 224),) or the model's input shapes")

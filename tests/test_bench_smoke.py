@@ -53,6 +53,8 @@ def test_compare_rejects_bad_settings() -> None:
         compare(_toy(), _toy(), torch.randn(1, 3, 8, 8), backends=("tpu",))
     with pytest.raises(ConfigError, match="ints >= 1"):
         compare(_toy(), _toy(), torch.randn(1, 3, 8, 8), batches=(0,))
+    with pytest.raises(ConfigError, match="may not use the labels"):
+        compare(_toy(), _toy(), torch.randn(1, 3, 8, 8), others={"dense": _toy()})
     with pytest.raises(ConfigError, match="needs example_inputs"):
         compare(_toy(), _toy(), None)
 

@@ -264,32 +264,11 @@ def _plan_from_metadata(
     budget = 2 * _budget(model) + (1 << 20) if model is not None else 1 << 22
     _check_plan_size(data, budget, path)
     try:
-        plan = Plan.from_dict(data)
+        return Plan.from_dict(data)
     except (RecursionError, OverflowError) as e:  # Plan.from_dict lets these through
         raise PlanError(f"{_name(path)}: the plan is malformed ({e})") from e
     except PlanError as e:
         raise PlanError(f"{_name(path)}: {e}") from e
-    _check_positions(plan, path)
-    return plan
-
-
-def _check_positions(plan: Plan, path: str | os.PathLike[str]) -> None:
-    """Every index map stays inside its axis and its group, and no position is listed twice.
-
-    (Plan itself does not check this; an out-of-range position would build layers that do
-    not fit together.)
-    """
-    seen: set[tuple[str, Side, int]] = set()
-    for g in plan.groups:
-        for m in g.members:
-            for i, c in zip(m.index_map.index, m.index_map.channel, strict=True):
-                if not (0 <= i < m.extent and 0 <= c < g.size) or (m.module, m.side, i) in seen:
-                    raise PlanError(
-                        f"{_name(path)}: group {g.id!r} maps channel {c} to position {i} of "
-                        f"{m.module!r} ({m.side.value}, {m.extent} positions, group size "
-                        f"{g.size}): outside the axis or listed twice; the plan is corrupt"
-                    )
-                seen.add((m.module, m.side, i))
 
 
 def _budget(model: nn.Module) -> int:

@@ -155,6 +155,7 @@ class Plan:
         if len(by_id) != len(self.groups):
             raise PlanError("plan has duplicate group ids; re-create it with shrink.select")
         self._by_id.update(by_id)
+        _check_positions(self.groups)
         for d in self.decisions:
             g = by_id.get(d.group)
             if g is None:
@@ -265,6 +266,26 @@ class Plan:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise PlanError(f"plan JSON is malformed: {type(e).__name__}: {e}") from e
+
+
+def _check_positions(groups: Iterable[ChannelGroup]) -> None:
+    """Every index map stays inside its axis and its group; no axis position is listed twice.
+
+    (An out-of-range position would otherwise be ignored by apply on one layer but not on the
+    layers it must fit, building a model that fails at run time.)
+    """
+    seen: set[tuple[str, Side, int]] = set()
+    for g in groups:
+        for m in g.members:
+            for i, c in zip(m.index_map.index, m.index_map.channel, strict=True):
+                if not (0 <= i < m.extent and 0 <= c < g.size) or (m.module, m.side, i) in seen:
+                    raise PlanError(
+                        f"group {g.id!r} maps channel {c} to position {i} of {m.module!r} "
+                        f"({m.side.value}put axis of {m.extent}, group of {g.size}): outside the "
+                        "axis or group, or listed twice. The plan is corrupt: re-create it with "
+                        "shrink.prune."
+                    )
+                seen.add((m.module, m.side, i))
 
 
 def _check_size(data: Mapping[str, object]) -> None:

@@ -97,7 +97,15 @@ def verify(
     test = copy.deepcopy(pruned).eval()
     with torch.no_grad():
         expected = ref(*example_inputs)
-        actual = test(*example_inputs)
+        try:
+            actual = test(*example_inputs)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise VerificationError(
+                f"the pruned model fails on the example inputs ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}): its layers do not fit together. "
+                "Either the plan was edited (a member of a group is missing) or this is a "
+                "shrink bug. Re-create the plan with shrink.prune; report it if that fails too."
+            ) from e
     err = relative_error(actual, expected)
     oracle_dtype = _dtype_name(actual)
     if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):

@@ -97,8 +97,8 @@ def test_mutated_plan_fails_with_a_shrink_error_or_prunes_exactly(data: st.DataO
         plan = shrink.Plan.from_dict(_mutate(base, data))
         pruned = shrink.apply(model, plan)
         shrink.verify(model, pruned, plan, (x,))
-    except (shrink.PlanError, shrink.RewriteError):
-        pass
+    except (shrink.PlanError, shrink.RewriteError, shrink.VerificationError):
+        pass  # an edited plan can drop a member of a group: the pruned layers then do not fit
     assert_unchanged(model, snap)
 
 

@@ -42,7 +42,7 @@ def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     Raises:
         ConfigError: when the model starts with neither (pass ``example_inputs``).
     """
-    for fqn, m in model.named_modules():
+    for _fqn, m in model.named_modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             shape = (1, m.in_channels, *_DEFAULT_SPATIAL[len(m.kernel_size)])
             return (torch.randn(shape, dtype=m.weight.dtype, device=m.weight.device),)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from torch import fx, nn
 
 from shrink.errors import CaptureError
 from shrink.plan import fingerprint
+
+log = logging.getLogger(__name__)
 from shrink.rules import rule_for
 
 
@@ -107,8 +110,12 @@ def capture(
         train_copy = clone(model).train()
         try:
             gms.append(_trace(train_copy, leaf_types, type(model).__name__))
-        except CaptureError:
-            pass  # the train graph is a bonus; the unused layers then stay as they are
+        except CaptureError as e:
+            log.warning(
+                "shrink: layers %s run only in training and the training-mode graph could not "
+                "be traced (%s); the pruned model is verified in eval mode only",
+                unused[:5], str(e).splitlines()[0],
+            )
     return Captured(tuple(gms), inputs, fingerprint(model), on_meta)
 
 

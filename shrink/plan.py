@@ -57,12 +57,12 @@ class IndexMap:
     def positions(self, channels: Iterable[int]) -> list[int]:
         """Axis positions carrying any of ``channels``."""
         wanted = set(channels)
-        return [i for i, c in zip(self.index, self.channel) if c in wanted]
+        return [i for i, c in zip(self.index, self.channel, strict=False) if c in wanted]
 
     def to_runs(self) -> list[list[int]]:
         """Run-length encode as ``[index_start, length, channel_start, channel_step]`` rows."""
         runs: list[list[int]] = []
-        for i, c in zip(self.index, self.channel):
+        for i, c in zip(self.index, self.channel, strict=False):
             if runs:
                 start, n, c0, step = runs[-1]
                 if i == start + n:

@@ -41,7 +41,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
                 draw(mod.running_mean, lambda x: x.normal_(0, 0.2, generator=gen))
                 draw(mod.running_var, lambda x: x.uniform_(0.5, 1.5, generator=gen))
             continue
-        for name, p in mod.named_parameters(recurse=False):
+        for _name, p in mod.named_parameters(recurse=False):
             if p.ndim >= 2:
                 fan_in = p[0].numel()
                 std = math.sqrt(2.0 / max(fan_in, 1))

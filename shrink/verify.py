@@ -51,7 +51,7 @@ def relative_error(actual: Any, expected: Any) -> float:
     acts, exps = list(_tensors(actual)), list(_tensors(expected))
     if len(acts) != len(exps):
         raise VerificationError(f"pruned model returns {len(acts)} tensors, original {len(exps)}")
-    for a, e in zip(acts, exps):
+    for a, e in zip(acts, exps, strict=False):
         if a.shape != e.shape:
             raise VerificationError(
                 f"pruned model output has shape {tuple(a.shape)}, original {tuple(e.shape)}"

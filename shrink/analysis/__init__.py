@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from shrink.analysis.groups import build_groups
-from shrink.ids import Tracker
-from shrink.analysis.propagate import MetaUnsupported, pin_special_modules, propagate
+from shrink.analysis.propagate import MetaUnsupportedError, pin_special_modules, propagate
 from shrink.capture import Captured, capture
 from shrink.errors import CaptureError, ConfigError, InvariantError
+from shrink.ids import Tracker
 from shrink.plan import ChannelGroup, Side
 from shrink.rules import rule_for
 
@@ -85,7 +85,7 @@ def analyze(
     t = Tracker()
     try:
         propagate(captured, t)
-    except MetaUnsupported as e:
+    except MetaUnsupportedError as e:
         if source is None:
             raise CaptureError(
                 f"an op of the model cannot run on the meta device ({e.__cause__}); capture "

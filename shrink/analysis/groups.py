@@ -14,8 +14,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from shrink.ids import Tracker
 from shrink.errors import InvariantError
+from shrink.ids import Tracker
 from shrink.plan import ChannelGroup, IndexMap, Member, Side
 
 
@@ -54,7 +54,7 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
     label_of: dict[int, str] = {}
     for b in t.batches:
         sl = slice(b.start, b.start + b.size)
-        for r, c in zip(root[sl].tolist(), cluster[sl].tolist()):
+        for r, c in zip(root[sl].tolist(), cluster[sl].tolist(), strict=False):
             if r not in channel_of:
                 label_of.setdefault(c, b.label)
                 channel_of[r] = len(cluster_channels[c])
@@ -72,7 +72,7 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
             )
         chans = [channel_of[r] for r in rr.tolist()]
         by_cluster: dict[int, tuple[list[int], list[int]]] = {}
-        for k, (c, ch) in enumerate(zip(cl.tolist(), chans)):
+        for k, (c, ch) in enumerate(zip(cl.tolist(), chans, strict=False)):
             pos, cs = by_cluster.setdefault(c, ([], []))
             pos.append(k)
             cs.append(ch)

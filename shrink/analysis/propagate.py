@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values
 from shrink.capture import Captured, describe, source_location, to_meta
 from shrink.errors import CaptureError
+from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values
 from shrink.rules import function_rule, rule_for
 
 
@@ -34,7 +34,7 @@ def _matches(ids: Any, out: Any) -> bool:
         return isinstance(ids, Ids) and ids.shape == tuple(out.shape)
     if isinstance(out, (tuple, list)):
         return isinstance(ids, (tuple, list)) and len(ids) == len(out) and all(
-            _matches(i, o) for i, o in zip(ids, out)
+            _matches(i, o) for i, o in zip(ids, out, strict=False)
         )
     if isinstance(out, dict):
         return isinstance(ids, dict) and all(_matches(ids.get(k), v) for k, v in out.items())
@@ -129,7 +129,7 @@ class Propagator(fx.Interpreter):
         )
 
 
-class MetaUnsupported(Exception):
+class MetaUnsupportedError(Exception):
     """An op could not run on the meta device: analysis retries on a real copy."""
 
 
@@ -145,7 +145,7 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
                 prop.run(*inputs)
             except Exception as e:
                 if captured.on_meta:
-                    raise MetaUnsupported from e
+                    raise MetaUnsupportedError from e
                 shapes = [f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
                           if isinstance(x, torch.Tensor) else type(x).__name__
                           for x in captured.example_inputs]

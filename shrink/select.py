@@ -208,7 +208,7 @@ def _pick(g: ChannelGroup, scores: torch.Tensor, n_keep: int, round_to: int) -> 
     s = scores.tolist()
     if not g.blocks:
         order = sorted(range(g.size), key=lambda i: (s[i], i))
-        return tuple(sorted(order[g.size - n_keep :]))
+        return _every_layer_keeps_one(g, set(order[g.size - n_keep :]), s)
     labels = sorted(set(g.blocks))
     per_block = [[i for i in range(g.size) if g.blocks[i] == b] for b in labels]
     size_b = len(per_block[0])
@@ -220,6 +220,15 @@ def _pick(g: ChannelGroup, scores: torch.Tensor, n_keep: int, round_to: int) -> 
     for members in per_block:
         order = sorted(members, key=lambda i: (s[i], i))
         keep.extend(order[len(members) - kb :])
+    return tuple(sorted(keep))
+
+
+def _every_layer_keeps_one(g: ChannelGroup, keep: set[int], s: list[float]) -> tuple[int, ...]:
+    """A group can span several producers (cat([a(x), b(x)]) tied by a residual add): when the
+    lowest scores all fall on one of them, keep its best channel, as a layer cannot be empty."""
+    for m in g.members:
+        if m.index_map.channel and keep.isdisjoint(m.index_map.channel):
+            keep.add(max(set(m.index_map.channel), key=lambda i: (s[i], -i)))
     return tuple(sorted(keep))
 
 

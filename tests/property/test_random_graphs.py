@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 
 import shrink
 from shrink.testing import assert_unchanged, state_snapshot
-from tests.property.strategies import Spec, build, specs
+from tests.property.strategies import Block, Spec, build, specs
 
 # SHRINK_FUZZ=N runs N random (not derandomized) examples per property, for nightly fuzzing
 FUZZ = int(os.environ.get("SHRINK_FUZZ", "0"))
@@ -87,3 +87,14 @@ def test_specs_cover_every_block_kind(seed: int) -> None:
 
     collect()
     assert seen >= {"conv", "res", "cat", "split", "dw", "group", "pool", "flatten"}
+
+
+def test_issue5_a_group_spanning_two_producers_never_empties_one() -> None:
+    # cat([a(x), b(x)]) tied by a residual add: one group whose lowest scores are all a's
+    spec = Spec(1, 4, (Block("cat", 2, 5, bias=True), Block("res")), "pool", 1)
+    model, x = build(spec)
+    with torch.no_grad():
+        model.layers[0][0][0].weight.mul_(1e-3)
+    res = shrink.prune(model, (x,), shrink.make_config(0.5, importance="l1"))
+    assert res.model.layers[0][0][0].out_channels >= 1
+    assert res.model.layers[0][1][0].out_channels < 5

@@ -20,6 +20,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--suite-size", type=int, default=224, help="input side in pixels")
     group.addoption("--suite-round-to", default="1", help="round_to values (comma list)")
     group.addoption("--suite-results", type=Path, default=RESULTS, help="output directory")
+    group.addoption("--suite-exporter", default="dynamo", choices=("dynamo", "torchscript"),
+                    help="torchscript: faster exports (smoke runs)")
     group.addoption("--suite-clock", default="wall", choices=("wall", "thread", "auto"),
                     help="auto: CPU time of the timing thread for 1-thread settings (loaded "
                     "machines), wall time otherwise")

@@ -27,7 +27,8 @@ def test_latency(benchmark: Any, name: str, ratio: float, suite_results: list[Be
                       round_to=[int(k) for k in opt("--suite-round-to").split(",")])
     res = benchmark.pedantic(run_case, args=(case,),
                              kwargs={"seconds": opt("--suite-seconds"), "settings": settings,
-                                     "clock": opt("--suite-clock")},
+                                     "clock": opt("--suite-clock"),
+                                     "dynamo": opt("--suite-exporter") == "dynamo"},
                              rounds=1, iterations=1)
     suite_results.append(res)
     for r in res.rows:

@@ -64,7 +64,8 @@ def test_latency_suite_smoke_run_writes_json_csv_and_plot(tmp_path: Path) -> Non
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_latency.py", "--benchmark-only",
            "-k", "resnet18 and r0.5", "-q", "-p", "no:cacheprovider",
            "--suite-seconds", "0.05", "--suite-settings", "1x1,2x1", "--suite-size", "32",
-           "--suite-results", str(tmp_path), "--benchmark-disable-gc"]
+           "--suite-results", str(tmp_path), "--suite-exporter", "torchscript",
+           "--suite-clock", "auto", "--benchmark-disable-gc"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"latency.json", "latency.csv", "latency.png"}
@@ -72,6 +73,7 @@ def test_latency_suite_smoke_run_writes_json_csv_and_plot(tmp_path: Path) -> Non
     variants = {(r["variant"], r["batch"]) for r in rows}
     assert variants == {(v, b) for v in ("dense", "shrink", "torch-pruning") for b in (1, 2)}
     assert all(r["model"] == "resnet18" and r["ratio"] == 0.5 for r in rows)
+    assert {r["clock"] for r in rows} == {"thread"}
     with (tmp_path / "latency.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"

@@ -38,7 +38,8 @@ def _pruned(name: str, side: int) -> tuple[torch.nn.Module, torch.nn.Module, tor
     gen = torch.Generator().manual_seed(1)
     calibrate_bn_(model, lambda: (torch.randn(4, 3, side, side, generator=gen),), steps=2)
     x = torch.randn(1, 3, side, side, generator=gen)
-    small = shrink.compress(model, 0.5, (x,))
+    # the masked-oracle check of pruning itself is the zoo tests' job; this file tests export
+    small = shrink.compress(model, 0.5, (x,), verify=False)
     return model, small.eval(), x
 
 

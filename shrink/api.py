@@ -122,7 +122,9 @@ def make_config(ratio: float | int, **options: Any) -> PruneConfig:
             f"or 'params' (ratio = fraction of MACs/parameters removed); got {target!r}"
         )
     scope = options.get("scope", "local" if target == "channels" else "global")
-    round_to = options.get("round_to", 1)
+    # "auto" rounds kept counts to onnxruntime-friendly multiples (select.auto_step); a MACs or
+    # params target needs fine steps to be met, so it does not round unless asked to
+    round_to = options.get("round_to", "auto" if target == "channels" else 1)
     min_keep = options.get("min_keep", 1)
     overrides = _overrides(options.get("overrides"))
     channel_ratio = 0.0 if target != "channels" else ratio

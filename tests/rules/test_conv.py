@@ -90,7 +90,7 @@ def test_shrink_keeps_dtype_device_mode_and_requires_grad() -> None:
 
 def test_ratio_as_int_removes_that_many_channels() -> None:
     model = _stack(nn.Conv2d(8, 16, 3, padding=1))
-    res = prune_checked(model, torch.randn(1, 3, 8, 8), 3)
+    res = prune_checked(model, torch.randn(1, 3, 8, 8), 3, round_to=1)
     assert kept(res, "0:out") == 5 and kept(res, "2:out") == 13
 
 

@@ -103,7 +103,7 @@ def torch_pruning_prune(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     return model.eval()
 
 
-def build_case(name: str, ratio: float, *, round_to: Sequence[int] = (1,),
+def build_case(name: str, ratio: float, *, round_to: Sequence[int | str] = ("auto",),
                with_torch_pruning: bool = True, size: int = 224,
                factory: Callable[[str], nn.Module] = torchvision_model) -> Case:
     """Dense model plus ``shrink-r<k>`` variants (one per ``round_to``) and torch-pruning's."""
@@ -265,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(SUITE))
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
-    p.add_argument("--round-to", default="1", help="comma list; one shrink variant per value")
+    p.add_argument("--round-to", default="auto",
+                   help="comma list of ints or 'auto' (the default); one shrink variant per value")
     p.add_argument("--no-torch-pruning", action="store_true")
     p.add_argument("--seconds", type=float, default=6.0, help="interleaved budget per setting")
     p.add_argument("--settings", default="1x1", help="BATCHxTHREADS list, e.g. 1x1,1x2,32x1")
@@ -295,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in args.models.split(","):
         for ratio in map(float, args.ratios.split(",")):
-            case = build_case(name, ratio, round_to=[int(k) for k in args.round_to.split(",")],
+            case = build_case(name, ratio, round_to=[k if k == "auto" else int(k) for k in args.round_to.split(",")],
                               with_torch_pruning=not args.no_torch_pruning, size=args.size)
             res = run_case(case, seconds=args.seconds, settings=_parse_settings(args.settings),
                            backends=args.backends.split(","), clock=args.clock,

@@ -198,7 +198,7 @@ def compress(
             'params': ``ratio`` is then the fraction of MACs/parameters removed and shrink
             solves for the channel ratio; scope defaults to 'global'), ``overrides``
             ({name or glob: ratio}), ``ignore`` (names, globs or types kept intact),
-            ``round_to`` (kept counts rounded up to a multiple), ``min_keep``, ``max_ratio``
+            ``round_to`` (kept counts rounded up to a multiple; default ``"auto"``), ``min_keep``, ``max_ratio``
             (global ceiling per group), ``min_ratio`` (global floor per group), ``verify``
             (default True), ``rtol``, ``leaf_types``.
 

@@ -2,7 +2,7 @@
 
 Examples::
 
-    shrink compress torchvision:resnet50 --ratio 0.5 --round-to 16 --out resnet50-50.onnx --bench
+    shrink compress torchvision:resnet50 --ratio 0.5 --out resnet50-50.onnx --bench
     shrink analyze torchvision:mobilenet_v3_large
     shrink bench resnet50.onnx resnet50-50.onnx --batch 1,32
     shrink compress my_models.py:build --input-shape 1,3,128,128 --ratio 0.3 --out small.onnx --json
@@ -92,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--norm", type=_norm, default=2.0, help="importance norm: 1, 2 or inf")
     c.add_argument("--scope", choices=("local", "global"), default="local")
     c.add_argument("--round-to", type=int, default=None,
-                   help="round kept channel counts up to a multiple; 16 (onnxruntime's NCHWc "
-                   "block on AVX-512 x86) measured fastest in onnxruntime (default: "
-                   "shrink.compress's)")
+                   help="round kept channel counts up to a multiple (default: 'auto', i.e. 16 "
+                   "for groups of 32+ channels, 8 for 16+: onnxruntime's NCHWc block on AVX-512 "
+                   "x86, measured fastest); 1 disables rounding")
     c.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     c.add_argument("--bench", action="store_true", help="time dense vs pruned in onnxruntime")
     c.add_argument("--seconds", type=float, default=3.0, help="benchmark budget per setting")

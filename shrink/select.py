@@ -15,7 +15,8 @@ module whose *output* channels belong to the group (its producers and their norm
 matching pattern wins. A pattern matching no prunable group is an error. Under ``Global``,
 overridden groups are left out of the ranking and the budget ``ratio`` covers the other groups.
 
-Both round the kept count up to a multiple of ``round_to`` (capped at the group size), keep at
+Both round the kept count up to a multiple of ``round_to`` (capped at the group size; ``"auto"``
+picks 16 or 8 by group size, see :func:`auto_step`; grouped-conv groups are not rounded), keep at
 least ``min_keep`` channels, and respect grouped-conv blocks (every block drops the same number).
 Ties are broken by channel index (lower index dropped first), so plans are deterministic.
 """

@@ -6,6 +6,7 @@ Examples::
     shrink analyze torchvision:mobilenet_v3_large
     shrink bench resnet50.onnx resnet50-50.onnx --batch 1,32
     shrink compress my_models.py:build --input-shape 1,3,128,128 --ratio 0.3 --out small.onnx --json
+    shrink compress timm:efficientnet_b0 --ratio 0.4 --scope global --round-to 8 --out b0.onnx
 
 MODEL is ``torchvision:NAME`` (random weights with BN statistics calibrated on random data; no
 download), ``timm:NAME`` (when timm is installed), ``path/to/file.py:factory`` or

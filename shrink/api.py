@@ -18,13 +18,12 @@ from shrink.data_criteria import Activation, Taylor
 from shrink.errors import ConfigError
 from shrink.plan import Plan
 from shrink.report import Report
+from shrink.rules import rule_for
 from shrink.rewrite import apply
 from shrink.select import Global, Metric, Target, Uniform, select
 from shrink.verify import verify as verify_
 
 log = logging.getLogger(__name__)
-
-_DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
 
 
 class Result(NamedTuple):
@@ -37,19 +36,23 @@ class Result(NamedTuple):
 
 
 def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """A random example input built from the model's first conv or linear layer.
+    """A random example input built from the model's first leaf layer with parameters.
+
+    The layer's rule says what input it takes (``ModuleRule.example_input_shape``): a conv gives
+    ``(1, in_channels, 224, 224)`` (1-D: 1024, 3-D: 16x112x112), a linear ``(1, in_features)``.
 
     Raises:
-        ConfigError: when the model starts with neither (pass ``example_inputs``).
+        ConfigError: when that layer has no such rule (pass ``example_inputs``).
     """
     for _fqn, m in model.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            shape = (1, m.in_channels, *_DEFAULT_SPATIAL[len(m.kernel_size)])
-            return (torch.randn(shape, dtype=m.weight.dtype, device=m.weight.device),)
-        if isinstance(m, nn.Linear):
-            return (torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device),)
-        if isinstance(m, (nn.Embedding, nn.RNNBase, nn.MultiheadAttention)):
+        params = list(m.parameters(recurse=False))
+        if not params or next(m.children(), None) is not None:
+            continue  # containers may own tensors (a ViT's class token); layers are leaves
+        rule = rule_for(m)
+        shape = None if rule is None else rule.example_input_shape(m)
+        if shape is None:
             break
+        return (torch.randn(shape, dtype=params[0].dtype, device=params[0].device),)
     raise ConfigError(
         f"cannot infer an example input for {type(model).__name__}: it does not start with a "
         "Conv or Linear layer. Pass example_inputs=(tensor, ...) with the shapes the model takes."

@@ -94,3 +94,14 @@ def test_public_names_are_documented() -> None:
         obj = getattr(shrink, name)
         if callable(obj) and not isinstance(obj, type(shrink.Side.IN)):
             assert obj.__doc__, f"shrink.{name} has no docstring"
+
+
+def test_inferred_inputs_skip_tensors_owned_by_containers() -> None:
+    class WithToken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = nn.Parameter(torch.zeros(1, 1, 4))  # like a ViT class token
+            self.proj = nn.Conv2d(5, 4, 2)
+
+    assert shrink.infer_inputs(WithToken())[0].shape == (1, 5, 224, 224)
+    assert shrink.infer_inputs(nn.Sequential(nn.Linear(7, 2)))[0].shape == (1, 7)

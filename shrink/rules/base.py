@@ -54,6 +54,10 @@ class ModuleRule:
         """Per-channel scale factors on the OUT axis (BN gamma), for the BN-scale criterion."""
         return ()
 
+    def example_input_shape(self, m: nn.Module) -> tuple[int, ...] | None:
+        """Shape of a typical input when ``m`` is a model's first layer (for inferred inputs)."""
+        return None
+
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         """Axis of the layer's first input that carries the IN channels."""
         return 1

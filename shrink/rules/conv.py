@@ -39,8 +39,14 @@ def _kind(m: Any) -> str:
     return "grouped"
 
 
+_DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(ModuleRule):
+    def example_input_shape(self, m: nn.Module) -> tuple[int, ...] | None:
+        return (1, int(m.in_channels), *_DEFAULT_SPATIAL[len(m.kernel_size)])  # type: ignore[arg-type]
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.args[0]
         cdim = _channel_dim(m, x.ndim)

@@ -21,6 +21,9 @@ from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
 @register_rule_by_name("timm.layers.linear.Linear")  # Linear with a dtype cast in forward
 @register_rule(nn.Linear)
 class LinearRule(ModuleRule):
+    def example_input_shape(self, m: nn.Module) -> tuple[int, ...] | None:
+        return (1, int(m.in_features))  # type: ignore[arg-type]
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.args[0]
         t.member(fqn, Side.IN, channel_ids(t, x, -1))

@@ -91,7 +91,7 @@ def _criterion(importance: Any, norm: float, seed: int, options: Mapping[str, An
 
 _OPTIONS = ("norm", "importance", "seed", "scope", "ignore", "round_to", "verify", "min_keep",
             "max_ratio", "rtol", "leaf_types", "data", "loss_fn", "max_batches", "min_ratio",
-            "overrides", "target")
+            "overrides", "target", "grouped_convs")
 
 
 def _overrides(value: Any) -> tuple[tuple[str, float | int], ...]:
@@ -151,6 +151,7 @@ def make_config(ratio: float | int, **options: Any) -> PruneConfig:
         verify=bool(options.get("verify", True)),
         rtol=float(options.get("rtol", 1e-5)),
         leaf_types=as_tuple(options.get("leaf_types")),
+        grouped_convs=options.get("grouped_convs", "channels"),
     )
 
 
@@ -165,7 +166,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     """
     inputs = normalize_inputs(example_inputs)
     captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
-    analysis = analyze(captured, ignore=config.ignore, source=model)
+    analysis = analyze(captured, ignore=config.ignore, source=model,
+                       grouped_convs=config.grouped_convs)
     scores = score(analysis.groups, model, config.criterion)
     policy = config.policy
     if isinstance(policy, Target):
@@ -203,7 +205,9 @@ def compress(
             ({name or glob: ratio}), ``ignore`` (names, globs or types kept intact),
             ``round_to`` (kept counts rounded up to a multiple; default ``"auto"``), ``min_keep``, ``max_ratio``
             (global ceiling per group), ``min_ratio`` (global floor per group), ``verify``
-            (default True), ``rtol``, ``leaf_types``.
+            (default True), ``rtol``, ``leaf_types``, ``grouped_convs`` (``"channels"``, the
+            default: every conv group loses channels equally; ``"groups"``: grouped convs lose
+            whole conv groups).
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``.

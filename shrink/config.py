@@ -24,6 +24,8 @@ class PruneConfig:
         verify: check the result against the masked oracle (raises on mismatch).
         rtol: tolerance of that check.
         leaf_types: module types to keep opaque during capture.
+        grouped_convs: ``"channels"`` (default: every conv group loses the same number of
+            channels) or ``"groups"`` (whole conv groups go); see :func:`shrink.analyze`.
     """
 
     policy: Policy = field(default_factory=lambda: Uniform(0.5))
@@ -32,12 +34,17 @@ class PruneConfig:
     verify: bool = True
     rtol: float = 1e-5
     leaf_types: tuple[type[nn.Module], ...] = ()
+    grouped_convs: str = "channels"
 
     def __post_init__(self) -> None:
         if not isinstance(self.ignore, tuple):
             raise ConfigError("PruneConfig.ignore must be a tuple of names, globs or types")
         if not callable(self.criterion):
             raise ConfigError(f"criterion must be callable, got {self.criterion!r}")
+        if self.grouped_convs not in ("groups", "channels"):
+            raise ConfigError(
+                f"grouped_convs must be 'groups' or 'channels', got {self.grouped_convs!r}"
+            )
         if not self.rtol > 0:
             raise ConfigError(f"rtol must be > 0, got {self.rtol}")
 

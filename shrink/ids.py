@@ -76,7 +76,11 @@ class MemberRecord:
 class Tracker:
     """Union-find over channel ids plus what analysis records about them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, grouped_convs: str = "channels") -> None:
+        #: how grouped convolutions shrink: "groups" drops whole conv groups (each group's
+        #: input and output channels are one group channel, the layer keeps its group width);
+        #: "channels" drops the same number of channels inside every conv group
+        self.grouped_convs = grouped_convs
         self._parent = np.arange(4096, dtype=np.int64)
         self.n = 0
         self.batches: list[Batch] = []

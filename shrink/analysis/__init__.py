@@ -62,6 +62,7 @@ def analyze(
     ignore: Sequence[Ignore] = (),
     check: bool = True,
     source: nn.Module | None = None,
+    grouped_convs: str = "channels",
 ) -> Analysis:
     """Find every group of channels that must be removed together.
 
@@ -71,6 +72,10 @@ def analyze(
         check: verify the partition invariant (every module axis position in exactly one group).
         source: the original model, to re-capture on real tensors when a meta capture hits an
             op that cannot run on the meta device.
+        grouped_convs: ``"channels"`` (default): every conv group loses the same number of
+            channels and the layer keeps its group count; ``"groups"``: grouped convolutions
+            lose whole conv groups and keep their group width (fewer, wider groups; on
+            onnxruntime's CPU provider this measured slower, see ``shrink/rules/conv.py``).
 
     Returns:
         The groups (sorted in graph order) and diagnostics.
@@ -82,7 +87,9 @@ def analyze(
         >>> a = shrink.analyze(shrink.capture(model, x))
         >>> [g.id for g in a.prunable][:3]
     """
-    t = Tracker()
+    if grouped_convs not in ("groups", "channels"):
+        raise ConfigError(f"grouped_convs must be 'groups' or 'channels', got {grouped_convs!r}")
+    t = Tracker(grouped_convs=grouped_convs)
     try:
         propagate(captured, t)
     except MetaUnsupportedError as e:
@@ -92,7 +99,7 @@ def analyze(
                 "with on_meta=False or pass source= to analyze"
             ) from e
         captured = capture(source, captured.example_inputs, leaf_types=_leaf_types(captured))
-        t = Tracker()
+        t = Tracker(grouped_convs=grouped_convs)
         propagate(captured, t)
     for g in captured.graph_modules:
         pin_special_modules(g, t)

@@ -4,9 +4,13 @@
   (weight dim 1). The conv mixes channels, so the masked oracle zeroes its dropped inputs.
 * depthwise (``groups == in_channels``, ``out = k * in``): output channel ``o`` reads only input
   ``o // k``, so IN and OUT are one channel space: output ``o`` carries the id of input ``o // k``.
-* grouped (``1 < groups < in_channels``): IN and OUT are separate spaces, but each conv group
-  (block) must keep the same number of channels on each side, so both sides get a block
-  constraint and the rebuilt layer keeps ``groups``.
+* grouped (``1 < groups < in_channels``), two modes (``Tracker.grouped_convs``):
+  ``"channels"`` (default) keeps IN and OUT separate spaces with a block constraint on each side
+  (every conv group keeps the same number of channels) and keeps ``groups``; ``"groups"`` ties
+  the input and output channels of each conv group into one group channel, so whole conv groups
+  go and the rebuilt layer has fewer groups of the same width. On onnxruntime's CPU provider
+  (1 thread, regnet_y_400mf at 0.5) "channels" ran 2.73-2.83x faster than dense and "groups"
+  2.28-2.40x (2.42-2.61x unrounded), so "channels" is the default.
 * ConvTranspose: weight is ``[in, out // groups, *k]``; only ``groups == 1`` is prunable.
 """
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shrink.errors import PlanError
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
 from shrink.rules import register_rule
@@ -57,7 +62,11 @@ class ConvRule(ModuleRule):
             out_ids = np.repeat(in_ids, m.out_channels // m.in_channels)  # type: ignore[operator]
         else:
             out_ids = t.fresh(m.out_channels, f"{fqn}:out")  # type: ignore[arg-type]
-        if kind == "grouped":
+        if kind == "grouped" and t.grouped_convs == "groups":
+            g = int(m.groups)  # type: ignore[arg-type]
+            for a, b in zip(np.split(in_ids, g), np.split(out_ids, g), strict=True):
+                t.union_all(np.concatenate([a, b]))
+        elif kind == "grouped":
             t.block_constraint(fqn, in_ids, m.groups)  # type: ignore[arg-type]
             t.block_constraint(fqn, out_ids, m.groups)  # type: ignore[arg-type]
         t.member(fqn, Side.OUT, out_ids)
@@ -78,7 +87,7 @@ class ConvRule(ModuleRule):
         kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
         kind = _kind(m)
-        groups = {"dense": 1, "depthwise": len(kin), "grouped": m.groups}[kind]
+        groups = {"dense": 1, "depthwise": len(kin), "grouped": 0}[kind] or _kept_groups(m, kin, kout)
         new = type(m)(
             len(kin), len(kout), m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
             dilation=m.dilation, groups=groups, bias=m.bias is not None,  # type: ignore[arg-type]
@@ -88,7 +97,8 @@ class ConvRule(ModuleRule):
         if kind == "dense":
             w = index(w, 1, kin)
         elif kind == "grouped":
-            w = w.gather(1, _grouped_columns(m, kin, kout, w.shape))
+            cols = _grouped_columns(m, kin, kout, w.shape)
+            w = w.gather(1, cols) if cols.numel() else w
         copy_param_(new.weight, w)
         if m.bias is not None:
             copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
@@ -96,6 +106,25 @@ class ConvRule(ModuleRule):
         if m.bias is not None:
             new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
         return finish(new, m)
+
+
+def _kept_groups(m: Any, kin: list[int], kout: list[int]) -> int:
+    """Conv groups that keep channels; each must keep the same number of inputs and outputs."""
+    g = m.groups
+    ipg, opg = m.in_channels // g, m.out_channels // g
+    counts: dict[int, list[int]] = {}
+    for i in kin:
+        counts.setdefault(i // ipg, [0, 0])[0] += 1
+    for o in kout:
+        counts.setdefault(o // opg, [0, 0])[1] += 1
+    shapes = {tuple(c) for c in counts.values()}
+    if len(shapes) != 1 or 0 in next(iter(shapes)):
+        raise PlanError(
+            f"{type(m).__name__}(groups={g}): the plan keeps unequal channel counts per conv "
+            f"group {sorted(shapes)}; grouped convs need equal (inputs, outputs) in every kept "
+            "group. Re-create the plan with shrink.select."
+        )
+    return len(counts)
 
 
 def _grouped_columns(m: Any, kin: list[int], kout: list[int], wshape: torch.Size) -> torch.Tensor:
@@ -106,6 +135,8 @@ def _grouped_columns(m: Any, kin: list[int], kout: list[int], wshape: torch.Size
     for i in kin:
         local[i // ipg].append(i % ipg)
     rows = [local[o // opg] for o in kout]
+    if len(rows[0]) == ipg:
+        return torch.empty(0)  # whole groups: every column stays
     idx = torch.as_tensor(rows, dtype=torch.long, device=m.weight.device)
     return idx.reshape(len(kout), -1, *([1] * (len(wshape) - 2))).expand(
         len(kout), len(rows[0]), *wshape[2:]

@@ -56,6 +56,39 @@ def test_grouped_conv_keeps_groups_and_drops_evenly_per_group() -> None:
         assert len(set(per_block)) == 1
 
 
+@pytest.mark.parametrize("ratio", [0.5, 1])
+def test_grouped_conv_groups_mode_drops_whole_conv_groups(ratio: float) -> None:
+    # regnet/resnext-style bottleneck: 1x1 -> grouped 3x3 -> 1x1, 4 groups of 4 channels
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 5, 1))
+    res = prune_checked(model, torch.randn(2, 3, 6, 6), ratio, grouped_convs="groups",
+                        round_to=1)
+    gc = res.model[3]
+    n_groups = 2 if ratio == 0.5 else 3
+    assert (gc.in_channels, gc.out_channels, gc.groups) == (4 * n_groups, 4 * n_groups, n_groups)
+    assert res.model[0].out_channels == res.model[1].num_features == 4 * n_groups
+    assert res.model[6].in_channels == 4 * n_groups
+    # one group channel per conv group: its input and output channels go together
+    g = res.analysis.group("0:out")
+    assert g.size == 4 and not g.blocks
+    assert {(m.module, m.side) for m in g.members} >= {("3", Side.IN), ("3", Side.OUT)}
+
+
+def test_grouped_conv_groups_mode_rounds_in_layer_channels() -> None:
+    # 8 conv groups of 4 channels: round_to=8 keeps a multiple of 2 conv groups
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(32, 5, 1))
+    res = prune_checked(model, torch.randn(1, 3, 6, 6), 5, grouped_convs="groups", round_to=8)
+    assert res.model[2].groups == 4 and res.model[2].out_channels == 16
+
+
+def test_grouped_conv_shrink_rejects_unbalanced_groups() -> None:
+    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)
+    with pytest.raises(shrink.PlanError, match="unequal channel counts per conv group"):
+        rule_for(conv).shrink(conv, Keep(in_=(0, 1, 2), out=(0, 1, 2)))
+
+
 def test_conv_transpose_prunes_in_and_out() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 6, 3, stride=2),
                           nn.ReLU(), nn.Conv2d(6, 2, 1))

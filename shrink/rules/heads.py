@@ -43,7 +43,9 @@ def head_rows(kept: Sequence[int], head_dim: int, width: int, parts: int) -> tor
     return torch.cat([one + s * width for s in range(parts)])
 
 
-def sliced_linear(src: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+def sliced_linear(
+    src: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> nn.Linear:
     """A new Linear holding ``src``'s weight at ``rows`` x ``cols`` (None: all)."""
     w = src.weight if rows is None else src.weight[rows]
     w = w if cols is None else w[:, cols]
@@ -56,11 +58,31 @@ def sliced_linear(src: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor 
     return new
 
 
-def kept_heads_of_mask(mask: torch.Tensor, orig_heads: int, kept: torch.Tensor) -> torch.Tensor:
-    """A mask made for ``orig_heads`` heads (dim -3, broadcasting as in SDPA), for the kept ones."""
-    if mask.dim() >= 3 and mask.shape[-3] == orig_heads and orig_heads > 1:
+@torch.fx.wrap
+def kept_heads_of_mask(
+    mask: torch.Tensor | None, orig_heads: int, kept: torch.Tensor
+) -> torch.Tensor | None:
+    """A mask made for ``orig_heads`` heads (dim -3, broadcasting as in SDPA), for the kept ones.
+
+    Masks that broadcast over heads are returned as they are. fx records this function as one
+    call (it inspects the mask's shape, which a traced mask does not have).
+    """
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] == orig_heads and orig_heads > 1:
         return mask.index_select(-3, kept.to(mask.device))
     return mask
+
+
+@torch.fx.wrap
+def add_mask(scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Apply an SDPA-style mask (bool: True attends; float: added) or a causal mask to scores."""
+    if is_causal:
+        n, s = scores.shape[-2:]
+        return scores + scores.new_full((n, s), float("-inf")).triu_(1)
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
 
 
 def pin_all_inputs(t: Tracker, call: Call, why: str) -> None:
@@ -84,7 +106,7 @@ class PrunedTimmAttention(nn.Module):
     reduced to the kept heads; masks that broadcast over heads are used as they are.
     """
 
-    def __init__(self, src: nn.Module, kept_heads: Sequence[int]) -> None:
+    def __init__(self, src: Any, kept_heads: Sequence[int]) -> None:
         super().__init__()
         h, d = int(src.num_heads), int(src.head_dim)
         width = int(getattr(src, "attn_dim", h * d))
@@ -99,18 +121,20 @@ class PrunedTimmAttention(nn.Module):
         self.attn_dim = len(kept) * d
         self.scale = float(src.scale)
         self.fused_attn = bool(src.fused_attn)
-        self.register_buffer("kept_heads", torch.as_tensor(kept, dtype=torch.long), persistent=False)
+        self.kept_heads: torch.Tensor
+        kept_t = torch.as_tensor(kept, dtype=torch.long)
+        self.register_buffer("kept_heads", kept_t, persistent=False)
         qkv_rows = head_rows(kept, d, width, 3)
         gate_rows = head_rows(kept, d, width, 1)
         self.qkv = sliced_linear(src.qkv, qkv_rows, None)
-        self.q_norm = copy.deepcopy(src.q_norm)  # over head_dim: shared by every head
-        self.k_norm = copy.deepcopy(src.k_norm)
-        self.attn_drop = copy.deepcopy(src.attn_drop)
-        self.norm = copy.deepcopy(src.norm)
+        self.q_norm: nn.Module = copy.deepcopy(src.q_norm)  # over head_dim: shared by all heads
+        self.k_norm: nn.Module = copy.deepcopy(src.k_norm)
+        self.attn_drop: nn.Dropout = copy.deepcopy(src.attn_drop)
+        self.norm: nn.Module = copy.deepcopy(src.norm)
         src_gate = getattr(src, "gate", None)
         self.gate = None if src_gate is None else sliced_linear(src_gate, gate_rows, None)
         self.proj = sliced_linear(src.proj, None, gate_rows)
-        self.proj_drop = copy.deepcopy(src.proj_drop)
+        self.proj_drop: nn.Module = copy.deepcopy(src.proj_drop)
         self.train(src.training)
 
     def forward(
@@ -121,25 +145,19 @@ class PrunedTimmAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if attn_mask is not None:
-            attn_mask = kept_heads_of_mask(attn_mask, self.orig_num_heads, self.kept_heads)
+        attn_mask = kept_heads_of_mask(attn_mask, self.orig_num_heads, self.kept_heads)
         if self.fused_attn:
             p = self.attn_drop.p if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                                is_causal=is_causal)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if is_causal:
-                attn = attn + attn.new_full((n, n), float("-inf")).triu_(1)
-            elif attn_mask is not None and attn_mask.dtype == torch.bool:
-                attn = attn.masked_fill(~attn_mask, float("-inf"))
-            elif attn_mask is not None:
-                attn = attn + attn_mask
+            attn = add_mask((q * self.scale) @ k.transpose(-2, -1), attn_mask, is_causal)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))  # type: ignore[no-any-return]
+        out: torch.Tensor = self.proj_drop(self.proj(x))
+        return out
 
 
 class PrunedRelativePositionalMultiHeadAttention(nn.Module):
@@ -149,7 +167,7 @@ class PrunedRelativePositionalMultiHeadAttention(nn.Module):
     original ``feat_dim ** -0.5`` and each kept head keeps its column of the bias table.
     """
 
-    def __init__(self, src: nn.Module, kept_heads: Sequence[int]) -> None:
+    def __init__(self, src: Any, kept_heads: Sequence[int]) -> None:
         super().__init__()
         h, d = int(src.n_heads), int(src.head_dim)
         kept = sorted(kept_heads)
@@ -160,9 +178,10 @@ class PrunedRelativePositionalMultiHeadAttention(nn.Module):
         rows = head_rows(kept, d, h * d, 1)
         self.to_qkv = sliced_linear(src.to_qkv, head_rows(kept, d, h * d, 3), None)
         self.merge = sliced_linear(src.merge, None, rows)
-        table = src.relative_position_bias_table
+        table = src.relative_position_bias_table.detach()
         idx = torch.as_tensor(kept, dtype=torch.long, device=table.device)
-        self.relative_position_bias_table = nn.Parameter(table.detach().index_select(1, idx).clone())
+        self.relative_position_bias_table = nn.Parameter(table.index_select(1, idx).clone())
+        self.relative_position_index: torch.Tensor
         self.register_buffer("relative_position_index", src.relative_position_index.clone())
         self.train(src.training)
 
@@ -180,7 +199,7 @@ class PrunedRelativePositionalMultiHeadAttention(nn.Module):
         v = v.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4)
         attn = F.softmax(q @ k.transpose(-2, -1) + self.get_relative_positional_bias(), dim=-1)
         out = (attn @ v).permute(0, 1, 3, 2, 4).reshape(b, g, p, h * dh)
-        return self.merge(out)  # type: ignore[no-any-return]
+        return self.merge(out)
 
 
 class _HeadsRule(ModuleRule):
@@ -221,7 +240,7 @@ class _HeadsRule(ModuleRule):
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
         if side is not Side.HEADS:
             return ()
-        h, d, width = self.heads_of(m)
+        h, d, _ = self.heads_of(m)
         qkv, proj, others = self.projections(m)
         out = [
             (qkv.weight.reshape(3, h, d, -1), 1),
@@ -249,12 +268,14 @@ class TimmAttentionRule(_HeadsRule):
     label = "timm Attention"
 
     def heads_of(self, m: nn.Module) -> tuple[int, int, int]:
-        h, d = int(m.num_heads), int(m.head_dim)
-        return h, d, int(getattr(m, "attn_dim", h * d))
+        a: Any = m
+        h, d = int(a.num_heads), int(a.head_dim)
+        return h, d, int(getattr(a, "attn_dim", h * d))
 
     def blocker(self, m: nn.Module) -> str | None:
         if not isinstance(m.norm, nn.Identity):
-            return f"its {type(m.norm).__name__} over all attention channels (scale_norm) mixes heads"
+            name = type(m.norm).__name__
+            return f"its {name} over all attention channels (scale_norm) mixes heads"
         return None
 
     def projections(self, m: nn.Module) -> tuple[nn.Linear, nn.Linear, tuple[nn.Linear, ...]]:
@@ -273,7 +294,8 @@ class MaxVitAttentionRule(_HeadsRule):
     label = "MaxViT attention"
 
     def heads_of(self, m: nn.Module) -> tuple[int, int, int]:
-        h, d = int(m.n_heads), int(m.head_dim)
+        a: Any = m
+        h, d = int(a.n_heads), int(a.head_dim)
         return h, d, h * d
 
     def projections(self, m: nn.Module) -> tuple[nn.Linear, nn.Linear, tuple[nn.Linear, ...]]:
@@ -283,7 +305,8 @@ class MaxVitAttentionRule(_HeadsRule):
         base = super().score_params(m, side)
         if side is not Side.HEADS:
             return base
-        return (*base, (m.relative_position_bias_table, 1))  # type: ignore[list-item]
+        table: torch.Tensor = m.relative_position_bias_table  # type: ignore[assignment]
+        return (*base, (table, 1))
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kept = keep.resolve(Side.HEADS, self.heads_of(m)[0])

@@ -53,7 +53,8 @@ def test_timm_vit_heads_prune_exactly() -> None:
     res = prune_checked(model, x)
     for block in res.model.blocks:
         assert isinstance(block.attn, PrunedTimmAttention)
-        assert block.attn.num_heads == 2 and block.attn.head_dim == 8
+        assert block.attn.num_heads == 2
+        assert block.attn.head_dim == 8
         assert block.attn.proj.out_features == 32
     assert res.analysis.group("blocks.0.attn:heads").size == 4
     assert n_params(res.model) < n_params(model)
@@ -64,7 +65,8 @@ def test_timm_attention_pins_its_embed_dim_with_a_reason() -> None:
     block = MaskedBlock(_timm_attention())
     res = prune_checked(block, (torch.randn(2, 5, 16), torch.zeros(2, 1, 5, 5)))
     pinned = res.analysis.group("fc:out").pinned
-    assert pinned is not None and "attn (timm Attention) keeps its embed dim" in pinned
+    assert pinned is not None
+    assert "attn (timm Attention) keeps its embed dim" in pinned
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "manual"])
@@ -80,7 +82,9 @@ def test_timm_attention_with_per_head_mask_qk_norm_and_gate_prunes_exactly(
     res = prune_checked(MaskedBlock(attn), (torch.randn(2, 5, 16), mask))
     new = res.model.attn
     assert isinstance(new, PrunedTimmAttention)
-    assert new.num_heads == 2 and new.gate is not None and new.gate.out_features == 8
+    assert new.num_heads == 2
+    assert new.gate is not None
+    assert new.gate.out_features == 8
     assert new.fused_attn is fused
 
 
@@ -97,7 +101,8 @@ def test_timm_attention_with_scale_norm_keeps_its_heads() -> None:
     attn = _timm_attention(scale_norm=True, norm_layer=nn.LayerNorm)
     res = prune_checked(MaskedBlock(attn), (torch.randn(2, 5, 16), torch.zeros(2, 4, 5, 5)))
     g = res.analysis.group("attn:heads")
-    assert g.pinned is not None and "scale_norm" in g.pinned
+    assert g.pinned is not None
+    assert "scale_norm" in g.pinned
     assert not isinstance(res.model.attn, PrunedTimmAttention)
     with pytest.raises(ValueError, match="scale_norm"):
         PrunedTimmAttention(attn, [0, 1])
@@ -134,6 +139,16 @@ def test_pruned_layers_are_not_pruned_again() -> None:
     assert all(b.attn.num_heads == 2 for b in twice.model.blocks)
 
 
+@pytest.mark.parametrize("which", ["timm_vit", "maxvit"])
+def test_pruned_model_traces_through_with_plain_fx(which: str) -> None:
+    model = _tiny_vit() if which == "timm_vit" else _tiny_maxvit()
+    x = torch.randn(2, 3, 32, 32)
+    pruned = prune_checked(model, x).model.eval()
+    traced = torch.fx.symbolic_trace(pruned)  # attention traced through, not kept as a leaf
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), pruned(x))
+
+
 @pytest.mark.onnx
 @pytest.mark.parametrize("which", ["timm_vit", "maxvit"])
 def test_pruned_model_exports_to_onnx_and_matches_onnxruntime(which: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -142,4 +157,5 @@ def test_pruned_model_exports_to_onnx_and_matches_onnxruntime(which: str, tmp_pa
     x = torch.randn(2, 3, 32, 32)
     res = prune_checked(model, x)
     out = shrink.export_onnx_with_report(res.model, (x,), tmp_path / f"{which}.onnx")
-    assert out.parity is not None and out.parity.max_rel_error < 1e-4
+    assert out.parity is not None
+    assert out.parity.max_rel_error < 1e-4

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--round-to", default="1,16")
+    p.add_argument("--round-to", default="1,16", help="comma list of ints or auto")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--size", type=int, default=224)
     args = p.parse_args(argv)
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = torch.randn(1, 3, args.size, args.size)
     dense = calibrated(torchvision_model(args.model), (x,))
     variants = {"dense": dense}
-    for k in map(int, args.round_to.split(",")):
+    for k in (v if v == "auto" else int(v) for v in args.round_to.split(",")):
         small = shrink.compress(dense, args.ratio, (x,), norm=2, round_to=k, verify=False)
         variants[f"round_to={k}"] = recalibrate(small, (x,))
     with tempfile.TemporaryDirectory() as d:

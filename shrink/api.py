@@ -91,7 +91,7 @@ def _criterion(importance: Any, norm: float, seed: int, options: Mapping[str, An
 
 _OPTIONS = ("norm", "importance", "seed", "scope", "ignore", "round_to", "verify", "min_keep",
             "max_ratio", "rtol", "leaf_types", "data", "loss_fn", "max_batches", "min_ratio",
-            "overrides", "target", "grouped_convs")
+            "overrides", "target", "grouped_convs", "exact_only")
 
 
 def _overrides(value: Any) -> tuple[tuple[str, float | int], ...]:
@@ -152,6 +152,7 @@ def make_config(ratio: float | int, **options: Any) -> PruneConfig:
         rtol=float(options.get("rtol", 1e-5)),
         leaf_types=as_tuple(options.get("leaf_types")),
         grouped_convs=options.get("grouped_convs", "channels"),
+        exact_only=bool(options.get("exact_only", False)),
     )
 
 
@@ -167,7 +168,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     inputs = normalize_inputs(example_inputs)
     captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
     analysis = analyze(captured, ignore=config.ignore, source=model,
-                       grouped_convs=config.grouped_convs)
+                       grouped_convs=config.grouped_convs, exact_only=config.exact_only)
     scores = score(analysis.groups, model, config.criterion)
     policy = config.policy
     if isinstance(policy, Target):
@@ -207,7 +208,10 @@ def compress(
             (global ceiling per group), ``min_ratio`` (global floor per group), ``verify``
             (default True), ``rtol``, ``leaf_types``, ``grouped_convs`` (``"channels"``, the
             default: every conv group loses channels equally; ``"groups"``: grouped convs lose
-            whole conv groups).
+            whole conv groups), ``exact_only`` (default False: channels normalised by a
+            LayerNorm, such as a transformer's residual stream, are pruned too and the report
+            gives the measured deviation from the masked original; True keeps them, so only
+            exact groups such as heads and MLP widths shrink).
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``.

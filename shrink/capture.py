@@ -170,6 +170,9 @@ def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) 
         ) from e
     gm = fx.GraphModule(copied, graph, name)
     gm._shrink_leaf_types = tuple(leaf_types)
+    # the traced copy with its plain attributes (GraphModule keeps only modules and tensors):
+    # rules look up int attributes that forward uses as sizes (shrink.rules.structural)
+    object.__setattr__(gm, "_shrink_source", copied)
     return gm
 
 

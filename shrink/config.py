@@ -26,6 +26,8 @@ class PruneConfig:
         leaf_types: module types to keep opaque during capture.
         grouped_convs: ``"channels"`` (default: every conv group loses the same number of
             channels) or ``"groups"`` (whole conv groups go); see :func:`shrink.analyze`.
+        exact_only: prune only groups whose pruning equals the masked original (no channels
+            normalised by a LayerNorm/RMSNorm); see :func:`shrink.analyze`.
     """
 
     policy: Policy = field(default_factory=lambda: Uniform(0.5))
@@ -35,6 +37,7 @@ class PruneConfig:
     rtol: float = 1e-5
     leaf_types: tuple[type[nn.Module], ...] = ()
     grouped_convs: str = "channels"
+    exact_only: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.ignore, tuple):

@@ -98,8 +98,8 @@ class LnNorm:
         total = torch.zeros(group.size, dtype=torch.float64)
         vals: list[tuple[Any, torch.Tensor]] = []
         for m in group.members:
-            mod = modules[m.module]
-            rule = rule_for(mod)
+            mod = modules.get(m.module)
+            rule = None if mod is None else rule_for(mod)
             for tensor, dim in rule.score_params(mod, m.side) if rule else ():
                 rows = tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1)
                 v = torch.linalg.vector_norm(rows, ord=self.p, dim=1).double().cpu()
@@ -127,7 +127,7 @@ class BNScale:
         total = torch.zeros(group.size, dtype=torch.float64)
         vals = []
         for m in group.members:
-            rule = rule_for(modules[m.module])
+            rule = rule_for(modules[m.module]) if m.module in modules else None
             if rule is not None and m.side is Side.OUT:
                 for p in rule.scale_params(modules[m.module]):
                     vals.append((m, p.detach().double().abs().cpu()))

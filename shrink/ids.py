@@ -76,7 +76,16 @@ class MemberRecord:
 class Tracker:
     """Union-find over channel ids plus what analysis records about them."""
 
-    def __init__(self, *, grouped_convs: str = "channels") -> None:
+    def __init__(self, *, grouped_convs: str = "channels", exact_only: bool = False,
+                 tensor_members: bool = True) -> None:
+        #: pin channels whose pruning cannot be exact (LayerNorm statistics) instead of pruning
+        #: them as inexact groups
+        self.exact_only = exact_only
+        #: parameters/buffers used directly in forward get an id per element and become members
+        #: along the one axis their channels line up with (else they pin)
+        self.tensor_members = tensor_members
+        self.tensors: dict[str, tuple[np.ndarray, str]] = {}
+        self.deferred: list[tuple[np.ndarray, tuple[int, ...], str]] = []
         #: how grouped convolutions shrink: "groups" drops whole conv groups (each group's
         #: input and output channels are one group channel, the layer keeps its group width);
         #: "channels" drops the same number of channels inside every conv group
@@ -161,6 +170,27 @@ class Tracker:
         for x in np.unique(arr).tolist():
             if x >= 0:
                 self.pins.setdefault(x, reason)
+
+    def pin_if_channel_axis(self, arr: np.ndarray, dims: tuple[int, ...] | int, reason: str) -> None:
+        """Pin ``arr`` unless, once propagation is done, its ids along ``dims`` all belong to
+        one channel (their roots agree), i.e. unless those axes are not channel axes after all.
+
+        Ids can vary along an axis that never shrinks: a position embedding has an id per
+        element, and only the later unions show its token axis carries one channel per column.
+        Slicing or reducing such an axis is safe; slicing a real channel axis is not.
+        """
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if any(arr.shape[d] > 1 for d in dims):
+            self.deferred.append((np.array(arr, copy=True), dims, reason))
+
+    def resolve_deferred(self) -> None:
+        for arr, dims, reason in self.deferred:
+            roots = self.roots(arr.ravel()).reshape(arr.shape)
+            for d in dims:
+                if not np.array_equal(np.broadcast_to(roots.take([0], axis=d), roots.shape), roots):
+                    self.pin(arr, reason)
+                    break
+        self.deferred.clear()
 
     def mark_inexact(self, arr: np.ndarray, reason: str) -> None:
         for x in np.unique(arr).tolist():

@@ -30,11 +30,32 @@ few bytes of JSON ask for billions, so :meth:`Plan.from_dict` checks before expa
 
 
 class Side(enum.Enum):
-    """Which axis of a module a member is: input channels, output channels, or attention heads."""
+    """Which axis a member is: a module's input channels, output channels or attention heads,
+    axis ``k`` of a parameter/buffer used directly in ``forward`` (``DIM0`` ...; the member's
+    ``module`` is then the tensor's FQN, e.g. ``"encoder.pos_embedding"``), or an int attribute
+    that ``forward`` uses as a channel count (``ATTR``; ``module`` is ``"<owner>.<name>"``, e.g.
+    a ViT's ``"hidden_dim"`` in ``x.reshape(n, self.hidden_dim, -1)``: it is set to the kept
+    count)."""
 
     IN = "in"
     OUT = "out"
     HEADS = "heads"
+    DIM0 = "dim0"
+    DIM1 = "dim1"
+    DIM2 = "dim2"
+    DIM3 = "dim3"
+    DIM4 = "dim4"
+    DIM5 = "dim5"
+    ATTR = "attr"
+
+    @property
+    def tensor_axis(self) -> int | None:
+        """The axis of a tensor member, None for module members."""
+        return int(self.value[3:]) if self.value.startswith("dim") else None
+
+    @staticmethod
+    def dim(axis: int) -> Side:
+        return Side(f"dim{axis}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +352,22 @@ def describe_mismatch(plan_model: nn.Module, extents: Mapping[tuple[str, Side], 
     from shrink.rules import rule_for
 
     modules = dict(plan_model.named_modules())
+    tensors = dict(plan_model.named_parameters()) | dict(plan_model.named_buffers())
     for (fqn, side), extent in extents.items():
+        if side is Side.ATTR:
+            owner, _, attr = fqn.rpartition(".")
+            value = getattr(modules.get(owner), attr, None)
+            if value != extent:
+                return f"the plan expects attribute {fqn!r} to be {extent}, the model has {value!r}"
+            continue
+        if side.tensor_axis is not None:
+            t = tensors.get(fqn)
+            if t is None:
+                return f"the plan prunes tensor {fqn!r}, which the model does not have"
+            if side.tensor_axis >= t.ndim or t.shape[side.tensor_axis] != extent:
+                return (f"the plan expects tensor {fqn!r} to have {extent} entries on axis "
+                        f"{side.tensor_axis}, the model's has shape {tuple(t.shape)}")
+            continue
         mod = modules.get(fqn)
         if mod is None:
             return f"the plan prunes module {fqn!r}, which the model does not have"

@@ -16,6 +16,7 @@ class GroupRow:
     kept: int
     total: int
     pinned: str | None = None
+    exact: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,9 @@ class Report:
     max_rel_error: float | None = None
     oracle_dtype: str | None = None
     diagnostics: tuple[str, ...] = field(default_factory=tuple)
+    #: max relative deviation of the pruned model from the plainly masked original, when inexact
+    #: groups (channels a LayerNorm normalises) were pruned; None when every pruned group is exact
+    deviation: float | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -58,12 +62,19 @@ class Report:
             lines.append(
                 f"masked-oracle max relative error: {self.max_rel_error:.2e} ({self.oracle_dtype})"
             )
+        if self.deviation is not None:
+            lines.append(
+                f"inexact: pruned LayerNorm-normalised channels change its statistics; max "
+                f"relative deviation from the masked original {self.deviation:.2e} "
+                "(exact_only=True prunes only exact groups)"
+            )
         pruned = [g for g in self.groups if g.pinned is None]
         pinned = [g for g in self.groups if g.pinned is not None]
         lines.append(f"groups: {len(pruned)} prunable, {len(pinned)} pinned")
         width = max([len(g.id) for g in self.groups] + [5])
         for g in pruned:
-            lines.append(f"  {g.id:<{width}} {g.kept:>6} / {g.total:<6}")
+            note = "" if g.exact or g.kept == g.total else "  inexact"
+            lines.append(f"  {g.id:<{width}} {g.kept:>6} / {g.total:<6}{note}".rstrip())
         for g in pinned:
             lines.append(f"  {g.id:<{width}} pinned ({g.total}): {g.pinned}")
         return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from shrink.errors import PlanError, RewriteError
@@ -33,7 +34,11 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     check_plan(model, plan)
     replaced = _rebuild(model, plan)
     memo: dict[int, object] = {id(model.get_submodule(f)): new for f, new in replaced.items()}
-    return copy.deepcopy(model, memo)
+    for fqn, new_t in _rebuild_tensors(model, plan).items():
+        memo[id(_tensor(model, fqn))] = new_t
+    out = copy.deepcopy(model, memo)
+    _set_attributes(out, plan)
+    return out
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
@@ -53,12 +58,55 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """Prune ``model`` in place (its layers are replaced) and return it."""
     check_plan(model, plan)
+    tensors = _rebuild_tensors(model, plan)
     replaced = {id(model.get_submodule(f)): new for f, new in _rebuild(model, plan).items()}
+    for fqn, new_t in tensors.items():
+        owner_name, _, attr = fqn.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr in owner._parameters:
+            owner._parameters[attr] = new_t  # type: ignore[assignment]
+        else:
+            owner._buffers[attr] = new_t
     for mod in list(model.modules()):
         for name, child in list(mod._modules.items()):
             if child is not None and id(child) in replaced:
                 mod._modules[name] = replaced[id(child)]  # every alias of a shared layer
+    _set_attributes(model, plan)
     return model
+
+
+def _set_attributes(model: nn.Module, plan: Plan) -> None:
+    """Int attributes that forward uses as channel counts get the kept count."""
+    extents = plan.extents()
+    for (fqn, side), dropped in plan.drops().items():
+        if side is Side.ATTR:
+            owner, _, attr = fqn.rpartition(".")
+            setattr(model.get_submodule(owner), attr, extents[(fqn, side)] - len(dropped))
+
+
+def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
+    owner_name, _, attr = fqn.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    t = owner._parameters.get(attr)
+    return t if t is not None else owner._buffers[attr]  # type: ignore[return-value]
+
+
+def _rebuild_tensors(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """Sliced copies of the parameters/buffers the plan prunes (tensors used in forward)."""
+    extents = plan.extents()
+    out: dict[str, torch.Tensor] = {}
+    for (fqn, side), dropped in plan.drops().items():
+        axis = side.tensor_axis
+        if axis is None:
+            continue
+        old = out.get(fqn, _tensor(model, fqn))
+        gone = set(dropped)
+        keep = [i for i in range(extents[(fqn, side)]) if i not in gone]
+        with torch.no_grad():
+            data = old.detach().index_select(axis, torch.as_tensor(keep, device=old.device)).clone()
+        out[fqn] = (nn.Parameter(data, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter) else data)
+    return out
 
 
 def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
@@ -66,6 +114,8 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
     extents = plan.extents()
     per_module: dict[str, dict[Side, tuple[int, ...]]] = {}
     for (fqn, side), dropped in plan.drops().items():
+        if side.tensor_axis is not None or side is Side.ATTR:
+            continue
         gone = set(dropped)
         per_module.setdefault(fqn, {})[side] = tuple(
             i for i in range(extents[(fqn, side)]) if i not in gone

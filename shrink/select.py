@@ -298,7 +298,10 @@ def select(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torch.Tensor],
         # Rounding a grouped conv's group would keep whole blocks (regnet_y_400mf: 13 groups of
         # 8, round_to=8 keeps all 104 channels), and onnxruntime runs non-depthwise grouped
         # convs outside its NCHWc layout anyway, so alignment buys nothing there.
-        round_to = 1 if g.blocks else policy.round_to
+        # A head group's channels are whole heads (head_dim wide each): channel rounding does
+        # not apply to them.
+        round_to = 1 if g.blocks or any(m.side is Side.HEADS for m in g.members) \
+            else policy.round_to
         n_keep = _n_keep(g, n_drop[g.id], round_to, policy.min_keep)
         keep = _pick(g, scores[g.id], n_keep, round_to)
         if len(keep) < g.size:

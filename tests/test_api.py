@@ -11,9 +11,10 @@ from tests.helpers import n_params
 
 
 def _net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    # 32 channels: round_to="auto" rounds kept counts to 16, so half of 32 is really pruned
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
 def test_compress_returns_new_smaller_model_and_leaves_input_alone() -> None:
@@ -67,11 +68,11 @@ def test_random_importance_is_reproducible_with_seed() -> None:
 
 def test_user_scores_choose_the_channels() -> None:
     model = _net()
-    scores = {"0": torch.arange(16.0)}  # channel i scores i: the low half goes
+    scores = {"0": torch.arange(32.0)}  # channel i scores i: the low half goes
     res = shrink.prune(model, (torch.randn(1, 3, 8, 8),),
                        shrink.make_config(0.5, importance=scores))
     (d,) = [d for d in res.plan.decisions if d.group == "0:out"]
-    assert d.keep == tuple(range(8, 16))
+    assert d.keep == tuple(range(16, 32))
     assert not [d for d in res.plan.decisions if d.group != "0:out"]  # unscored groups stay
 
 

@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import nn
 
 from shrink.analysis.groups import build_groups
@@ -63,6 +64,7 @@ def analyze(
     check: bool = True,
     source: nn.Module | None = None,
     grouped_convs: str = "channels",
+    exact_only: bool = False,
 ) -> Analysis:
     """Find every group of channels that must be removed together.
 
@@ -76,6 +78,8 @@ def analyze(
             channels and the layer keeps its group count; ``"groups"``: grouped convolutions
             lose whole conv groups and keep their group width (fewer, wider groups; on
             onnxruntime's CPU provider this measured slower, see ``shrink/rules/conv.py``).
+        exact_only: pin channels that cannot be pruned exactly (normalised by a LayerNorm or
+            RMSNorm) instead of making them inexact groups.
 
     Returns:
         The groups (sorted in graph order) and diagnostics.
@@ -89,7 +93,7 @@ def analyze(
     """
     if grouped_convs not in ("groups", "channels"):
         raise ConfigError(f"grouped_convs must be 'groups' or 'channels', got {grouped_convs!r}")
-    t = Tracker(grouped_convs=grouped_convs)
+    t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only)
     try:
         propagate(captured, t)
     except MetaUnsupportedError as e:
@@ -99,14 +103,22 @@ def analyze(
                 "with on_meta=False or pass source= to analyze"
             ) from e
         captured = capture(source, captured.example_inputs, leaf_types=_leaf_types(captured))
-        t = Tracker(grouped_convs=grouped_convs)
+        t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only)
         propagate(captured, t)
+    t.resolve_deferred()
+    _tensor_members(t)
     for g in captured.graph_modules:
         pin_special_modules(g, t)
     _pin_ignored(captured.graph_modules, t, ignore)
     modules = {f: m for g in captured.graph_modules for f, m in g.named_modules()}
     extents: dict[tuple[str, Side], int] = {}
     for fqn, side in t.members:
+        if side.tensor_axis is not None:
+            extents[(fqn, side)] = int(t.tensors[fqn][0].shape[side.tensor_axis])
+            continue
+        if side is Side.ATTR:
+            extents[(fqn, side)] = len(t.members[(fqn, side)].ids)
+            continue
         rule = rule_for(modules[fqn])
         ext = None if rule is None else rule.extent(modules[fqn], side)
         if ext is None:
@@ -117,6 +129,29 @@ def analyze(
         _check_partition(groups)
     diags = tuple(Diagnostic(sev, msg) for sev, msg in dict.fromkeys(t.diagnostics))
     return Analysis(captured.fingerprint, groups, diags)
+
+
+def _tensor_members(t: Tracker) -> None:
+    """A parameter/buffer used directly in forward (a ViT's position embedding, ConvNeXt's layer
+    scale) had an id per element. If its ids line up with one axis (every slice along the others
+    is one channel, distinct channels along it), that axis is a member and the tensor is sliced
+    with its group; otherwise nothing says how to slice it, so its channels are pinned."""
+    for name, (full, reason) in t.tensors.items():
+        roots = t.roots(full.ravel()).reshape(full.shape)
+        axis = None
+        for a in sorted(range(full.ndim), key=lambda d: (-full.shape[d], d)):
+            if full.shape[a] < 2:
+                continue
+            line = roots[tuple(slice(None) if d == a else slice(0, 1) for d in range(full.ndim))]
+            if np.array_equal(np.broadcast_to(line, roots.shape), roots) and len(
+                np.unique(line)
+            ) == full.shape[a]:
+                axis = a
+                break
+        if axis is None or axis > 5:
+            t.pin(full.ravel(), reason + " and its elements do not line up with one channel axis")
+            continue
+        t.member(name, Side.dim(axis), line.ravel())
 
 
 def _leaf_types(captured: Captured) -> tuple[type[nn.Module], ...]:

@@ -42,6 +42,7 @@ def _matches(ids: Any, out: Any) -> bool:
 
 
 _MAX_PARAM_IDS = 65_536
+_MAX_TENSOR_IDS = 1 << 22
 
 
 class Propagator(fx.Interpreter):
@@ -76,9 +77,16 @@ class Propagator(fx.Interpreter):
                 f"tensor {n.target!r} is used directly in forward at {source_location(n)}, "
                 "not through a layer with a rule"
             )
+            shape = tuple(out.shape)
+            if str(n.target) in t.tensors:  # used again
+                return Ids(t.tensors[str(n.target)][0], shape)
+            if t.tensor_members and out.is_floating_point() and out.numel() <= _MAX_TENSOR_IDS:
+                # an id per element; analysis later finds the axis they line up with
+                full = t.fresh(out.numel(), str(n.target)).reshape(shape)
+                t.tensors[str(n.target)] = (full, reason)
+                return Ids(full, shape)
             # ids vary along the tensor's longest axis (its likely channel axis), so the report
             # shows true group sizes without an id per element
-            shape = tuple(out.shape)
             axis = max(range(len(shape)), key=lambda d: (shape[d], d)) if shape else 0
             if not shape or shape[axis] > _MAX_PARAM_IDS:
                 return t.fresh_pinned(shape, n.name, reason)

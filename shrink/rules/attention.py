@@ -2,8 +2,12 @@
 
 A head ``h`` owns rows ``[h*d, (h+1)*d)`` of each of the q, k and v projections (``d`` the head
 dim) and the same columns of ``out_proj``. Heads are independent until ``out_proj`` sums them, so
-dropping a head is exact: the masked oracle zeroes the head's ``out_proj`` columns. The embed
-dim (the residual stream) is not pruned through attention: its channels are pinned.
+dropping a head is exact: the masked oracle zeroes the head's ``out_proj`` columns.
+
+Self-attention (query, key and value the same tensor, one fused ``in_proj_weight``) also lets its
+embed dim follow the residual stream: the input channels are the columns of the q, k and v
+projections (IN) and the output channels the rows of ``out_proj`` (OUT). Other layouts
+(cross-attention, ``kdim``/``vdim``) keep their embed dim pinned.
 
 ``nn.MultiheadAttention`` requires ``embed_dim == num_heads * head_dim``, so a model with fewer
 heads needs another layer: :class:`PrunedMultiheadAttention` has the same call signature and
@@ -35,11 +39,14 @@ class PrunedMultiheadAttention(nn.Module):
     count still apply.
     """
 
-    def __init__(self, src: nn.MultiheadAttention, kept_heads: Sequence[int]) -> None:
+    def __init__(self, src: nn.MultiheadAttention, kept_heads: Sequence[int],
+                 kept_in: Sequence[int] | None = None, kept_out: Sequence[int] | None = None) -> None:
         super().__init__()
         e, h = src.embed_dim, src.num_heads
         d = e // h
-        self.embed_dim, self.num_heads, self.head_dim = e, len(kept_heads), d
+        cols = torch.as_tensor(list(range(e)) if kept_in is None else list(kept_in))
+        outs = torch.as_tensor(list(range(e)) if kept_out is None else list(kept_out))
+        self.embed_dim, self.num_heads, self.head_dim = len(outs), len(kept_heads), d
         self.batch_first = src.batch_first
         self.dropout = src.dropout
         self.orig_num_heads = h
@@ -51,19 +58,21 @@ class PrunedMultiheadAttention(nn.Module):
         kw = w[e : 2 * e] if w is not None else src.k_proj_weight
         vw = w[2 * e :] if w is not None else src.v_proj_weight
         b = src.in_proj_bias
+        if kept_in is not None:  # self-attention: q, k and v read the same (pruned) input
+            qw, kw, vw = qw[:, cols], kw[:, cols], vw[:, cols]
         self.q_proj = nn.Linear(qw.shape[1], inner, bias=b is not None, device=qw.device, dtype=qw.dtype)
         self.k_proj = nn.Linear(kw.shape[1], inner, bias=b is not None, device=qw.device, dtype=qw.dtype)
         self.v_proj = nn.Linear(vw.shape[1], inner, bias=b is not None, device=qw.device, dtype=qw.dtype)
-        self.out_proj = nn.Linear(inner, e, bias=src.out_proj.bias is not None,
+        self.out_proj = nn.Linear(inner, len(outs), bias=src.out_proj.bias is not None,
                                   device=qw.device, dtype=qw.dtype)
         with torch.no_grad():
             for proj, weight, k in ((self.q_proj, qw, 0), (self.k_proj, kw, 1), (self.v_proj, vw, 2)):
                 proj.weight.copy_(weight[rows])
                 if b is not None:
                     proj.bias.copy_(b[k * e : (k + 1) * e][rows])
-            self.out_proj.weight.copy_(src.out_proj.weight[:, rows])
+            self.out_proj.weight.copy_(src.out_proj.weight[outs][:, rows])
             if src.out_proj.bias is not None:
-                self.out_proj.bias.copy_(src.out_proj.bias)
+                self.out_proj.bias.copy_(src.out_proj.bias[outs])
         self.train(src.training)
 
     def forward(
@@ -136,18 +145,29 @@ class MultiheadAttentionRule(ModuleRule):
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         names = ("query", "key", "value")
         qkv = [call.arg(i, n) for i, n in enumerate(names)]
+        nodes = [call.node.args[i] if i < len(call.node.args) else call.node.kwargs.get(n)
+                 for i, n in enumerate(names)]
+        self_attn = (m._qkv_same_embed_dim and nodes[0] is nodes[1] is nodes[2]
+                     and isinstance(qkv[0], Ids) and m.bias_k is None and not m.add_zero_attn)
         why = f"{fqn} (MultiheadAttention) keeps its embed dim; its heads are pruned instead"
-        for x in qkv:
-            if isinstance(x, Ids):
-                t.pin(channel_ids(t, x, -1), why)
+        if self_attn:
+            t.member(fqn, Side.IN, channel_ids(t, qkv[0], -1))
+        else:
+            for x in qkv:
+                if isinstance(x, Ids):
+                    t.pin(channel_ids(t, x, -1), why)
         heads = t.fresh(m.num_heads, f"{fqn}:heads")  # type: ignore[arg-type]
         t.member(fqn, Side.HEADS, heads)
         blocker = self._blocker(m, call)
         if blocker:
             t.pin(heads, f"heads of {fqn} stay: {blocker}")
         out, weights = call.out
-        out_ids = ids_on_axis(t.fresh(m.embed_dim, f"{fqn}:out"), tuple(out.shape), -1)  # type: ignore[arg-type]
-        t.pin(out_ids.a, why)
+        out_1d = t.fresh(m.embed_dim, f"{fqn}:out")  # type: ignore[arg-type]
+        out_ids = ids_on_axis(out_1d, tuple(out.shape), -1)
+        if self_attn:
+            t.member(fqn, Side.OUT, out_1d)
+        else:
+            t.pin(out_ids.a, why)
         w_ids = None
         if isinstance(weights, torch.Tensor):
             w_ids = t.fresh_pinned(tuple(weights.shape), f"{fqn}:weights", "attention weights")
@@ -165,11 +185,16 @@ class MultiheadAttentionRule(ModuleRule):
         return None
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
-        return int(m.num_heads) if side is Side.HEADS else None  # type: ignore[arg-type]
+        return int(m.num_heads if side is Side.HEADS else m.embed_dim)  # type: ignore[call-overload]
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return ndim - 1
 
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
-        if side is not Side.HEADS:
-            return ()
+        if side is Side.IN:
+            return ((m.in_proj_weight, 1),)  # type: ignore[return-value]
+        if side is Side.OUT:
+            return ((m.out_proj.weight, 0),)  # type: ignore[union-attr, return-value]
         e, h = m.embed_dim, m.num_heads
         d = e // h  # type: ignore[operator]
         out = m.out_proj.weight.reshape(e, h, d).transpose(0, 1)  # type: ignore[union-attr]
@@ -179,6 +204,15 @@ class MultiheadAttentionRule(ModuleRule):
         return ((m.q_proj_weight.reshape(h, d, -1), 0), (out, 0))  # type: ignore[union-attr]
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
+        if side is Side.IN:  # query, key and value are the same input: zero it in all three
+            idx = torch.as_tensor(list(dropped), dtype=torch.long)
+
+            def hook(mod: nn.Module, args: tuple[Any, ...]) -> Any:
+                x = args[0].index_fill(-1, idx.to(args[0].device), 0)
+                return (x, x, x, *args[3:])
+
+            m.register_forward_pre_hook(hook)
+            return
         if side is not Side.HEADS:
             return
         d = m.embed_dim // m.num_heads  # type: ignore[operator]
@@ -188,7 +222,7 @@ class MultiheadAttentionRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kept = keep.resolve(Side.HEADS, m.num_heads)  # type: ignore[arg-type]
-        return finish(PrunedMultiheadAttention(m, kept), m)  # type: ignore[arg-type]
+        return finish(PrunedMultiheadAttention(m, kept, keep.in_, keep.out), m)  # type: ignore[arg-type]
 
 
 @register_rule(PrunedMultiheadAttention)

@@ -4,8 +4,14 @@ BatchNorm1d/2d/3d (and InstanceNorm with per-channel affine) normalise each chan
 so their one axis (dim 1 of the input, dim 0 of every parameter and running statistic) is the
 same channel space as their input and output: exact under the masked oracle.
 
-LayerNorm and GroupNorm compute statistics across channels: removing one changes every other
-output, so the channels they normalise are pinned (the report names the layer).
+LayerNorm and RMSNorm over one channel axis (``nn.LayerNorm(C)``, ``nn.RMSNorm(C)``, and the
+channels-first ``LayerNorm2d`` of torchvision's ConvNeXt and of timm) compute statistics across
+channels: removing one changes every other output, so pruning through them cannot equal the
+masked original. By default their channels are still pruned, as an *inexact* group: the rebuilt
+norm normalises over the kept channels, the masked oracle does the same (``mask_``), so the
+rewrite is still checked exactly, and :func:`shrink.verify` measures how far the pruned model is
+from the plainly masked original (``Report.deviation``). ``exact_only=True`` pins them instead.
+GroupNorm, LocalResponseNorm and multi-axis LayerNorms stay pinned.
 """
 
 from __future__ import annotations
@@ -91,7 +97,76 @@ class BatchNormActRule(BatchNormRule):
         return finish(new, m)
 
 
-@register_rule(nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+@register_rule(nn.LayerNorm, nn.RMSNorm)
+class LayerNormRule(ModuleRule):
+    """LayerNorm/RMSNorm over the last axis: an inexact member (see the module docstring)."""
+
+    exact = False
+    channel_axis = -1
+
+    def _axis(self, ndim: int) -> int:
+        return self.channel_axis % ndim
+
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        if len(m.normalized_shape) != 1 or len(call.args) > 1:  # type: ignore[arg-type]
+            return ChannelMixingNormRule().propagate(t, fqn, m, call)
+        cid = channel_ids(t, x, self._axis(x.ndim))
+        t.member(fqn, Side.OUT, cid)
+        why = (
+            f"{fqn} ({type(m).__name__}) at {call.where} normalises over channels: pruning them "
+            "changes its statistics"
+        )
+        if t.exact_only:
+            t.pin(cid, why + " (exact_only=True keeps them)")
+        else:
+            t.mark_inexact(cid, why + ", so the pruned model differs from the masked original "
+                           "by the deviation the report gives (exact_only=True keeps them)")
+        return x
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return int(m.normalized_shape[0]) if side is Side.OUT else None  # type: ignore[index]
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return self._axis(ndim)
+
+    def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
+        """The oracle normalises over the kept channels only, as the pruned layer does."""
+        n = int(m.normalized_shape[0])  # type: ignore[index]
+        gone = set(dropped)
+        kept = torch.as_tensor([i for i in range(n) if i not in gone], dtype=torch.long)
+        small = self.shrink(m, Keep(out=tuple(kept.tolist())))
+        rule = self
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            axis = rule._axis(x.ndim)
+            k = kept.to(x.device)
+            y = type(small).forward(small, x.index_select(axis, k))
+            return torch.zeros_like(out).index_copy(axis, k, y)
+
+        m.register_forward_hook(hook)
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        kout = keep.resolve(Side.OUT, int(m.normalized_shape[0]))  # type: ignore[index]
+        new = copy.deepcopy(m)  # a norm layer is small; keeps its class, hooks and extras
+        new.normalized_shape = (len(kout),)
+        for name in ("weight", "bias"):
+            old = m._parameters.get(name)
+            if old is not None:
+                new._parameters[name] = nn.Parameter(index(old.detach(), 0, kout).clone(),
+                                                     requires_grad=old.requires_grad)
+        return finish(new, m)
+
+
+@register_rule_by_name("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d")
+class LayerNorm2dRule(LayerNormRule):
+    """Channels-first LayerNorm (normalises dim 1 of NCHW)."""
+
+    channel_axis = 1
+
+
+@register_rule(nn.GroupNorm, nn.LocalResponseNorm)
 class ChannelMixingNormRule(ModuleRule):
     """Pins the channels it normalises: statistics over channels are not channel-separable."""
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
 from shrink.ids import Call, Ids, Tracker, compress, iter_ids, make_ids
+from shrink.plan import Side
 from shrink.rules import register_function, register_rule
 from shrink.rules.base import ModuleRule
 
@@ -109,7 +110,7 @@ def _split_like(t: Tracker, call: Call, dim: int, equal_ok: bool, why: str) -> A
             t.union(pieces[0].a, p.a)
         return pieces
     reason = f"{call.name} at {call.where} {why}"
-    t.pin(x.a, reason)
+    t.pin_if_channel_axis(x.a, dim, reason)
     return pieces
 
 
@@ -166,7 +167,8 @@ def getitem(t: Tracker, call: Call) -> Any:
         if obj.varies(d):
             full = isinstance(i, slice) and range(size)[i] == range(size)
             if not full:
-                t.pin(obj.a, f"{call.name} at {call.where} slices a channel axis with fixed bounds")
+                t.pin_if_channel_axis(obj.a, d, f"{call.name} at {call.where} slices a channel "
+                                      "axis with fixed bounds")
             np_idx.append(i)
         else:
             np_idx.append(0 if isinstance(i, int) else slice(None))
@@ -184,6 +186,34 @@ def _target_args(call: Call) -> list[Any]:
     return args
 
 
+_WIDTH_WORDS = ("dim", "channel", "feature", "width", "embed", "hidden", "planes")
+
+
+def _size_attribute(call: Call, value: int) -> str | None:
+    """``"<owner fqn>.<name>"`` when exactly one int attribute of the module whose ``forward``
+    made this call equals the literal ``value`` (``self.hidden_dim``), else None."""
+    stack = call.node.meta.get("nn_module_stack") or {}
+    owner_fqn = ""
+    if stack:
+        entry = list(stack.values())[-1]
+        owner_fqn = entry[0] if isinstance(entry, tuple) else str(entry)
+    gm = call.node.graph.owning_module
+    root = getattr(gm, "_shrink_source", None)
+    try:
+        owner = root.get_submodule(owner_fqn) if root is not None else None
+    except AttributeError:
+        return None
+    if owner is None or value < 2:
+        return None
+    names = [k for k, v in vars(owner).items()
+             if type(v) is int and v == value and not k.startswith("_")]
+    if len(names) > 1:  # ViT(image_size=32, hidden_dim=32): prefer the one named like a width
+        names = [k for k in names if any(h in k.lower() for h in _WIDTH_WORDS)]
+    if len(names) != 1:
+        return None
+    return f"{owner_fqn}.{names[0]}" if owner_fqn else names[0]
+
+
 def _reshape(t: Tracker, call: Call, literal_args: list[Any] | None) -> Any:
     x: Ids = call.args[0]
     out_shape = _shape(call.out)
@@ -197,7 +227,15 @@ def _reshape(t: Tracker, call: Call, literal_args: list[Any] | None) -> Any:
             if not isinstance(literal_args[d], fx.Node) and literal_args[d] != -1
         ]
         free = [d for d in varying if d not in fixed]
-        if fixed and not free:
+        attr = _size_attribute(call, out_shape[fixed[0]]) if len(fixed) == 1 and not free else None
+        if attr is not None:
+            # the literal is an int attribute of the module doing the reshape: it follows
+            # pruning when rewritten to the kept count
+            d = fixed[0]
+            line = arr[tuple(slice(None) if k == d else slice(0, 1) for k in range(arr.ndim))]
+            t.union(np.broadcast_to(line, arr.shape), arr)
+            t.member(attr, Side.ATTR, line.ravel())
+        elif fixed and not free:
             t.pin(arr, f"{call.name} at {call.where} reshapes channels to the literal size "
                        f"{out_shape[fixed[0]]}, which cannot follow pruning")
         elif len(free) > 1:
@@ -336,8 +374,7 @@ def reduce(t: Tracker, call: Call) -> Any:
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     dims = tuple(sorted({_dim(int(d), x.ndim) for d in dims}))
     a = x.a
-    if any(a.shape[d] > 1 for d in dims):
-        t.pin(a, f"{call.name} at {call.where} reduces across channels")
+    t.pin_if_channel_axis(a, dims, f"{call.name} at {call.where} reduces across channels")
     for d in dims:
         a = a.take([0], axis=d)
     if not keepdim:
@@ -353,10 +390,13 @@ def reduce(t: Tracker, call: Call) -> Any:
 def along_dim(t: Tracker, call: Call) -> Any:
     x: Ids = call.args[0]
     d = call.arg(1, "dim")
-    if d is None or x.varies(_dim(int(d), x.ndim)) or x.shape != _shape(call.out):
-        t.pin(x.a, f"{call.name} at {call.where} mixes values across a channel axis")
+    why = f"{call.name} at {call.where} mixes values across a channel axis"
+    if d is None or x.shape != _shape(call.out):
+        t.pin(x.a, why)
         if x.shape != _shape(call.out):
             return _fresh_like(t, call.out, call.name, "output of a channel-mixing op")
+        return x
+    t.pin_if_channel_axis(x.a, _dim(int(d), x.ndim), why)
     return x
 
 
@@ -365,8 +405,8 @@ class SoftmaxModuleRule(ModuleRule):
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x: Ids = call.args[0]
         d = m.dim if m.dim is not None else -1  # type: ignore[union-attr]
-        if x.varies(_dim(int(d), x.ndim)):  # type: ignore[arg-type]
-            t.pin(x.a, f"{fqn} ({type(m).__name__}) at {call.where} mixes channels")
+        t.pin_if_channel_axis(x.a, _dim(int(d), x.ndim),  # type: ignore[arg-type]
+                              f"{fqn} ({type(m).__name__}) at {call.where} mixes channels")
         return x
 
 

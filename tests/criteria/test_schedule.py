@@ -31,7 +31,7 @@ def test_each_step_prunes_what_remains_and_finetune_runs_between_steps() -> None
         calls.append((step, model[0].out_channels))
 
     x = (torch.randn(1, 3, 8, 8),)
-    out = shrink.prune_iteratively(_net(), x, shrink.make_config(0.75), steps=2,
+    out = shrink.prune_iteratively(_net(), x, shrink.make_config(0.75, round_to=1), steps=2,
                                    finetune=finetune)
     assert calls == [(0, 8), (1, 4)]  # 16 -> 8 -> 4: each step halves what is left
     assert [g.size for g in out.steps[1].plan.groups if g.id == "0:out"] == [8]

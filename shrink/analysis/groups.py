@@ -94,8 +94,9 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
     groups = []
     seen: dict[str, int] = {}
     for c, chans in sorted(cluster_channels.items(), key=lambda kv: _first_batch(kv[1], root, t)):
-        if not members.get(c):
-            continue
+        if not any(m.side.tensor_axis is None and m.side is not Side.ATTR
+                   for m in members.get(c, ())):
+            continue  # no layer: only tensors/attributes that follow whatever owns the channels
         label = label_of[c]
         k = seen.get(label, 0)
         seen[label] = k + 1

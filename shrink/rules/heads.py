@@ -43,6 +43,10 @@ def head_rows(kept: Sequence[int], head_dim: int, width: int, parts: int) -> tor
     return torch.cat([one + s * width for s in range(parts)])
 
 
+def _idx(keep: Sequence[int] | None) -> torch.Tensor | None:
+    return None if keep is None else torch.as_tensor(list(keep), dtype=torch.long)
+
+
 def sliced_linear(
     src: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None
 ) -> nn.Linear:
@@ -85,8 +89,8 @@ def add_mask(scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -
     return scores + mask
 
 
-def pin_all_inputs(t: Tracker, call: Call, why: str) -> None:
-    for x in iter_ids((call.args, call.kwargs)):
+def pin_all_inputs(t: Tracker, call: Call, why: str, skip_first: bool = False) -> None:
+    for x in iter_ids((call.args[1:] if skip_first else call.args, call.kwargs)):
         t.pin(x.a, why)
 
 
@@ -106,7 +110,8 @@ class PrunedTimmAttention(nn.Module):
     reduced to the kept heads; masks that broadcast over heads are used as they are.
     """
 
-    def __init__(self, src: Any, kept_heads: Sequence[int]) -> None:
+    def __init__(self, src: Any, kept_heads: Sequence[int], kept_in: Sequence[int] | None = None,
+                 kept_out: Sequence[int] | None = None) -> None:
         super().__init__()
         h, d = int(src.num_heads), int(src.head_dim)
         width = int(getattr(src, "attn_dim", h * d))
@@ -126,14 +131,14 @@ class PrunedTimmAttention(nn.Module):
         self.register_buffer("kept_heads", kept_t, persistent=False)
         qkv_rows = head_rows(kept, d, width, 3)
         gate_rows = head_rows(kept, d, width, 1)
-        self.qkv = sliced_linear(src.qkv, qkv_rows, None)
+        self.qkv = sliced_linear(src.qkv, qkv_rows, _idx(kept_in))
         self.q_norm: nn.Module = copy.deepcopy(src.q_norm)  # over head_dim: shared by all heads
         self.k_norm: nn.Module = copy.deepcopy(src.k_norm)
         self.attn_drop: nn.Dropout = copy.deepcopy(src.attn_drop)
         self.norm: nn.Module = copy.deepcopy(src.norm)
         src_gate = getattr(src, "gate", None)
-        self.gate = None if src_gate is None else sliced_linear(src_gate, gate_rows, None)
-        self.proj = sliced_linear(src.proj, None, gate_rows)
+        self.gate = None if src_gate is None else sliced_linear(src_gate, gate_rows, _idx(kept_in))
+        self.proj = sliced_linear(src.proj, _idx(kept_out), gate_rows)
         self.proj_drop: nn.Module = copy.deepcopy(src.proj_drop)
         self.train(src.training)
 
@@ -167,7 +172,8 @@ class PrunedRelativePositionalMultiHeadAttention(nn.Module):
     original ``feat_dim ** -0.5`` and each kept head keeps its column of the bias table.
     """
 
-    def __init__(self, src: Any, kept_heads: Sequence[int]) -> None:
+    def __init__(self, src: Any, kept_heads: Sequence[int], kept_in: Sequence[int] | None = None,
+                 kept_out: Sequence[int] | None = None) -> None:
         super().__init__()
         h, d = int(src.n_heads), int(src.head_dim)
         kept = sorted(kept_heads)
@@ -176,8 +182,8 @@ class PrunedRelativePositionalMultiHeadAttention(nn.Module):
         self.size, self.max_seq_len = int(src.size), int(src.max_seq_len)
         self.scale_factor = float(src.scale_factor)
         rows = head_rows(kept, d, h * d, 1)
-        self.to_qkv = sliced_linear(src.to_qkv, head_rows(kept, d, h * d, 3), None)
-        self.merge = sliced_linear(src.merge, None, rows)
+        self.to_qkv = sliced_linear(src.to_qkv, head_rows(kept, d, h * d, 3), _idx(kept_in))
+        self.merge = sliced_linear(src.merge, _idx(kept_out), rows)
         table = src.relative_position_bias_table.detach()
         idx = torch.as_tensor(kept, dtype=torch.long, device=table.device)
         self.relative_position_bias_table = nn.Parameter(table.index_select(1, idx).clone())
@@ -222,22 +228,37 @@ class _HeadsRule(ModuleRule):
         raise NotImplementedError
 
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
-        why = f"{fqn} ({self.label}) keeps its embed dim; its heads are pruned instead"
+        # the embed dim follows the residual stream: IN = qkv (and gate) columns, OUT = the
+        # output projection's rows
         x = call.arg(0, "x")
+        pin_all_inputs(t, call, f"{fqn} ({self.label}) does not prune its mask input",
+                       skip_first=True)
         if isinstance(x, Ids):
-            t.pin(channel_ids(t, x, -1), why)
-        pin_all_inputs(t, call, f"{fqn} ({self.label}) does not prune its mask input")
+            t.member(fqn, Side.IN, channel_ids(t, x, -1))
         heads = t.fresh(self.heads_of(m)[0], f"{fqn}:heads")
         t.member(fqn, Side.HEADS, heads)
         blocker = self.blocker(m)
         if blocker:
             t.pin(heads, f"heads of {fqn} stay: {blocker}")
-        return pinned_output(t, fqn, call, why)
+        shape = tuple(call.out.shape)
+        out = t.fresh(shape[-1], f"{fqn}:out")
+        t.member(fqn, Side.OUT, out)
+        return ids_on_axis(out, shape, -1)
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
-        return self.heads_of(m)[0] if side is Side.HEADS else None
+        qkv, proj, _ = self.projections(m)
+        return {Side.HEADS: self.heads_of(m)[0], Side.IN: qkv.in_features,
+                Side.OUT: proj.out_features}.get(side)
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return ndim - 1
 
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
+        if side is Side.IN:
+            qkv, _, others = self.projections(m)
+            return ((qkv.weight, 1), *((lin.weight, 1) for lin in others))
+        if side is Side.OUT:
+            return ((self.projections(m)[1].weight, 0),)
         if side is not Side.HEADS:
             return ()
         h, d, _ = self.heads_of(m)
@@ -252,6 +273,9 @@ class _HeadsRule(ModuleRule):
         return tuple(out)
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
+        if side is Side.IN:
+            super().mask_(m, side, dropped)  # zero the dropped input channels
+            return
         if side is not Side.HEADS:
             return
         d = self.heads_of(m)[1]
@@ -284,7 +308,7 @@ class TimmAttentionRule(_HeadsRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kept = keep.resolve(Side.HEADS, self.heads_of(m)[0])
-        return finish(PrunedTimmAttention(m, kept), m)
+        return finish(PrunedTimmAttention(m, kept, keep.in_, keep.out), m)
 
 
 @register_rule_by_name(MAXVIT_ATTENTION)
@@ -310,7 +334,7 @@ class MaxVitAttentionRule(_HeadsRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kept = keep.resolve(Side.HEADS, self.heads_of(m)[0])
-        return finish(PrunedRelativePositionalMultiHeadAttention(m, kept), m)
+        return finish(PrunedRelativePositionalMultiHeadAttention(m, kept, keep.in_, keep.out), m)
 
 
 @register_rule(PrunedTimmAttention, PrunedRelativePositionalMultiHeadAttention)

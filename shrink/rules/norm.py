@@ -98,6 +98,8 @@ class BatchNormActRule(BatchNormRule):
 
 
 @register_rule(nn.LayerNorm, nn.RMSNorm)
+@register_rule_by_name("timm.layers.norm.LayerNorm", "timm.layers.norm.LayerNormFp32",
+                       "timm.layers.norm.RmsNorm", "timm.layers.norm.RmsNormFp32")
 class LayerNormRule(ModuleRule):
     """LayerNorm/RMSNorm over the last axis: an inexact member (see the module docstring)."""
 
@@ -159,7 +161,9 @@ class LayerNormRule(ModuleRule):
         return finish(new, m)
 
 
-@register_rule_by_name("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d")
+@register_rule_by_name("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d",
+                       "timm.layers.norm.LayerNorm2dFp32", "timm.layers.norm.RmsNorm2d",
+                       "timm.layers.norm.RmsNorm2dFp32")
 class LayerNorm2dRule(LayerNormRule):
     """Channels-first LayerNorm (normalises dim 1 of NCHW)."""
 

@@ -22,13 +22,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules import register_rule, register_rule_by_name
+from shrink.rules import register_function, register_rule, register_rule_by_name
 from shrink.rules.base import Keep, ModuleRule, copy_param_, finish
 
 _TV = "torchvision.models.swin_transformer"
@@ -118,7 +119,8 @@ def window_attention(
     out = (attn @ v).transpose(1, 2).reshape(b * nh * nw, n, heads * head_dim)
     out = F.dropout(F.linear(out, proj_weight, proj_bias), p=dropout, training=training)
 
-    out = out.view(b, nh, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+    c_out = out.shape[-1]  # the output width (the input's unless the embed dim was pruned)
+    out = out.view(b, nh, nw, wh, ww, c_out).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c_out)
     if shifted:
         out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
     return out[:, :h, :w, :].contiguous()
@@ -138,14 +140,17 @@ class PrunedShiftedWindowAttention(nn.Module):
     ``kept_heads`` records which heads of the original layer remain.
     """
 
-    def __init__(self, src: Any, kept_heads: Sequence[int]) -> None:
+    def __init__(self, src: Any, kept_heads: Sequence[int], kept_in: Sequence[int] | None = None,
+                 kept_out: Sequence[int] | None = None) -> None:
         super().__init__()
         qkv_src: nn.Linear = src.qkv
         proj_src: nn.Linear = src.proj
         c, h = int(proj_src.out_features), int(src.num_heads)
         d = c // h
         kept = [int(k) for k in kept_heads]
-        self.embed_dim, self.num_heads, self.head_dim = c, len(kept), d
+        kin = list(range(c)) if kept_in is None else [int(i) for i in kept_in]
+        kout = list(range(c)) if kept_out is None else [int(i) for i in kept_out]
+        self.embed_dim, self.num_heads, self.head_dim = len(kout), len(kept), d
         self.kept_heads = tuple(kept)
         self.window_size = [int(s) for s in src.window_size]
         self.shift_size = [int(s) for s in src.shift_size]
@@ -156,12 +161,15 @@ class PrunedShiftedWindowAttention(nn.Module):
         cols = torch.tensor([k * d + i for k in kept for i in range(d)], device=ref.device)
         rows = torch.cat([cols + p * c for p in range(3)])
         inner = len(kept) * d
-        self.qkv = nn.Linear(c, 3 * inner, bias=qkv_src.bias is not None, device=dev, dtype=dt)
-        self.proj = nn.Linear(inner, c, bias=proj_src.bias is not None, device=dev, dtype=dt)
-        copy_param_(self.qkv.weight, qkv_src.weight[rows])
+        ins, outs = torch.tensor(kin, device=ref.device), torch.tensor(kout, device=ref.device)
+        self.qkv = nn.Linear(len(kin), 3 * inner, bias=qkv_src.bias is not None, device=dev,
+                             dtype=dt)
+        self.proj = nn.Linear(inner, len(kout), bias=proj_src.bias is not None, device=dev,
+                              dtype=dt)
+        copy_param_(self.qkv.weight, qkv_src.weight[rows][:, ins])
         copy_param_(self.qkv.bias, None if qkv_src.bias is None else qkv_src.bias[rows])
-        copy_param_(self.proj.weight, proj_src.weight[:, cols])
-        copy_param_(self.proj.bias, proj_src.bias)
+        copy_param_(self.proj.weight, proj_src.weight[outs][:, cols])
+        copy_param_(self.proj.bias, None if proj_src.bias is None else proj_src.bias[outs])
         self.register_buffer("relative_position_index", src.relative_position_index.clone())
         heads = torch.tensor(kept, device=ref.device)
         self.v2 = getattr(src, "logit_scale", None) is not None
@@ -212,18 +220,26 @@ def _dims(m: Any) -> tuple[int, int, int]:
 @register_rule_by_name(f"{_TV}.ShiftedWindowAttention", f"{_TV}.ShiftedWindowAttentionV2")
 class ShiftedWindowAttentionRule(ModuleRule):
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
-        why = f"{fqn} ({type(m).__name__}) keeps its embed dim; its heads are pruned instead"
+        # the embed dim follows the residual stream: IN = qkv columns, OUT = proj rows
         x = call.arg(0, "x")
-        if isinstance(x, Ids):
-            t.pin(channel_ids(t, x, -1), why)
         c, h, _ = _dims(m)
+        blocker = self._blocker(m)
+        why = f"{fqn} ({type(m).__name__}) keeps its embed dim: {blocker}"
+        if isinstance(x, Ids):
+            if blocker:
+                t.pin(channel_ids(t, x, -1), why)
+            else:
+                t.member(fqn, Side.IN, channel_ids(t, x, -1))
         heads = t.fresh(h, f"{fqn}:heads")
         t.member(fqn, Side.HEADS, heads)
-        blocker = self._blocker(m)
         if blocker:
             t.pin(heads, f"heads of {fqn} stay: {blocker}")
-        out = ids_on_axis(t.fresh(c, f"{fqn}:out"), tuple(call.out.shape), -1)
-        t.pin(out.a, why)
+        out_1d = t.fresh(c, f"{fqn}:out")
+        out = ids_on_axis(out_1d, tuple(call.out.shape), -1)
+        if blocker:
+            t.pin(out.a, why)
+        else:
+            t.member(fqn, Side.OUT, out_1d)
         return out
 
     @staticmethod
@@ -240,18 +256,26 @@ class ShiftedWindowAttentionRule(ModuleRule):
         return None
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
-        return _dims(m)[1] if side is Side.HEADS else None
+        return _dims(m)[1] if side is Side.HEADS else _dims(m)[0]
+
+    def in_axis(self, m: nn.Module, ndim: int) -> int:
+        return ndim - 1
 
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
-        if side is not Side.HEADS:
-            return ()
         sw: Any = m
+        if side is Side.IN:
+            return ((sw.qkv.weight, 1),)
+        if side is Side.OUT:
+            return ((sw.proj.weight, 0),)
         c, h, d = _dims(m)
         qkv = sw.qkv.weight.reshape(3, h, d, c).transpose(0, 1)  # head, (q k v), d, C
         proj = sw.proj.weight.reshape(c, h, d).transpose(0, 1)  # head, C, d
         return ((qkv, 0), (proj, 0))
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
+        if side is Side.IN:
+            super().mask_(m, side, dropped)  # zero the dropped input channels
+            return
         if side is not Side.HEADS:
             return
         sw: Any = m
@@ -262,7 +286,7 @@ class ShiftedWindowAttentionRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kept = keep.resolve(Side.HEADS, _dims(m)[1])
-        return finish(PrunedShiftedWindowAttention(m, kept), m)
+        return finish(PrunedShiftedWindowAttention(m, kept, keep.in_, keep.out), m)
 
 
 @register_rule(PrunedShiftedWindowAttention)
@@ -275,3 +299,18 @@ class PrunedShiftedWindowAttentionRule(ModuleRule):
             t.pin(x.a, f"{fqn} (PrunedShiftedWindowAttention) is not pruned again")
         return t.fresh_pinned(tuple(call.out.shape), f"{fqn}:out",
                               "PrunedShiftedWindowAttention output")
+
+
+@register_function(f"{_TV}._patch_merging_pad")
+def patch_merging_pad(t: Tracker, call: Call) -> Any:
+    """torchvision's Swin patch merging: pad H and W to even, then concatenate the four 2x2
+    phases along channels, so output channel ``k * C + c`` carries input channel ``c``."""
+    x = call.args[0]
+    out_shape = tuple(call.out.shape)
+    if not isinstance(x, Ids) or x.ndim < 3 or x.a.shape[-3] > 1 or x.a.shape[-2] > 1:
+        why = f"{call.name} at {call.where}: patch merging of ids that vary along H or W"
+        if isinstance(x, Ids):
+            t.pin(x.a, why)
+        return t.fresh_pinned(out_shape, call.name, why)
+    a = np.concatenate([x.a] * 4, axis=-1)
+    return Ids(a, out_shape)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import shrink
+from shrink.plan import Side
 from shrink.rules import rule_for
 from shrink.rules.heads import (
     PrunedRelativePositionalMultiHeadAttention,
@@ -55,18 +56,20 @@ def test_timm_vit_heads_prune_exactly() -> None:
         assert isinstance(block.attn, PrunedTimmAttention)
         assert block.attn.num_heads == 2
         assert block.attn.head_dim == 8
-        assert block.attn.proj.out_features == 32
+        assert block.attn.proj.out_features == 16  # the residual stream (LayerNorm): halved
     assert res.analysis.group("blocks.0.attn:heads").size == 4
     assert n_params(res.model) < n_params(model)
     assert res.report.macs_after < 0.7 * res.report.macs_before
 
 
-def test_timm_attention_pins_its_embed_dim_with_a_reason() -> None:
+def test_timm_attention_embed_dim_follows_its_input_and_output_channels() -> None:
     block = MaskedBlock(_timm_attention())
     res = prune_checked(block, (torch.randn(2, 5, 16), torch.zeros(2, 1, 5, 5)))
-    pinned = res.analysis.group("fc:out").pinned
-    assert pinned is not None
-    assert "attn (timm Attention) keeps its embed dim" in pinned
+    g = res.analysis.group("fc:out")  # the attention's input channels: prunable, exactly
+    assert g.prunable and g.exact and ("attn", Side.IN) in {(m.module, m.side) for m in g.members}
+    attn = res.model.attn
+    assert attn.qkv.in_features == 8 and attn.proj.out_features == 16  # output: residual with x
+    assert "model input" in (res.analysis.group("input:x").pinned or "")  # attn out + x
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "manual"])
@@ -103,7 +106,7 @@ def test_timm_attention_with_scale_norm_keeps_its_heads() -> None:
     g = res.analysis.group("attn:heads")
     assert g.pinned is not None
     assert "scale_norm" in g.pinned
-    assert not isinstance(res.model.attn, PrunedTimmAttention)
+    assert res.model.attn.num_heads == 4  # all heads stay (the embed dim may still shrink)
     with pytest.raises(ValueError, match="scale_norm"):
         PrunedTimmAttention(attn, [0, 1])
 

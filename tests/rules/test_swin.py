@@ -44,7 +44,7 @@ def _attentions(model: nn.Module) -> dict[str, nn.Module]:
 def test_swin_attention_heads_halve_and_match_the_masked_oracle(
         version: str, shape: tuple[int, ...]) -> None:
     model = _tiny(version)
-    res = prune_checked(model, torch.randn(*shape))
+    res = prune_checked(model, torch.randn(*shape), exact_only=True)
     before, after = _attentions(model), _attentions(res.model)
     assert sorted(before) == sorted(after)
     assert len(after) == 4
@@ -60,12 +60,25 @@ def test_swin_attention_heads_halve_and_match_the_masked_oracle(
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))
-def test_swin_embed_dim_is_pinned_by_the_attention_rule(version: str) -> None:
+def test_swin_residual_stream_prunes_through_attention_and_patch_merging(version: str) -> None:
+    model = _tiny(version)
+    res = prune_checked(model, torch.randn(1, 3, 32, 32))
+    after = _attentions(res.model)
+    for attn in after.values():
+        assert attn.qkv.in_features == attn.proj.out_features == attn.embed_dim
+    first, second = (res.model.features[k][0].attn for k in (1, 3))
+    assert first.embed_dim == 12 and second.embed_dim == 24  # half of 24 and 48
+    assert res.report is not None and res.report.deviation is not None  # LayerNorm: inexact
+
+
+@pytest.mark.parametrize("version", sorted(VERSIONS))
+def test_swin_embed_dim_is_pinned_with_exact_only(version: str) -> None:
     model = _tiny(version, depths=(2,))
-    analysis = shrink.analyze(shrink.capture(model, (torch.randn(1, 3, 16, 16),)))
+    analysis = shrink.analyze(shrink.capture(model, (torch.randn(1, 3, 16, 16),)),
+                              exact_only=True)
     reasons = " ".join(g.pinned or "" for g in analysis.groups)
-    assert "features.1.0.attn" in reasons
-    assert "keeps its embed dim; its heads are pruned instead" in reasons
+    assert "LayerNorm" in reasons and "exact_only" in reasons
+    assert not any(g.prunable and not g.exact for g in analysis.groups)
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))
@@ -112,7 +125,8 @@ def test_head_scores_slice_q_k_v_rows_and_proj_columns_of_each_head() -> None:
         rows = [part * 12 + h * 4 + i for part in range(3) for i in range(4)]
         torch.testing.assert_close(qkv.select(qkv_dim, h).reshape(12, 12), w[rows])
         torch.testing.assert_close(proj.select(proj_dim, h), p[:, h * 4 : (h + 1) * 4])
-    assert rule.score_params(attn, Side.IN) == ()
+    ((w_in, in_dim),) = rule.score_params(attn, Side.IN)
+    assert w_in is w and in_dim == 1  # input channels: the columns of qkv
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))

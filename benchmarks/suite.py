@@ -105,8 +105,10 @@ def torch_pruning_prune(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
 def build_case(name: str, ratio: float, *, round_to: Sequence[int | str] = ("auto",),
                with_torch_pruning: bool = True, size: int = 224,
-               factory: Callable[[str], nn.Module] = torchvision_model) -> Case:
-    """Dense model plus ``shrink-r<k>`` variants (one per ``round_to``) and torch-pruning's."""
+               factory: Callable[[str], nn.Module] = torchvision_model,
+               exact_only: bool = False) -> Case:
+    """Dense model plus ``shrink-r<k>`` variants (one per ``round_to``) and torch-pruning's;
+    with ``exact_only`` also a ``shrink-exact`` variant (LayerNorm-normalised channels kept)."""
     inputs = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),)
     dense = calibrated(factory(name), inputs)
     variants: dict[str, nn.Module] = {}
@@ -116,6 +118,10 @@ def build_case(name: str, ratio: float, *, round_to: Sequence[int | str] = ("aut
         small = shrink.compress(dense, ratio, inputs, norm=2, round_to=k)
         log.info("%s@%.2f: %s in %.1f s", name, ratio, label, time.perf_counter() - t0)
         variants[label] = recalibrate(small, inputs)
+    if exact_only:
+        small = shrink.compress(dense, ratio, inputs, norm=2, round_to=round_to[0],
+                                exact_only=True)
+        variants["shrink-exact"] = recalibrate(small, inputs)
     if with_torch_pruning:
         variants["torch-pruning"] = recalibrate(torch_pruning_prune(dense, inputs, ratio), inputs)
     return Case(name, ratio, inputs, dense, variants)
@@ -268,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--round-to", default="auto",
                    help="comma list of ints or 'auto' (the default); one shrink variant per value")
     p.add_argument("--no-torch-pruning", action="store_true")
+    p.add_argument("--exact-only", action="store_true",
+                   help="also time shrink with exact_only=True (transformers: heads and MLP only)")
     p.add_argument("--seconds", type=float, default=6.0, help="interleaved budget per setting")
     p.add_argument("--settings", default="1x1", help="BATCHxTHREADS list, e.g. 1x1,1x2,32x1")
     p.add_argument("--backends", default="ort-cpu")
@@ -297,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models.split(","):
         for ratio in map(float, args.ratios.split(",")):
             case = build_case(name, ratio, round_to=[k if k == "auto" else int(k) for k in args.round_to.split(",")],
-                              with_torch_pruning=not args.no_torch_pruning, size=args.size)
+                              with_torch_pruning=not args.no_torch_pruning, size=args.size,
+                              exact_only=args.exact_only)
             res = run_case(case, seconds=args.seconds, settings=_parse_settings(args.settings),
                            backends=args.backends.split(","), clock=args.clock,
                            dynamo=args.exporter == "dynamo")

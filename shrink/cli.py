@@ -7,6 +7,7 @@ Examples::
     shrink bench resnet50.onnx resnet50-50.onnx --batch 1,32
     shrink compress my_models.py:build --input-shape 1,3,128,128 --ratio 0.3 --out small.onnx --json
     shrink compress timm:efficientnet_b0 --ratio 0.4 --scope global --round-to 8 --out b0.onnx
+    shrink compress torchvision:vit_b_16 --ratio 0.5 --exact-only --out vit-heads-mlp.onnx
 
 MODEL is ``torchvision:NAME`` (random weights with BN statistics calibrated on random data; no
 download), ``timm:NAME`` (when timm is installed), ``path/to/file.py:factory`` or
@@ -94,8 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--scope", choices=("local", "global"), default="local")
     c.add_argument("--round-to", type=int, default=None,
                    help="round kept channel counts up to a multiple (default: 'auto', i.e. 16 "
-                   "for groups of 32+ channels, 8 for 16+: onnxruntime's NCHWc block on AVX-512 "
-                   "x86, measured fastest); 1 disables rounding")
+                   "for groups of 16+ channels: onnxruntime's NCHWc block on AVX-512 x86, "
+                   "measured fastest); 1 disables rounding")
+    c.add_argument("--exact-only", action="store_true",
+                   help="keep channels a LayerNorm normalises (transformer residual streams): "
+                   "the result then equals the masked original exactly; by default they are "
+                   "pruned too and the report gives the measured deviation")
+    c.add_argument("--grouped-convs", choices=("channels", "groups"), default="channels",
+                   help="grouped convs lose channels inside every conv group (default) or whole "
+                   "conv groups")
     c.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     c.add_argument("--bench", action="store_true", help="time dense vs pruned in onnxruntime")
     c.add_argument("--seconds", type=float, default=3.0, help="benchmark budget per setting")
@@ -268,7 +276,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     inputs = _inputs(model, args.input_shape)
-    options: dict[str, Any] = {"norm": args.norm, "scope": args.scope}
+    options: dict[str, Any] = {"norm": args.norm, "scope": args.scope,
+                               "exact_only": args.exact_only, "grouped_convs": args.grouped_convs}
     if args.round_to is not None:
         options["round_to"] = args.round_to
     res = shrink.prune(model, inputs, shrink.make_config(args.ratio, **options))

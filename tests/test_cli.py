@@ -227,3 +227,32 @@ def test_help_lists_subcommands_and_examples(capsys: pytest.CaptureFixture[str])
 def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert "required" in capsys.readouterr().err
+
+
+VIT = '''
+import torchvision
+
+
+def tiny_vit():
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1,
+                                                num_heads=4, hidden_dim=32, mlp_dim=64,
+                                                num_classes=5)
+'''
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("exact_only", [False, True])
+def test_compress_transformer_reports_deviation_unless_exact_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], exact_only: bool) -> None:
+    (tmp_path / "vit_models.py").write_text(VIT)
+    out = tmp_path / "vit.onnx"
+    flags = ["--exact-only"] if exact_only else []
+    rc = cli.main(["compress", f"{tmp_path / 'vit_models.py'}:tiny_vit", "--ratio", "0.5",
+                   "--round-to", "1", "--input-shape", "1,3,32,32", "--out", str(out), "--json",
+                   *flags])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads(text)
+    assert report["export"]["parity"]["max_rel_error"] < 1e-4
+    assert report["report"]["max_rel_error"] < 1e-5
+    assert (report["report"]["deviation"] is None) == exact_only

@@ -96,8 +96,14 @@ def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
 
     def run(m: nn.Module, inputs: tuple[Any, ...]) -> int:
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            m(*inputs)
+        # nn.MultiheadAttention's inference fast path is one fused op the counter does not see
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad(), counter:
+                m(*inputs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
         return int(counter.get_total_flops()) // 2
 
     try:

@@ -87,3 +87,22 @@ def test_pruned_vit_exports_to_onnx_and_matches_onnxruntime(tmp_path) -> None:  
     out = shrink.export_onnx_with_report(res.model, (torch.randn(2, 3, 32, 32),),
                                          tmp_path / "vit.onnx")
     assert out.parity is not None and out.parity.max_rel_error < 1e-4
+
+
+def test_count_macs_sees_multihead_attention_in_eval_mode() -> None:
+    # nn.MultiheadAttention's eval fast path is one fused op: the count must still include the
+    # q/k/v and output projections (4 * L * E^2) and the two attention matmuls (2 * L^2 * E)
+    from shrink.report import count_macs
+
+    e, length = 16, 5
+    mha = nn.MultiheadAttention(e, 4, batch_first=True).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    assert count_macs(Wrap(), (torch.randn(1, length, e),)) == 4 * length * e * e + 2 * length**2 * e

@@ -98,8 +98,16 @@ def supported_ops() -> dict[str, list[str]]:
 
 
 # Importing the rule families registers them.
-from shrink.rules import attention, conv, linear, norm, pointwise, structural  # noqa: E402, F401
-from shrink.rules import swin  # noqa: E402, F401
-from shrink.rules import heads  # noqa: E402, F401
+from shrink.rules import (  # noqa: E402, F401
+    attention,
+    conv,
+    heads,
+    layers,
+    linear,
+    norm,
+    pointwise,
+    structural,
+    swin,
+)
 
 __all__ = ["Keep", "ModuleRule", "function_rule", "register_function", "register_rule", "rule_for"]

@@ -1,0 +1,57 @@
+"""InstanceNorm, per-channel PReLU and Embedding prune exactly (masked oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import kept, prune_checked
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_instance_norm_prunes_with_its_channels(dim: int, affine: bool) -> None:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    norm = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dim]
+    model = nn.Sequential(conv(3, 8, 3, padding=1), norm(8, affine=affine,
+                                                       track_running_stats=affine),
+                          nn.ReLU(), conv(8, 2, 1))
+    res = prune_checked(model, torch.randn(2, 3, *([5] * dim)), 0.5)
+    assert kept(res, "0:out") == 4
+    new = res.model[1]
+    assert type(new) is norm and new.num_features == 4
+    if affine:
+        assert new.weight.shape == (4,) and new.running_mean.shape == (4,)
+
+
+def test_per_channel_prelu_slices_its_slopes_and_shared_prelu_passes_through() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 8, 1), nn.PReLU(),
+                          nn.Conv2d(8, 2, 1))
+    with torch.no_grad():
+        model[1].weight.uniform_(-1, 1)
+    res = prune_checked(model, torch.randn(2, 3, 6, 6), 0.5)
+    assert res.model[1].num_parameters == 4 and res.model[1].weight.shape == (4,)
+    assert res.model[3].num_parameters == 1 and res.model[2].out_channels == 4
+
+
+def test_embedding_features_prune_like_linear_outputs() -> None:
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 16, padding_idx=0)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.emb(idx)).mean(1))
+
+    res = prune_checked(Bag(), torch.randint(0, 20, (4, 7)), 0.5)
+    assert res.model.emb.embedding_dim == 8 and res.model.emb.weight.shape == (20, 8)
+    assert res.model.emb.padding_idx == 0 and res.model.fc.in_features == 8
+
+
+def test_embedding_with_max_norm_keeps_its_features() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Flatten(), nn.Linear(24, 2))
+    res = prune_checked(model, torch.randint(0, 10, (2, 3)), 0.5)
+    g = res.analysis.group("0:out")
+    assert g.pinned is not None and "max_norm" in g.pinned

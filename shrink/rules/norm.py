@@ -11,7 +11,7 @@ masked original. By default their channels are still pruned, as an *inexact* gro
 norm normalises over the kept channels, the masked oracle does the same (``mask_``), so the
 rewrite is still checked exactly, and :func:`shrink.verify` measures how far the pruned model is
 from the plainly masked original (``Report.deviation``). ``exact_only=True`` pins them instead.
-GroupNorm, LocalResponseNorm and multi-axis LayerNorms stay pinned.
+GroupNorm loses whole groups (exact); LocalResponseNorm and multi-axis LayerNorms stay pinned.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,7 +171,42 @@ class LayerNorm2dRule(LayerNormRule):
     channel_axis = 1
 
 
-@register_rule(nn.GroupNorm, nn.LocalResponseNorm)
+@register_rule(nn.GroupNorm)
+class GroupNormRule(ModuleRule):
+    """GroupNorm normalises each group of ``C / G`` channels on its own: dropping a whole group
+    is exact (the others' statistics do not change), dropping part of one is not. So the
+    channels of each group are tied into one group channel, and the rebuilt layer has fewer
+    groups of the same width."""
+
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        cid = channel_ids(t, x, 1)
+        for block in np.split(cid, int(m.num_groups)):  # type: ignore[arg-type]
+            t.union_all(block)
+        t.member(fqn, Side.OUT, cid)
+        return x
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return int(m.num_channels) if side is Side.OUT else None  # type: ignore[arg-type]
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        c, g = int(m.num_channels), int(m.num_groups)  # type: ignore[arg-type]
+        kout = keep.resolve(Side.OUT, c)
+        width = c // g
+        if len(kout) % width or any(k // width != kout[i - i % width] // width
+                                    for i, k in enumerate(kout)):
+            raise ValueError(f"GroupNorm({g}, {c}) can only lose whole groups of {width} channels")
+        new = copy.deepcopy(m)
+        new.num_channels, new.num_groups = len(kout), len(kout) // width
+        for name in ("weight", "bias"):
+            old = m._parameters.get(name)
+            if old is not None:
+                new._parameters[name] = nn.Parameter(index(old.detach(), 0, kout).clone(),
+                                                     requires_grad=old.requires_grad)
+        return finish(new, m)
+
+
+@register_rule(nn.LocalResponseNorm)
 class ChannelMixingNormRule(ModuleRule):
     """Pins the channels it normalises: statistics over channels are not channel-separable."""
 

@@ -55,3 +55,23 @@ def test_embedding_with_max_norm_keeps_its_features() -> None:
     res = prune_checked(model, torch.randint(0, 10, (2, 3)), 0.5)
     g = res.analysis.group("0:out")
     assert g.pinned is not None and "max_norm" in g.pinned
+
+
+def test_group_norm_loses_whole_groups_exactly() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                          nn.Conv2d(16, 2, 1))
+    res = prune_checked(model, torch.randn(2, 3, 5, 5), 0.5)
+    g = res.analysis.group("0:out")
+    assert g.size == 4 and g.exact  # one group channel per GroupNorm group of 4 channels
+    gn = res.model[1]
+    assert (gn.num_groups, gn.num_channels, gn.weight.shape) == (2, 8, (8,))
+    assert res.model[0].out_channels == res.model[3].in_channels == 8
+
+
+def test_group_norm_shrink_refuses_partial_groups() -> None:
+    from shrink.rules import rule_for
+    from shrink.rules.base import Keep
+
+    gn = nn.GroupNorm(2, 8)
+    with pytest.raises(ValueError, match="whole groups"):
+        rule_for(gn).shrink(gn, Keep(out=(0, 1, 4, 5)))

@@ -81,7 +81,6 @@ def test_channel_preserving_op_prunes_exactly(name: str) -> None:
 PINNING: dict[str, tuple[Callable[[], Sandwich], str]] = {
     "layernorm": (lambda: Sandwich(lambda y: F.layer_norm(y, y.shape[1:])), "layer_norm"),
     "layernorm_module": (lambda: Sandwich(nn.Sequential(nn.Flatten(2), nn.Identity())), ""),
-    "groupnorm": (lambda: Sandwich(nn.GroupNorm(2, 8)), "GroupNorm"),
     "channel_softmax": (lambda: Sandwich(lambda y: torch.softmax(y, dim=1)), "across"),
     "channel_sum": (lambda: Sandwich(lambda y: y.sum(1, keepdim=True).expand_as(y)), "across"),
     "channel_slice": (lambda: Sandwich(lambda y: y[:, :4], c_mid=4), "fixed bounds"),

@@ -10,6 +10,7 @@ from torch import nn
 
 import shrink
 from shrink.plan import Plan, Side
+from shrink.report import count_macs
 from shrink.verify import masked_reference, relative_error
 from tests.helpers import kept, n_params, prune_checked
 
@@ -155,6 +156,20 @@ def test_tiny_vit_exact_only_prunes_heads_and_mlp_but_not_the_stream() -> None:
     assert p.encoder.layers[0].self_attention.num_heads == 2
     assert p.encoder.layers[0].mlp[0].out_features == 32
     assert res.report.deviation is None
+
+
+@pytest.mark.parametrize("exact_only", [False, True], ids=["inexact", "exact_only"])
+def test_macs_before_counts_the_original_model_not_the_masked_reference(exact_only: bool) -> None:
+    # zoo run 2026-11-28: vit_b_32 reported 4.363G MACs before with inexact groups, 4.409G with
+    # exact_only=True: the masked reference's attention matmuls were not counted
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                        hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+    x = (torch.randn(2, 3, 32, 32),)
+    res = shrink.prune(model, x, shrink.make_config(0.5, exact_only=exact_only))
+    assert res.report is not None
+    assert res.report.macs_before == count_macs(model, x)
+    assert res.report.params_before == n_params(model)
 
 
 def test_literal_size_that_is_no_attribute_still_pins() -> None:

@@ -18,8 +18,8 @@ from shrink.data_criteria import Activation, Taylor
 from shrink.errors import ConfigError
 from shrink.plan import Plan
 from shrink.report import Report
-from shrink.rules import rule_for
 from shrink.rewrite import apply
+from shrink.rules import rule_for
 from shrink.select import Global, Metric, Target, Uniform, select
 from shrink.verify import verify as verify_
 
@@ -204,7 +204,8 @@ def compress(
             'params': ``ratio`` is then the fraction of MACs/parameters removed and shrink
             solves for the channel ratio; scope defaults to 'global'), ``overrides``
             ({name or glob: ratio}), ``ignore`` (names, globs or types kept intact),
-            ``round_to`` (kept counts rounded up to a multiple; default ``"auto"``), ``min_keep``, ``max_ratio``
+            ``round_to`` (kept counts rounded up to a multiple; default ``"auto"``),
+            ``min_keep``, ``max_ratio``
             (global ceiling per group), ``min_ratio`` (global floor per group), ``verify``
             (default True), ``rtol``, ``leaf_types``, ``grouped_convs`` (``"channels"``, the
             default: every conv group loses channels equally; ``"groups"``: grouped convs lose

@@ -171,7 +171,8 @@ class Tracker:
             if x >= 0:
                 self.pins.setdefault(x, reason)
 
-    def pin_if_channel_axis(self, arr: np.ndarray, dims: tuple[int, ...] | int, reason: str) -> None:
+    def pin_if_channel_axis(self, arr: np.ndarray, dims: tuple[int, ...] | int,
+                            reason: str) -> None:
         """Pin ``arr`` unless, once propagation is done, its ids along ``dims`` all belong to
         one channel (their roots agree), i.e. unless those axes are not channel axes after all.
 

@@ -104,7 +104,9 @@ class IndexMap:
         for run in runs:
             start, n, c0, step = (int(v) for v in run)
             if n < 0 or step not in (0, 1):
-                raise PlanError(f"invalid index run {list(run)!r}: length must be >= 0, step 0 or 1")
+                raise PlanError(
+                    f"invalid index run {list(run)!r}: length must be >= 0, step 0 or 1"
+                )
             index.extend(range(start, start + n))
             channel.extend(c0 + step * k for k in range(n))
         return cls(tuple(index), tuple(channel))
@@ -202,7 +204,8 @@ class Plan:
                 continue
             for m in g.members:
                 out.setdefault((m.module, m.side), set()).update(m.index_map.positions(dropped))
-        return {k: sorted(v) for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1].value))}
+        ordered = sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1].value))
+        return {k: sorted(v) for k, v in ordered}
 
     def extents(self) -> dict[tuple[str, Side], int]:
         return {(m.module, m.side): m.extent for g in self.groups for m in g.members}

@@ -127,7 +127,8 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
         if rule is None:
             raise PlanError(f"plan prunes {fqn!r} ({type(old).__name__}), which has no rule")
         try:
-            new = rule.shrink(old, Keep(keeps.get(Side.IN), keeps.get(Side.OUT), keeps.get(Side.HEADS)))
+            new = rule.shrink(old, Keep(keeps.get(Side.IN), keeps.get(Side.OUT),
+                                        keeps.get(Side.HEADS)))
         except (RuntimeError, ValueError, IndexError) as e:
             raise RewriteError(
                 f"could not rebuild {fqn!r} ({type(old).__name__}) with "

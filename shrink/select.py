@@ -16,8 +16,9 @@ matching pattern wins. A pattern matching no prunable group is an error. Under `
 overridden groups are left out of the ranking and the budget ``ratio`` covers the other groups.
 
 Both round the kept count up to a multiple of ``round_to`` (capped at the group size; ``"auto"``
-rounds groups of 16+ channels to 16, see :func:`auto_step`; grouped-conv groups are not rounded), keep at
-least ``min_keep`` channels, and respect grouped-conv blocks (every block drops the same number).
+rounds groups of 16+ channels to 16, see :func:`auto_step`; grouped-conv and head groups are not
+rounded), keep at least ``min_keep`` channels, and respect grouped-conv blocks (every block drops
+the same number).
 Ties are broken by channel index (lower index dropped first), so plans are deterministic.
 """
 

@@ -145,7 +145,8 @@ def _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, 
             else:
                 lab = tuple(labels[c][ch] for ch in range(size))
                 if blocks.get(c, lab) != lab:
-                    why = f"grouped conv {fqn} and another grouped conv split the channels differently"
+                    why = (f"grouped conv {fqn} and another grouped conv split the channels "
+                           "differently")
                 else:
                     blocks[c] = lab
         if why is not None:

@@ -147,7 +147,9 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
         for k, gm in enumerate(captured.graph_modules):
             if k:  # a train-mode graph: its structure is what matters; run its layers in eval
                 gm.eval()
-            inputs = to_meta(captured.example_inputs) if captured.on_meta else captured.example_inputs
+            inputs = captured.example_inputs
+            if captured.on_meta:
+                inputs = to_meta(inputs)
             prop = Propagator(gm, tracker)
             try:
                 prop.run(*inputs)

@@ -51,29 +51,39 @@ def test_residual_stream_through_layernorm_is_pruned_as_an_inexact_group() -> No
     x = torch.randn(3, 5, 3)
     res = prune_checked(model, x, 0.5, round_to=1)  # oracle (kept-channel statistics) holds
     g = res.analysis.group("emb:out")
-    assert not g.exact and g.prunable and kept(res, "emb:out") == 8
+    assert not g.exact
+    assert g.prunable
+    assert kept(res, "emb:out") == 8
     sides = {(m.module, m.side) for m in g.members}
     assert {("cls", Side.DIM2), ("pos", Side.DIM2), ("blocks.0.gamma", Side.DIM0),
             ("blocks.0.ln", Side.OUT), ("norm", Side.OUT), ("head", Side.IN)} <= sides
     p = res.model
-    assert p.cls.shape == (1, 1, 8) and p.pos.shape == (1, 6, 8)
-    assert p.blocks[1].gamma.shape == (8,) and isinstance(p.blocks[1].gamma, nn.Parameter)
-    assert p.norm.normalized_shape == (8,) and p.norm.weight.shape == (8,)
+    assert p.cls.shape == (1, 1, 8)
+    assert p.pos.shape == (1, 6, 8)
+    assert p.blocks[1].gamma.shape == (8,)
+    assert isinstance(p.blocks[1].gamma, nn.Parameter)
+    assert p.norm.normalized_shape == (8,)
+    assert p.norm.weight.shape == (8,)
     assert n_params(p) < n_params(model)
     # the report says the result is not the masked original, and by how much (measured here)
     plain = masked_reference(model, res.plan, renormalize=False)
     with torch.no_grad():
         dev = relative_error(p(x), plain(x))
-    assert res.report.deviation == pytest.approx(dev) and dev > 1e-3
-    assert "inexact" in str(res.report) and "deviation" in str(res.report)
+    assert res.report.deviation == pytest.approx(dev)
+    assert dev > 1e-3
+    assert "inexact" in str(res.report)
+    assert "deviation" in str(res.report)
 
 
 def test_exact_only_keeps_layernorm_channels_and_still_prunes_mlp_width() -> None:
     model = Tokens()
     res = prune_checked(model, torch.randn(2, 5, 3), 0.5, round_to=1, exact_only=True)
     g = res.analysis.group("emb:out")
-    assert g.pinned is not None and "LayerNorm" in g.pinned and "exact_only" in g.pinned
-    assert kept(res, "blocks.0.fc1:out") == 16 and res.model.blocks[0].fc1.out_features == 16
+    assert g.pinned is not None
+    assert "LayerNorm" in g.pinned
+    assert "exact_only" in g.pinned
+    assert kept(res, "blocks.0.fc1:out") == 16
+    assert res.model.blocks[0].fc1.out_features == 16
     assert res.model.cls.shape == model.cls.shape
     assert res.report.deviation is None  # every pruned group is exact
     assert all(grp.exact for grp in res.plan.groups if grp.prunable)
@@ -85,7 +95,8 @@ def test_layernorm2d_channels_first_prunes_with_kept_channel_statistics() -> Non
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), ln2d(16), nn.GELU(),
                           nn.Conv2d(16, 4, 1))
     res = prune_checked(model, torch.randn(2, 3, 6, 6), 0.5, round_to=1)
-    assert type(res.model[1]) is ln2d and res.model[1].normalized_shape == (8,)
+    assert type(res.model[1]) is ln2d
+    assert res.model[1].normalized_shape == (8,)
     assert res.model[0].out_channels == res.model[3].in_channels == 8
     assert res.report.deviation is not None
 
@@ -101,7 +112,8 @@ def test_plan_with_tensor_members_round_trips_as_json_and_applies() -> None:
         torch.testing.assert_close(rebuilt(x), res.model(x))
     # apply_ slices the tensors in place too
     inplace = shrink.apply_(copy.deepcopy(model), again)
-    assert inplace.pos.shape == (1, 6, 8) and isinstance(inplace.pos, nn.Parameter)
+    assert inplace.pos.shape == (1, 6, 8)
+    assert isinstance(inplace.pos, nn.Parameter)
     with torch.no_grad():
         torch.testing.assert_close(inplace(x), res.model(x))
 
@@ -131,14 +143,17 @@ def test_tiny_torchvision_vit_prunes_its_residual_stream_heads_and_mlp() -> None
     res = prune_checked(model, x, 0.5)
     p = res.model
     # `x.reshape(n, self.hidden_dim, n_h * n_w)` follows: the attribute is rewritten
-    assert p.hidden_dim == 16 and p.conv_proj.out_channels == 16
-    assert p.class_token.shape == (1, 1, 16) and p.encoder.pos_embedding.shape == (1, 17, 16)
+    assert p.hidden_dim == 16
+    assert p.conv_proj.out_channels == 16
+    assert p.class_token.shape == (1, 1, 16)
+    assert p.encoder.pos_embedding.shape == (1, 17, 16)
     attn = p.encoder.layers[0].self_attention
     assert (attn.num_heads, attn.q_proj.in_features, attn.out_proj.out_features) == (2, 16, 16)
     assert p.encoder.layers[0].mlp[0].out_features == 32
     g = res.analysis.group("conv_proj:out")
     assert ("hidden_dim", Side.ATTR) in {(m.module, m.side) for m in g.members}
-    assert not g.exact and res.report.deviation is not None
+    assert not g.exact
+    assert res.report.deviation is not None
     # the plan replays on a fresh copy (attribute members included)
     again = shrink.apply(model, Plan.from_json(res.plan.to_json()))
     assert again.hidden_dim == 16
@@ -152,7 +167,8 @@ def test_tiny_vit_exact_only_prunes_heads_and_mlp_but_not_the_stream() -> None:
                                         hidden_dim=32, mlp_dim=64, num_classes=5)
     res = prune_checked(model, torch.randn(2, 3, 32, 32), 0.5, exact_only=True)
     p = res.model
-    assert p.hidden_dim == 32 and p.conv_proj.out_channels == 32
+    assert p.hidden_dim == 32
+    assert p.conv_proj.out_channels == 32
     assert p.encoder.layers[0].self_attention.num_heads == 2
     assert p.encoder.layers[0].mlp[0].out_features == 32
     assert res.report.deviation is None
@@ -183,4 +199,5 @@ def test_literal_size_that_is_no_attribute_still_pins() -> None:
 
     res = prune_checked(Lit(), torch.randn(1, 3, 4, 4), 0.5)
     g = res.analysis.group("a:out")
-    assert g.pinned is not None and "literal size 8" in g.pinned
+    assert g.pinned is not None
+    assert "literal size 8" in g.pinned

@@ -20,9 +20,11 @@ def test_instance_norm_prunes_with_its_channels(dim: int, affine: bool) -> None:
     res = prune_checked(model, torch.randn(2, 3, *([5] * dim)), 0.5)
     assert kept(res, "0:out") == 4
     new = res.model[1]
-    assert type(new) is norm and new.num_features == 4
+    assert type(new) is norm
+    assert new.num_features == 4
     if affine:
-        assert new.weight.shape == (4,) and new.running_mean.shape == (4,)
+        assert new.weight.shape == (4,)
+        assert new.running_mean.shape == (4,)
 
 
 def test_per_channel_prelu_slices_its_slopes_and_shared_prelu_passes_through() -> None:
@@ -31,8 +33,10 @@ def test_per_channel_prelu_slices_its_slopes_and_shared_prelu_passes_through() -
     with torch.no_grad():
         model[1].weight.uniform_(-1, 1)
     res = prune_checked(model, torch.randn(2, 3, 6, 6), 0.5)
-    assert res.model[1].num_parameters == 4 and res.model[1].weight.shape == (4,)
-    assert res.model[3].num_parameters == 1 and res.model[2].out_channels == 4
+    assert res.model[1].num_parameters == 4
+    assert res.model[1].weight.shape == (4,)
+    assert res.model[3].num_parameters == 1
+    assert res.model[2].out_channels == 4
 
 
 def test_embedding_features_prune_like_linear_outputs() -> None:
@@ -46,15 +50,18 @@ def test_embedding_features_prune_like_linear_outputs() -> None:
             return self.fc(torch.relu(self.emb(idx)).mean(1))
 
     res = prune_checked(Bag(), torch.randint(0, 20, (4, 7)), 0.5)
-    assert res.model.emb.embedding_dim == 8 and res.model.emb.weight.shape == (20, 8)
-    assert res.model.emb.padding_idx == 0 and res.model.fc.in_features == 8
+    assert res.model.emb.embedding_dim == 8
+    assert res.model.emb.weight.shape == (20, 8)
+    assert res.model.emb.padding_idx == 0
+    assert res.model.fc.in_features == 8
 
 
 def test_embedding_with_max_norm_keeps_its_features() -> None:
     model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Flatten(), nn.Linear(24, 2))
     res = prune_checked(model, torch.randint(0, 10, (2, 3)), 0.5)
     g = res.analysis.group("0:out")
-    assert g.pinned is not None and "max_norm" in g.pinned
+    assert g.pinned is not None
+    assert "max_norm" in g.pinned
 
 
 def test_group_norm_loses_whole_groups_exactly() -> None:
@@ -62,7 +69,8 @@ def test_group_norm_loses_whole_groups_exactly() -> None:
                           nn.Conv2d(16, 2, 1))
     res = prune_checked(model, torch.randn(2, 3, 5, 5), 0.5)
     g = res.analysis.group("0:out")
-    assert g.size == 4 and g.exact  # one group channel per GroupNorm group of 4 channels
+    assert g.size == 4
+    assert g.exact
     gn = res.model[1]
     assert (gn.num_groups, gn.num_channels, gn.weight.shape) == (2, 8, (8,))
     assert res.model[0].out_channels == res.model[3].in_channels == 8

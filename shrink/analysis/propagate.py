@@ -42,7 +42,8 @@ def _matches(ids: Any, out: Any) -> bool:
 
 
 _MAX_PARAM_IDS = 65_536
-_MAX_TENSOR_IDS = 1 << 22
+_MAX_TENSOR_IDS = 1 << 22  # per tensor used directly in forward
+_MAX_TENSOR_IDS_TOTAL = 1 << 24  # over all of them (the union-find grows by one id per element)
 
 
 class Propagator(fx.Interpreter):
@@ -80,7 +81,9 @@ class Propagator(fx.Interpreter):
             shape = tuple(out.shape)
             if str(n.target) in t.tensors:  # used again
                 return Ids(t.tensors[str(n.target)][0], shape)
-            if t.tensor_members and out.is_floating_point() and out.numel() <= _MAX_TENSOR_IDS:
+            used = sum(full.size for full, _ in t.tensors.values())
+            if (t.tensor_members and out.is_floating_point() and out.numel() <= _MAX_TENSOR_IDS
+                    and used + out.numel() <= _MAX_TENSOR_IDS_TOTAL):
                 # an id per element; analysis later finds the axis they line up with
                 full = t.fresh(out.numel(), str(n.target)).reshape(shape)
                 t.tensors[str(n.target)] = (full, reason)

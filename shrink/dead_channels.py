@@ -105,7 +105,10 @@ class Weights:
     def zero(self, member: Member, *, scales: bool = False) -> torch.Tensor | None:
         key = (member.module, member.side, scales)
         if key not in self._memo:
-            self._memo[key] = zero_slices(self.modules[member.module], member, scales)
+            mod = self.modules.get(member.module)
+            # a tensor used in forward or a size attribute has no layer weights to inspect: the
+            # probes (arrives_zero) see what it adds to the channel
+            self._memo[key] = None if mod is None else zero_slices(mod, member, scales)
         return self._memo[key]
 
 

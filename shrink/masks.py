@@ -163,9 +163,10 @@ def from_masks(
         raise ConfigError(f"probes must be an int >= 0, got {probes!r}")
     folded = fold_masks(model)
     inputs = normalize_inputs(infer_inputs(folded) if example_inputs is None else example_inputs)
-    # masks zero channels one by one, so grouped convs lose channels inside their groups
+    # masks zero channels one by one, so grouped convs lose channels inside their groups; the
+    # result must equal the masked model, so channels a LayerNorm normalises stay (exact_only)
     analysis = analyze(capture(folded, inputs, leaf_types=leaf_types), ignore=ignore,
-                       grouped_convs="channels")
+                       grouped_convs="channels", exact_only=True)
     probe_inputs = [inputs, *_random_like(inputs, probes, seed)]
     weights = Weights(folded)
     zero_at = arrives_zero(folded, weights, analysis.groups, probe_inputs)

@@ -36,7 +36,7 @@ from torch import nn
 from shrink._version import __version__
 from shrink.api import Result
 from shrink.errors import ConfigError, PlanError
-from shrink.plan import Plan, Side, describe_mismatch, fingerprint
+from shrink.plan import Plan, Side, axis_length, describe_mismatch, fingerprint
 from shrink.rewrite import apply
 from shrink.rules import rule_for
 
@@ -179,11 +179,8 @@ def _model_and_plan(pruned: nn.Module | Result, plan: Plan | None) -> tuple[nn.M
 def _check_produced_by(model: nn.Module, plan: Plan) -> None:
     """Every layer the plan shrinks must have the plan's kept size in ``model``."""
     extents = plan.extents()
-    modules = dict(model.named_modules())
     for (fqn, side), dropped in plan.drops().items():
-        mod = modules.get(fqn)
-        rule = None if mod is None else rule_for(mod)
-        actual = None if rule is None or mod is None else rule.extent(mod, side)
+        actual = axis_length(model, fqn, side)
         want = extents[(fqn, side)] - len(dropped)
         if actual != want:
             raise PlanError(

@@ -350,6 +350,27 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
 
 
+def axis_length(model: nn.Module, fqn: str, side: Side) -> int | None:
+    """Current length of a member's axis in ``model`` (a layer side, a tensor axis or a size
+    attribute); None when the model has no such axis."""
+    if side is Side.ATTR:
+        owner, _, attr = fqn.rpartition(".")
+        try:
+            value = getattr(model.get_submodule(owner), attr, None)
+        except AttributeError:
+            return None
+        return value if type(value) is int else None
+    if side.tensor_axis is not None:
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        t = tensors.get(fqn)
+        return None if t is None or side.tensor_axis >= t.ndim else int(t.shape[side.tensor_axis])
+    from shrink.rules import rule_for
+
+    mod = dict(model.named_modules()).get(fqn)
+    rule = None if mod is None else rule_for(mod)
+    return None if rule is None or mod is None else rule.extent(mod, side)
+
+
 def describe_mismatch(plan_model: nn.Module, extents: Mapping[tuple[str, Side], int]) -> str | None:
     """First plan extent that does not match the model, as a sentence; None when all match."""
     from shrink.rules import rule_for

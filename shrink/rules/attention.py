@@ -229,6 +229,12 @@ class MultiheadAttentionRule(ModuleRule):
 class PrunedAttentionRule(ModuleRule):
     """An already pruned attention layer is opaque: its embed dim and heads stay."""
 
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        """Its sizes, so a saved plan can be checked against the model it produced."""
+        a: Any = m
+        return {Side.HEADS: a.num_heads, Side.IN: a.q_proj.in_features,
+                Side.OUT: a.out_proj.out_features}.get(side)
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         for x in (call.arg(i, n) for i, n in enumerate(("query", "key", "value"))):
             if isinstance(x, Ids):

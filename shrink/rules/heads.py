@@ -341,6 +341,15 @@ class MaxVitAttentionRule(_HeadsRule):
 class PrunedHeadsRule(ModuleRule):
     """An already pruned attention layer is opaque: its embed dim and heads stay."""
 
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        """Its sizes, so a saved plan can be checked against the model it produced."""
+        a: Any = m
+        if isinstance(m, PrunedTimmAttention):
+            sizes = (a.num_heads, a.qkv.in_features, a.proj.out_features)
+        else:
+            sizes = (a.n_heads, a.to_qkv.in_features, a.merge.out_features)
+        return dict(zip((Side.HEADS, Side.IN, Side.OUT), sizes, strict=True)).get(side)
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         why = f"{fqn} ({type(m).__name__}) is not pruned again"
         pin_all_inputs(t, call, why)

@@ -293,6 +293,12 @@ class ShiftedWindowAttentionRule(ModuleRule):
 class PrunedShiftedWindowAttentionRule(ModuleRule):
     """An already pruned window attention is opaque: its embed dim and heads stay."""
 
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        """Its sizes, so a saved plan can be checked against the model it produced."""
+        a: Any = m
+        return {Side.HEADS: a.num_heads, Side.IN: a.qkv.in_features,
+                Side.OUT: a.proj.out_features}.get(side)
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.arg(0, "x")
         if isinstance(x, Ids):

@@ -176,3 +176,23 @@ def test_cuda_model_saves_on_cpu_and_loads_onto_the_fresh_models_device(tmp_path
     loaded = shrink.load(Tiny().cuda(), shrink.save(res, tmp_path / "c.safetensors"))
     assert next(loaded.parameters()).is_cuda
     _assert_same_state(res.model, loaded)
+
+
+def test_transformer_with_pruned_heads_stream_tokens_and_size_attribute_round_trips(
+        tmp_path: Path) -> None:
+    # replaced attention layers, sliced class token/position embedding, rewritten hidden_dim
+    tv = pytest.importorskip("torchvision")
+
+    def build() -> torch.nn.Module:
+        return tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                           num_heads=4, hidden_dim=32, mlp_dim=64,
+                                           num_classes=5).eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    res = shrink.prune(build(), (x,), shrink.make_config(0.5, round_to=1))
+    shrink.save(res, tmp_path / "vit")
+    again = shrink.load(build(), tmp_path / "vit")
+    assert again.hidden_dim == 16
+    assert again.encoder.pos_embedding.shape == (1, 17, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), res.model(x), rtol=0, atol=0)

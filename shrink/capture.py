@@ -23,9 +23,9 @@ from torch import fx, nn
 
 from shrink.errors import CaptureError
 from shrink.plan import fingerprint
+from shrink.rules import rule_for
 
 log = logging.getLogger(__name__)
-from shrink.rules import rule_for
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -169,7 +169,7 @@ def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) 
             "that contains it opaque with leaf_types=[ThatModule] (its channels then stay)."
         ) from e
     gm = fx.GraphModule(copied, graph, name)
-    gm._shrink_leaf_types = tuple(leaf_types)
+    object.__setattr__(gm, "_shrink_leaf_types", tuple(leaf_types))
     # the traced copy with its plain attributes (GraphModule keeps only modules and tensors):
     # rules look up int attributes that forward uses as sizes (shrink.rules.structural)
     object.__setattr__(gm, "_shrink_source", copied)

@@ -100,7 +100,7 @@ class LnNorm:
         for m in group.members:
             mod = modules.get(m.module)
             rule = None if mod is None else rule_for(mod)
-            for tensor, dim in rule.score_params(mod, m.side) if rule else ():
+            for tensor, dim in rule.score_params(mod, m.side) if rule and mod is not None else ():
                 rows = tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1)
                 v = torch.linalg.vector_norm(rows, ord=self.p, dim=1).double().cpu()
                 vals.append((m, v if self.p == math.inf else v.pow(self.p)))

@@ -50,9 +50,9 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             f"{fp}): {why}. Build the same architecture the plan was made from, or re-create the "
             "plan for this model."
         )
-    why = describe_mismatch(model, plan.extents())
-    if why:
-        raise PlanError(f"plan does not fit the model: {why}")
+    mismatch = describe_mismatch(model, plan.extents())
+    if mismatch:
+        raise PlanError(f"plan does not fit the model: {mismatch}")
 
 
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:

@@ -301,10 +301,12 @@ def select(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torch.Tensor],
         # convs outside its NCHWc layout anyway, so alignment buys nothing there.
         # A head group's channels are whole heads (head_dim wide each): channel rounding does
         # not apply to them.
-        round_to = 1 if g.blocks or any(m.side is Side.HEADS for m in g.members) \
-            else policy.round_to
+        round_to: int | str = policy.round_to
+        if g.blocks or any(m.side is Side.HEADS for m in g.members):
+            round_to = 1
         n_keep = _n_keep(g, n_drop[g.id], round_to, policy.min_keep)
-        keep = _pick(g, scores[g.id], n_keep, round_to)
+        keep = _pick(g, scores[g.id], n_keep, auto_step(g.size) if round_to == AUTO
+                     else int(round_to))
         if len(keep) < g.size:
             decisions.append(Decision(g.id, keep))
     return Plan(model=model, groups=tuple(groups), decisions=tuple(decisions))

@@ -33,26 +33,32 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
     for mod in model.modules():
         if isinstance(mod, _NORMS):
-            if getattr(mod, "weight", None) is not None:
-                draw(mod.weight, lambda x: x.uniform_(0.5, 1.5, generator=gen))
-            if getattr(mod, "bias", None) is not None:
-                draw(mod.bias, lambda x: x.normal_(0, 0.2, generator=gen))
-            if getattr(mod, "running_mean", None) is not None:
-                draw(mod.running_mean, lambda x: x.normal_(0, 0.2, generator=gen))
-                draw(mod.running_var, lambda x: x.uniform_(0.5, 1.5, generator=gen))
+            weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+            mean, var = getattr(mod, "running_mean", None), getattr(mod, "running_var", None)
+            if isinstance(weight, torch.Tensor):
+                draw(weight, lambda x: x.uniform_(0.5, 1.5, generator=gen))
+            if isinstance(bias, torch.Tensor):
+                draw(bias, lambda x: x.normal_(0, 0.2, generator=gen))
+            if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
+                draw(mean, lambda x: x.normal_(0, 0.2, generator=gen))
+                draw(var, lambda x: x.uniform_(0.5, 1.5, generator=gen))
             continue
         for _name, p in mod.named_parameters(recurse=False):
             if p.ndim >= 2:
                 fan_in = p[0].numel()
                 std = math.sqrt(2.0 / max(fan_in, 1))
-                draw(p, lambda x, s=std: x.normal_(0, s, generator=gen))
+                def he(x: torch.Tensor, s: float = std) -> torch.Tensor:
+                    return x.normal_(0, s, generator=gen)
+
+                draw(p, he)
             else:
                 draw(p, lambda x: x.normal_(0, 0.2, generator=gen))
     return model
 
 
 @torch.no_grad()
-def calibrate_bn_(model: nn.Module, make_inputs: Callable[[], tuple[Any, ...]], steps: int = 4) -> nn.Module:
+def calibrate_bn_(model: nn.Module, make_inputs: Callable[[], tuple[Any, ...]],
+                  steps: int = 4) -> nn.Module:
     """Set BN running statistics from ``steps`` train-mode passes; restores the model's modes."""
     modes = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -73,7 +79,7 @@ def calibrate_bn_(model: nn.Module, make_inputs: Callable[[], tuple[Any, ...]], 
 def assert_equivalent(
     original: nn.Module, pruned: nn.Module, plan: Plan, inputs: tuple[Any, ...], rtol: float = 1e-5
 ) -> Report:
-    """Assert the pruned model equals the masked original on ``inputs`` (see :func:`shrink.verify`)."""
+    """Assert the pruned model equals the masked original on ``inputs`` (:func:`shrink.verify`)."""
     return verify(original, pruned, plan, inputs, rtol=rtol, strict=True)
 
 

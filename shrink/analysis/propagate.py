@@ -93,9 +93,9 @@ class Propagator(fx.Interpreter):
             axis = max(range(len(shape)), key=lambda d: (shape[d], d)) if shape else 0
             if not shape or shape[axis] > _MAX_PARAM_IDS:
                 return t.fresh_pinned(shape, n.name, reason)
-            ids = t.fresh(shape[axis], str(n.target))
-            t.pin(ids, reason)
-            return ids_on_axis(ids, shape, axis)
+            along = t.fresh(shape[axis], str(n.target))
+            t.pin(along, reason)
+            return ids_on_axis(along, shape, axis)
         if n.op == "output":
             for ids in iter_ids(fx.node.map_arg(n.args, lambda a: self.ids[a])):
                 t.pin(ids.a, "model output")

@@ -277,7 +277,10 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: 
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
         dynamic_shapes = tuple({0: batch} if isinstance(t, torch.Tensor) else None for t in inputs)
-    with warnings.catch_warnings(), _quiet("torch.onnx", "torch.export", "onnxscript", "onnx_ir"):
+    # a failed torch.export logs its traceback at ERROR level; shrink reports the reason itself
+    with warnings.catch_warnings(), _quiet("torch.onnx", "torch.export", "onnxscript", "onnx_ir",
+                                           "torch._guards", "torch._dynamo",
+                                           "torch.fx.experimental.symbolic_shapes"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
@@ -305,7 +308,7 @@ def _export_torchscript(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, op
 def _quiet(*loggers: str) -> Iterator[None]:
     saved = {n: logging.getLogger(n).level for n in loggers}
     for n in loggers:
-        logging.getLogger(n).setLevel(logging.ERROR)
+        logging.getLogger(n).setLevel(logging.CRITICAL)
     try:
         yield
     finally:

@@ -36,7 +36,9 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
         mod = ref.get_submodule(fqn)
         rule = rule_for(mod)
         if rule is None:
-            raise VerificationError(f"plan prunes {fqn!r} ({type(mod).__name__}), which has no rule")
+            raise VerificationError(
+                f"plan prunes {fqn!r} ({type(mod).__name__}), which has no rule"
+            )
         if renormalize or rule.exact:
             rule.mask_(mod, side, dropped)
     return ref

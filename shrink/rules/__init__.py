@@ -92,8 +92,10 @@ def function_rule(target: Any) -> FunctionRule | None:
 
 def supported_ops() -> dict[str, list[str]]:
     """Names of every registered module type and call target, for the README table."""
-    mods = sorted({f"{t.__module__}.{t.__qualname__}" for t in _MODULE_RULES} | set(_MODULE_RULES_BY_NAME))
-    funcs = sorted({t if isinstance(t, str) else getattr(t, "__name__", repr(t)) for t in _FUNCTION_RULES})
+    mods = sorted({f"{t.__module__}.{t.__qualname__}" for t in _MODULE_RULES}
+                  | set(_MODULE_RULES_BY_NAME))
+    funcs = sorted({t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+                    for t in _FUNCTION_RULES})
     return {"modules": mods, "functions": funcs}
 
 

@@ -40,7 +40,8 @@ class PrunedMultiheadAttention(nn.Module):
     """
 
     def __init__(self, src: nn.MultiheadAttention, kept_heads: Sequence[int],
-                 kept_in: Sequence[int] | None = None, kept_out: Sequence[int] | None = None) -> None:
+                 kept_in: Sequence[int] | None = None,
+                 kept_out: Sequence[int] | None = None) -> None:
         super().__init__()
         e, h = src.embed_dim, src.num_heads
         d = e // h
@@ -60,13 +61,15 @@ class PrunedMultiheadAttention(nn.Module):
         b = src.in_proj_bias
         if kept_in is not None:  # self-attention: q, k and v read the same (pruned) input
             qw, kw, vw = qw[:, cols], kw[:, cols], vw[:, cols]
-        self.q_proj = nn.Linear(qw.shape[1], inner, bias=b is not None, device=qw.device, dtype=qw.dtype)
-        self.k_proj = nn.Linear(kw.shape[1], inner, bias=b is not None, device=qw.device, dtype=qw.dtype)
-        self.v_proj = nn.Linear(vw.shape[1], inner, bias=b is not None, device=qw.device, dtype=qw.dtype)
+        kw_ = {"bias": b is not None, "device": qw.device, "dtype": qw.dtype}
+        self.q_proj = nn.Linear(qw.shape[1], inner, **kw_)  # type: ignore[arg-type]
+        self.k_proj = nn.Linear(kw.shape[1], inner, **kw_)  # type: ignore[arg-type]
+        self.v_proj = nn.Linear(vw.shape[1], inner, **kw_)  # type: ignore[arg-type]
         self.out_proj = nn.Linear(inner, len(outs), bias=src.out_proj.bias is not None,
                                   device=qw.device, dtype=qw.dtype)
         with torch.no_grad():
-            for proj, weight, k in ((self.q_proj, qw, 0), (self.k_proj, kw, 1), (self.v_proj, vw, 2)):
+            parts = ((self.q_proj, qw, 0), (self.k_proj, kw, 1), (self.v_proj, vw, 2))
+            for proj, weight, k in parts:
                 proj.weight.copy_(weight[rows])
                 if b is not None:
                     proj.bias.copy_(b[k * e : (k + 1) * e][rows])
@@ -88,7 +91,8 @@ class PrunedMultiheadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         unbatched = query.dim() == 2
         if unbatched:
-            query, key, value = (t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value))
+            axis = 0 if self.batch_first else 1
+            query, key, value = (t.unsqueeze(axis) for t in (query, key, value))
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, lq, _ = query.shape
@@ -179,7 +183,8 @@ class MultiheadAttentionRule(ModuleRule):
             return "add_bias_kv/add_zero_attn are not supported"
         need = call.arg(4, "need_weights", True)
         if need and call.out[1] is not None:
-            uses = [u for u in call.node.users if not (u.target is operator.getitem and u.args[1] == 0)]
+            uses = [u for u in call.node.users
+                    if not (u.target is operator.getitem and u.args[1] == 0)]
             if uses:
                 return "the attention weights (averaged over heads) are used"
         return None

@@ -87,7 +87,8 @@ class ConvRule(ModuleRule):
         kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
         kind = _kind(m)
-        groups = {"dense": 1, "depthwise": len(kin), "grouped": 0}[kind] or _kept_groups(m, kin, kout)
+        groups = {"dense": 1, "depthwise": len(kin), "grouped": 0}[kind] \
+            or _kept_groups(m, kin, kout)
         new = type(m)(
             len(kin), len(kout), m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
             dilation=m.dilation, groups=groups, bias=m.bias is not None,  # type: ignore[arg-type]

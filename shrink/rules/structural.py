@@ -261,7 +261,8 @@ def reshape_free(t: Tracker, call: Call) -> Any:
 @register_function("permute", torch.permute)
 def permute(t: Tracker, call: Call) -> Any:
     x: Ids = call.args[0]
-    dims = call.args[1:] if not isinstance(call.arg(1, "dims"), (tuple, list)) else call.arg(1, "dims")
+    given = call.arg(1, "dims")
+    dims = given if isinstance(given, (tuple, list)) else call.args[1:]
     dims = [_dim(int(d), x.ndim) for d in dims]
     return Ids(np.transpose(x.a, dims), _shape(call.out))
 

@@ -9,6 +9,7 @@ re-validates it). A *function rule* (registered for an fx call target) only prop
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -94,6 +95,22 @@ def copy_param_(dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
 
 def index(t: torch.Tensor, dim: int, keep: Sequence[int]) -> torch.Tensor:
     return t.index_select(dim, torch.as_tensor(list(keep), dtype=torch.long, device=t.device))
+
+
+def sliced_copy(m: nn.Module, names: Sequence[str], dim: int, keep: Sequence[int]) -> nn.Module:
+    """A deep copy of a small layer (a norm, a PReLU, an embedding) with the parameters and
+    buffers ``names`` sliced to ``keep`` along ``dim``; its class, hooks and extras stay."""
+    new = copy.deepcopy(m)
+    for name in names:
+        old = getattr(m, name, None)
+        if old is None:
+            continue
+        sliced = index(old.detach(), dim, keep).clone()
+        if isinstance(old, nn.Parameter):
+            setattr(new, name, nn.Parameter(sliced, requires_grad=old.requires_grad))
+        else:
+            new.register_buffer(name, sliced)
+    return new
 
 
 def finish(new: nn.Module, old: nn.Module) -> nn.Module:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,25 +21,10 @@ from torch import nn
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
 from shrink.rules import register_rule
-from shrink.rules.base import Keep, ModuleRule, finish, index
+from shrink.rules.base import Keep, ModuleRule, finish, sliced_copy
 from shrink.rules.norm import BatchNormRule
 
 _SPATIAL = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
-
-
-def _slice_params(m: nn.Module, names: Sequence[str], dim: int, keep: list[int]) -> nn.Module:
-    """A deep copy of a small layer with ``names`` (params/buffers) sliced along ``dim``."""
-    new = copy.deepcopy(m)
-    for name in names:
-        old = getattr(m, name, None)
-        if old is None:
-            continue
-        sliced = index(old.detach(), dim, keep).clone()
-        if isinstance(old, nn.Parameter):
-            setattr(new, name, nn.Parameter(sliced, requires_grad=old.requires_grad))
-        else:
-            new.register_buffer(name, sliced)
-    return new
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -53,7 +37,7 @@ class InstanceNormRule(BatchNormRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.num_features))  # type: ignore[arg-type]
-        new = _slice_params(m, ("weight", "bias", "running_mean", "running_var"), 0, kout)
+        new = sliced_copy(m, ("weight", "bias", "running_mean", "running_var"), 0, kout)
         new.num_features = len(kout)
         return finish(new, m)
 
@@ -73,7 +57,7 @@ class PReLURule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.num_parameters))  # type: ignore[arg-type]
-        new = _slice_params(m, ("weight",), 0, kout)
+        new = sliced_copy(m, ("weight",), 0, kout)
         new.num_parameters = len(kout)
         return finish(new, m)
 
@@ -97,6 +81,6 @@ class EmbeddingRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.embedding_dim))  # type: ignore[arg-type]
-        new = _slice_params(m, ("weight",), 1, kout)
+        new = sliced_copy(m, ("weight",), 1, kout)
         new.embedding_dim = len(kout)
         return finish(new, m)

@@ -16,7 +16,6 @@ GroupNorm loses whole groups (exact); LocalResponseNorm and multi-axis LayerNorm
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import nn
 from shrink.ids import Call, Tracker, channel_ids
 from shrink.plan import Side
 from shrink.rules import register_rule, register_rule_by_name, rule_for
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, sliced_copy
 from shrink.rules.pointwise import ElementwiseModuleRule
 
 _STATE = ("weight", "bias", "running_mean", "running_var")
@@ -84,16 +83,7 @@ class BatchNormActRule(BatchNormRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
-        new = copy.deepcopy(m)
-        for name in _STATE:
-            old = getattr(m, name)
-            if old is None:
-                continue
-            sliced = index(old.detach(), 0, kout).clone()
-            if isinstance(old, nn.Parameter):
-                setattr(new, name, nn.Parameter(sliced, requires_grad=old.requires_grad))
-            else:
-                new.register_buffer(name, sliced)
+        new = sliced_copy(m, _STATE, 0, kout)
         new.num_features = len(kout)
         return finish(new, m)
 
@@ -152,13 +142,8 @@ class LayerNormRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.normalized_shape[0]))  # type: ignore[index]
-        new = copy.deepcopy(m)  # a norm layer is small; keeps its class, hooks and extras
+        new = sliced_copy(m, ("weight", "bias"), 0, kout)
         new.normalized_shape = (len(kout),)
-        for name in ("weight", "bias"):
-            old = m._parameters.get(name)
-            if old is not None:
-                new._parameters[name] = nn.Parameter(index(old.detach(), 0, kout).clone(),
-                                                     requires_grad=old.requires_grad)
         return finish(new, m)
 
 
@@ -196,13 +181,8 @@ class GroupNormRule(ModuleRule):
         if len(kout) % width or any(k // width != kout[i - i % width] // width
                                     for i, k in enumerate(kout)):
             raise ValueError(f"GroupNorm({g}, {c}) can only lose whole groups of {width} channels")
-        new = copy.deepcopy(m)
+        new = sliced_copy(m, ("weight", "bias"), 0, kout)
         new.num_channels, new.num_groups = len(kout), len(kout) // width
-        for name in ("weight", "bias"):
-            old = m._parameters.get(name)
-            if old is not None:
-                new._parameters[name] = nn.Parameter(index(old.detach(), 0, kout).clone(),
-                                                     requires_grad=old.requires_grad)
         return finish(new, m)
 
 

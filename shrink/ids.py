@@ -76,14 +76,12 @@ class MemberRecord:
 class Tracker:
     """Union-find over channel ids plus what analysis records about them."""
 
-    def __init__(self, *, grouped_convs: str = "channels", exact_only: bool = False,
-                 tensor_members: bool = True) -> None:
+    def __init__(self, *, grouped_convs: str = "channels", exact_only: bool = False) -> None:
         #: pin channels whose pruning cannot be exact (LayerNorm statistics) instead of pruning
         #: them as inexact groups
         self.exact_only = exact_only
-        #: parameters/buffers used directly in forward get an id per element and become members
-        #: along the one axis their channels line up with (else they pin)
-        self.tensor_members = tensor_members
+        #: parameters/buffers used directly in forward: an id per element; analysis makes them
+        #: members along the one axis their channels line up with (else they pin)
         self.tensors: dict[str, tuple[np.ndarray, str]] = {}
         self.deferred: list[tuple[np.ndarray, tuple[int, ...], str]] = []
         #: how grouped convolutions shrink: "groups" drops whole conv groups (each group's

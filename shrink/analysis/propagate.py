@@ -82,7 +82,7 @@ class Propagator(fx.Interpreter):
             if str(n.target) in t.tensors:  # used again
                 return Ids(t.tensors[str(n.target)][0], shape)
             used = sum(full.size for full, _ in t.tensors.values())
-            if (t.tensor_members and out.is_floating_point() and out.numel() <= _MAX_TENSOR_IDS
+            if (out.is_floating_point() and out.numel() <= _MAX_TENSOR_IDS
                     and used + out.numel() <= _MAX_TENSOR_IDS_TOTAL):
                 # an id per element; analysis later finds the axis they line up with
                 full = t.fresh(out.numel(), str(n.target)).reshape(shape)

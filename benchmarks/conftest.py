@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.suite import RESULTS, write_results
-from shrink.bench import BenchResult
+from shrink.deploy.bench import BenchResult
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         wd = Path(d)
         for label, m in variants.items():
-            path = shrink.export_onnx(m, (x,), wd / f"{label.replace('=', '')}.onnx")
+            path = shrink.export_onnx(m, (x,), wd / f"{label.replace('=', '')}.onnx").path
             per_op, counts = profile(path, x, args.runs, wd)
             total = sum(per_op.values())
             reorders = sum(v for k, v in counts.items() if "Reorder" in k)

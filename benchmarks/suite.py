@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import shrink
-from shrink.bench import BenchResult, compare
+from shrink.deploy.bench import BenchResult, compare
 from shrink.testing import calibrate_bn_, randomize_
 
 log = logging.getLogger("benchmarks.suite")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from benchmarks.suite import RATIOS, SUITE, _parse_settings, build_case, run_case
-from shrink.bench import BenchResult
+from shrink.deploy.bench import BenchResult
 
 
 @pytest.mark.parametrize("ratio", RATIOS, ids=[f"r{r}" for r in RATIOS])

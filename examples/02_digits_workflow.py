@@ -7,7 +7,7 @@
 
 Steps: train the dense CNN; remove 50% of the channels of every prunable group with
 ``shrink.prune`` (verified against the masked oracle); fine-tune a few epochs; report accuracy
-(dense / pruned / fine-tuned), parameters, MACs and onnxruntime latency (``shrink.bench.compare``:
+(dense / pruned / fine-tuned), parameters, MACs and onnxruntime latency (``shrink.compare``:
 one intra-op thread, interleaved rounds, best-of latency). ``run()`` is what
 ``tests/test_workflow.py`` calls. Needs: pip install 'shrink[examples]'.
 """
@@ -130,7 +130,7 @@ def run(*, importance: str = "l2", ratio: float = 0.5, epochs: int = 15, finetun
         speedup = ideal = None
         if bench_seconds > 0:
             x = (test_set.tensors[0][:1],)
-            bench = shrink.bench.compare(dense, out["finetuned"], x, seconds=bench_seconds)
+            bench = shrink.compare(dense, out["finetuned"], x, seconds=bench_seconds)
             row = bench.row("pruned")
             speedup, ideal = row.speedup, row.ideal
         return {

@@ -9,10 +9,10 @@ from shrink._version import __version__
 from shrink.allocate import Solution, solve_target
 from shrink.analysis import Analysis, Diagnostic, analyze
 from shrink.api import Result, compress, infer_inputs, make_config, prune
-from shrink.bench import BenchResult, compare
 from shrink.capture import Captured, capture
 from shrink.config import PruneConfig
-from shrink.criteria import (
+from shrink.criteria.data import Activation, Taylor
+from shrink.criteria.weight import (
     AxisScores,
     BNScale,
     Criterion,
@@ -22,7 +22,8 @@ from shrink.criteria import (
     UserScores,
     score,
 )
-from shrink.data_criteria import Activation, Taylor
+from shrink.deploy.bench import BenchResult, compare
+from shrink.deploy.export import ExportResult, export_onnx
 from shrink.errors import (
     CaptureError,
     ConfigError,
@@ -34,9 +35,9 @@ from shrink.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from shrink.export import ExportResult, export_onnx, export_onnx_with_report
-from shrink.io import load, load_plan, save
-from shrink.masks import MaskedTensor, Reconcile, find_masks, fold_masks, from_masks
+from shrink.interop.io import load, load_plan, save
+from shrink.interop.masks import Reconcile, from_masks
+from shrink.interop.prune_masks import MaskedTensor, find_masks, fold_masks
 from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side, fingerprint
 from shrink.report import Report
 from shrink.rewrite import apply, apply_
@@ -100,7 +101,6 @@ __all__ = [
     "compare",
     "compress",
     "export_onnx",
-    "export_onnx_with_report",
     "find_masks",
     "fingerprint",
     "fold_masks",

@@ -13,8 +13,8 @@ from torch import nn
 from shrink.analysis import Analysis, analyze
 from shrink.capture import capture, normalize_inputs
 from shrink.config import PruneConfig, as_tuple
-from shrink.criteria import BNScale, Criterion, LnNorm, Random, UserScores, score
-from shrink.data_criteria import Activation, Taylor
+from shrink.criteria.data import Activation, Taylor
+from shrink.criteria.weight import BNScale, Criterion, LnNorm, Random, UserScores, score
 from shrink.errors import ConfigError
 from shrink.plan import Plan
 from shrink.report import Report

@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from shrink.errors import CaptureError
+from shrink.interop.prune_masks import find_masks
 from shrink.plan import fingerprint
 from shrink.rules import rule_for
 
@@ -121,8 +122,6 @@ def capture(
 
 def _refuse_prune_masks(model: nn.Module) -> None:
     """torch.nn.utils.prune reparametrizations hold non-leaf tensors that cannot be copied."""
-    from shrink.masks import find_masks
-
     masked = find_masks(model)
     if masked:
         names = [f"{m.module}.{m.name}" if m.module else m.name for m in masked]

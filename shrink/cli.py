@@ -271,8 +271,8 @@ def _inputs(model: nn.Module, shape: tuple[int, ...] | None) -> tuple[torch.Tens
 
 def _compress(args: argparse.Namespace) -> int:
     import shrink
-    from shrink.bench import compare
-    from shrink.export import export_onnx_with_report
+    from shrink.deploy.bench import compare
+    from shrink.deploy.export import export_onnx
 
     model = load_model(args.model)
     inputs = _inputs(model, args.input_shape)
@@ -281,7 +281,7 @@ def _compress(args: argparse.Namespace) -> int:
     if args.round_to is not None:
         options["round_to"] = args.round_to
     res = shrink.prune(model, inputs, shrink.make_config(args.ratio, **options))
-    exported = export_onnx_with_report(res.model, inputs, args.out)
+    exported = export_onnx(res.model, inputs, args.out)
     bench = None
     if args.bench:
         bench = compare(model, res.model, inputs, batches=(1,), seconds=args.seconds,
@@ -335,7 +335,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from shrink.bench import compare
+    from shrink.deploy.bench import compare
 
     models = [_bench_operand(s) for s in (args.dense, args.pruned)]
     inputs = None

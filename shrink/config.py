@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from shrink.criteria import Criterion, LnNorm
+from shrink.criteria.weight import Criterion, LnNorm
 from shrink.errors import ConfigError
 from shrink.select import Policy, Uniform
 

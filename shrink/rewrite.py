@@ -12,8 +12,9 @@ import copy
 import torch
 from torch import nn
 
+from shrink.bind import describe_mismatch
 from shrink.errors import PlanError, RewriteError
-from shrink.plan import Plan, Side, describe_mismatch, fingerprint
+from shrink.plan import Plan, Side, fingerprint
 from shrink.rules import rule_for
 from shrink.rules.base import Keep
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from shrink.analysis import analyze
 from shrink.capture import capture, normalize_inputs
-from shrink.criteria import Criterion, LnNorm, score
+from shrink.criteria.weight import Criterion, LnNorm, score
 from shrink.errors import ConfigError
 from shrink.rewrite import apply
 from shrink.select import Overrides, Uniform, select

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import shrink
-from shrink.bench import compare
+from shrink.deploy.bench import compare
 from shrink.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

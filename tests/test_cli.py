@@ -202,14 +202,14 @@ def test_unwritable_output_fails_before_work(toy: str, tmp_path: Path,
 def test_failed_export_leaves_no_partial_file(toy: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import shrink.export
+    import shrink.deploy.export
     from shrink.errors import ExportError
 
     def reject(tmp: Path, target: Path) -> None:
         assert tmp.stat().st_size > 0  # the exporter did write the temporary file
         raise ExportError("checker says no")
 
-    monkeypatch.setattr(shrink.export, "_check_model", reject)
+    monkeypatch.setattr(shrink.deploy.export, "_check_model", reject)
     out = tmp_path / "x.onnx"
     rc = cli.main(["compress", f"{toy}:build", "--ratio", "0.5", *SHAPE, "--out", str(out)])
     assert rc == 1

@@ -26,8 +26,8 @@ from torch import nn
 
 from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules import register_rule
 from shrink.rules.base import Keep, ModuleRule, finish
+from shrink.rules.registry import register_rule
 
 
 class PrunedMultiheadAttention(nn.Module):

@@ -26,8 +26,8 @@ from torch import nn
 from shrink.errors import PlanError
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules import register_rule
 from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+from shrink.rules.registry import register_rule
 
 _ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 

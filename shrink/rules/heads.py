@@ -29,8 +29,8 @@ from torch import nn
 
 from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis, iter_ids
 from shrink.plan import Side
-from shrink.rules import register_rule, register_rule_by_name
 from shrink.rules.base import Keep, ModuleRule, finish
+from shrink.rules.registry import register_rule, register_rule_by_name
 
 TIMM_ATTENTION = ("timm.layers.attention.Attention", "timm.models.vision_transformer.Attention")
 MAXVIT_ATTENTION = "torchvision.models.maxvit.RelativePositionalMultiHeadAttention"

@@ -20,9 +20,9 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules import register_rule
 from shrink.rules.base import Keep, ModuleRule, finish, sliced_copy
 from shrink.rules.norm import BatchNormRule
+from shrink.rules.registry import register_rule
 
 _SPATIAL = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
 

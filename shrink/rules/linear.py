@@ -14,8 +14,8 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules import register_rule, register_rule_by_name
 from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+from shrink.rules.registry import register_rule, register_rule_by_name
 
 
 @register_rule_by_name("timm.layers.linear.Linear")  # Linear with a dtype cast in forward

@@ -25,9 +25,9 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids
 from shrink.plan import Side
-from shrink.rules import register_rule, register_rule_by_name, rule_for
 from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, sliced_copy
 from shrink.rules.pointwise import ElementwiseModuleRule
+from shrink.rules.registry import register_rule, register_rule_by_name, rule_for
 
 _STATE = ("weight", "bias", "running_mean", "running_var")
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from shrink.ids import Call, Ids, Tracker, compress
-from shrink.rules import register_function, register_rule
 from shrink.rules.base import ModuleRule
+from shrink.rules.registry import register_function, register_rule
 
 _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,

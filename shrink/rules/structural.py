@@ -29,8 +29,8 @@ from torch import fx, nn
 
 from shrink.ids import Call, Ids, Tracker, compress, iter_ids, make_ids
 from shrink.plan import Side
-from shrink.rules import register_function, register_rule
 from shrink.rules.base import ModuleRule
+from shrink.rules.registry import register_function, register_rule
 
 _MAX_MATERIALISE = 64_000_000
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules import register_function, register_rule, register_rule_by_name
 from shrink.rules.base import Keep, ModuleRule, copy_param_, finish
+from shrink.rules.registry import register_function, register_rule, register_rule_by_name
 
 _TV = "torchvision.models.swin_transformer"
 

@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.functional import mse_loss
 
 import shrink
-from shrink.criteria import AxisScores, BNScale, LnNorm, Random, UserScores
-from shrink.data_criteria import Activation, Taylor
+from shrink.criteria.weight import AxisScores, BNScale, LnNorm, Random, UserScores
+from shrink.criteria.data import Activation, Taylor
 
 
 def _two_linears(bias: bool = False, act: nn.Module | None = None) -> nn.Sequential:

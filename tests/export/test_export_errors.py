@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import shrink
-import shrink.export
+import shrink.deploy.onnx_passes
 from shrink.errors import ExportError
 
 pytestmark = pytest.mark.onnx
@@ -45,8 +45,9 @@ X = (torch.randn(2, 3, 8, 8),)
 
 def test_export_writes_a_checked_file_with_dynamic_batch(tmp_path: Path) -> None:
     out = shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
-    assert out == tmp_path / "m.onnx"
-    assert out.stat().st_size > 0
+    assert out.path == tmp_path / "m.onnx"
+    assert Path(out) == out.path  # path-like: it stands for the file it wrote
+    assert out.path.stat().st_size == out.file_bytes > 0
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
@@ -63,7 +64,7 @@ def test_parity_failure_raises_and_leaves_no_file(tmp_path: Path) -> None:
 
 
 def test_no_check_skips_parity(tmp_path: Path) -> None:
-    res = shrink.export_onnx_with_report(CallCounter(), X, tmp_path / "m.onnx", check=False)
+    res = shrink.export_onnx(CallCounter(), X, tmp_path / "m.onnx", check=False)
     assert res.parity is None
     assert res.path.is_file()
 
@@ -88,8 +89,8 @@ def test_dynamo_failure_falls_back_and_says_so(tmp_path: Path,
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("aten.fancy_op has no ONNX lowering")
 
-    monkeypatch.setattr(shrink.export, "_export_dynamo", fail)
-    res = shrink.export_onnx_with_report(Small().eval(), X, tmp_path / "m.onnx")
+    monkeypatch.setattr(shrink.deploy.export, "_export_dynamo", fail)
+    res = shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
     assert res.exporter == "torchscript"
     assert res.fallback_reason is not None
     assert "aten.fancy_op" in res.fallback_reason
@@ -102,8 +103,8 @@ def test_both_exporters_failing_names_the_error(tmp_path: Path,
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("aten.fancy_op has no ONNX lowering")
 
-    monkeypatch.setattr(shrink.export, "_export_dynamo", fail)
-    monkeypatch.setattr(shrink.export, "_export_torchscript", fail)
+    monkeypatch.setattr(shrink.deploy.export, "_export_dynamo", fail)
+    monkeypatch.setattr(shrink.deploy.export, "_export_torchscript", fail)
     with pytest.raises(ExportError, match=r"fancy_op.*dynamo exporter failed first.*Ops "
                        r"involved: aten.fancy_op"):
         shrink.export_onnx(Small().eval(), X, tmp_path / "m.onnx")
@@ -159,7 +160,7 @@ def test_global_pool_pass_rewrites_spatial_mean_to_the_same_values(
     proto, onnx = _reduce_mean_model(4, axes, keepdims)
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
     before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
-    assert shrink.export.global_pool_pass(proto) == 1
+    assert shrink.deploy.onnx_passes.global_pool_pass(proto) == 1
     onnx.checker.check_model(proto, full_check=True)
     assert "GlobalAveragePool" in [n.op_type for n in proto.graph.node]
     assert list(proto.graph.initializer) == []  # the axes constant went with its node
@@ -170,5 +171,5 @@ def test_global_pool_pass_rewrites_spatial_mean_to_the_same_values(
 @pytest.mark.parametrize(("rank", "axes"), [(3, [1, 2]), (4, [1, 2]), (4, [3])])
 def test_global_pool_pass_leaves_other_reductions_alone(rank: int, axes: list[int]) -> None:
     proto, _ = _reduce_mean_model(rank, axes, 1)
-    assert shrink.export.global_pool_pass(proto) == 0
+    assert shrink.deploy.onnx_passes.global_pool_pass(proto) == 0
     assert [n.op_type for n in proto.graph.node] == ["ReduceMean"]

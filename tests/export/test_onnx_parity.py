@@ -53,7 +53,7 @@ def test_pruned_model_runs_in_onnxruntime_like_torch_at_batch_1_and_4(
         name: str, tmp_path: Path) -> None:
     model, small, x = _pruned(name, ZOO[name])
     path = tmp_path / f"{name}.onnx"
-    result = shrink.export_onnx_with_report(small, (x,), path)
+    result = shrink.export_onnx(small, (x,), path)
     assert result.exporter == "dynamo", result.fallback_reason
     assert result.parity is not None
     assert result.parity.max_rel_error < 1e-4

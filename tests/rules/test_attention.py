@@ -84,7 +84,7 @@ def test_pruned_vit_exports_to_onnx_and_matches_onnxruntime(tmp_path) -> None:  
         num_classes=5,
     )
     res = prune_checked(model, torch.randn(2, 3, 32, 32))
-    out = shrink.export_onnx_with_report(res.model, (torch.randn(2, 3, 32, 32),),
+    out = shrink.export_onnx(res.model, (torch.randn(2, 3, 32, 32),),
                                          tmp_path / "vit.onnx")
     assert out.parity is not None and out.parity.max_rel_error < 1e-4
 

@@ -159,6 +159,6 @@ def test_pruned_model_exports_to_onnx_and_matches_onnxruntime(which: str, tmp_pa
     model = _tiny_vit() if which == "timm_vit" else _tiny_maxvit()
     x = torch.randn(2, 3, 32, 32)
     res = prune_checked(model, x)
-    out = shrink.export_onnx_with_report(res.model, (x,), tmp_path / f"{which}.onnx")
+    out = shrink.export_onnx(res.model, (x,), tmp_path / f"{which}.onnx")
     assert out.parity is not None
     assert out.parity.max_rel_error < 1e-4

@@ -156,7 +156,7 @@ def test_pruned_swin_exports_to_onnx_and_matches_onnxruntime(version: str, tmp_p
     # batch 2: torch.export specialises a batch of 1 in torchvision's Swin (dense or pruned)
     x = torch.randn(2, 3, 16, 16)
     res = prune_checked(model, x)
-    out = shrink.export_onnx_with_report(res.model, (x,), tmp_path / "swin.onnx")
+    out = shrink.export_onnx(res.model, (x,), tmp_path / "swin.onnx")
     assert out.exporter == "dynamo", out.fallback_reason
     assert out.parity is not None
     assert out.parity.max_rel_error < 1e-4

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import shrink
-from shrink.export import export_onnx_with_report
+from shrink.deploy.export import export_onnx
 from shrink.testing import calibrate_bn_, randomize_
 
 torchvision = pytest.importorskip("torchvision")
@@ -64,7 +64,7 @@ def build(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | None:
 
 def assert_onnx_parity(model: torch.nn.Module, x: tuple[torch.Tensor, ...], path: Path) -> None:
     """The pruned model exports (default exporter) and onnxruntime matches it at ``x``."""
-    result = export_onnx_with_report(model, x, path, dynamic_batch=False, rtol=1e-4)
+    result = export_onnx(model, x, path, dynamic_batch=False, rtol=1e-4)
     assert result.parity is not None
     assert result.parity.max_rel_error < 1e-4
 

@@ -1,6 +1,6 @@
 """Which channels of a channel group are dead: the evidence :func:`shrink.from_masks` uses.
 
-See :mod:`shrink.masks` for the policy. Readers are the IN members that consume a group into
+See :mod:`shrink.interop.masks` for the policy. Readers are the IN members that consume a group into
 another channel space; writers are the OUT members with filters (conv/linear); a layer with both
 sides in the group and no IN weights (a depthwise conv) only carries it. Zero weights come from
 each rule's ``score_params`` (and ``scale_params`` for votes), so no layer type is named here.
@@ -20,7 +20,7 @@ from shrink.rules import rule_for
 
 
 class Reconcile(enum.Enum):
-    """How the members of a channel group reconcile their masks (see :mod:`shrink.masks`)."""
+    """How a group's members reconcile their masks (see :mod:`shrink.interop.masks`)."""
 
     ALL = "all"
     UNION = "union"

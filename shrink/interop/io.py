@@ -35,8 +35,9 @@ from torch import nn
 
 from shrink._version import __version__
 from shrink.api import Result
+from shrink.bind import axis_length, describe_mismatch
 from shrink.errors import ConfigError, PlanError
-from shrink.plan import Plan, Side, axis_length, describe_mismatch, fingerprint
+from shrink.plan import Plan, Side, fingerprint
 from shrink.rewrite import apply
 from shrink.rules import rule_for
 

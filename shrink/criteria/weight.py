@@ -12,8 +12,8 @@ Every criterion is group-aware: a channel's score gathers every module axis that
 * :class:`UserScores` takes per-module scores (``{fqn: tensor[out_channels]}`` or a tensor shaped
   like the module's weight, as ``importance_scores`` in ``torch.nn.utils.prune``), or a callable
   ``fn(group, modules) -> tensor[group.size]``. Groups without a user score keep every channel.
-* :class:`~shrink.data_criteria.Taylor` and :class:`~shrink.data_criteria.Activation` need data;
-  they live in :mod:`shrink.data_criteria`.
+* :class:`~shrink.criteria.data.Taylor` and :class:`~shrink.criteria.data.Activation` need data;
+  they live in :mod:`shrink.criteria.data`.
 
 Group reduction. A channel's score combines its member slices as documented per criterion:
 ``sum`` for norms, Taylor and BN scale (more coupled weights mean more removed), ``amax`` for

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.criteria import AxisKey, AxisScores
+from shrink.criteria.weight import AxisKey, AxisScores
 from shrink.errors import ConfigError
 from shrink.plan import ChannelGroup, Side
 from shrink.rules import rule_for

@@ -74,9 +74,9 @@ def measure(name: str, ratio: float, repeat: int) -> list[dict[str, Any]]:
     macs0, params0 = count_macs(model, inputs), count_params(model)
     tools: dict[str, Callable[[], nn.Module]] = {
         "shrink (verify)": lambda: shrink.prune(model, inputs,
-                                                shrink.make_config(ratio, norm=2)).model,
+                                                shrink.PruneConfig(ratio, norm=2)).model,
         "shrink (no verify)": lambda: shrink.prune(
-            model, inputs, shrink.make_config(ratio, norm=2, verify=False)).model,
+            model, inputs, shrink.PruneConfig(ratio, norm=2, verify=False)).model,
     }
     rows = []
     for tool in (*tools, "torch-pruning"):

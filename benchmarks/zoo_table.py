@@ -38,7 +38,7 @@ if which == "shrink":
     randomize_(model, 1)
     calibrate_bn_(model, lambda: (torch.randn(2, 3, size, size),), 1)
     t = time.perf_counter()
-    res = shrink.prune(model, (x,), shrink.make_config(0.5))
+    res = shrink.prune(model, (x,), shrink.PruneConfig(0.5))
     r = res.report
     seconds = time.perf_counter() - t
     other = [g.pinned for g in res.analysis.pinned
@@ -47,7 +47,7 @@ if which == "shrink":
     exact_macs = None
     if r.deviation is not None:
         # inexact (LayerNorm-normalised) groups were pruned: what does exact_only leave?
-        r2 = shrink.prune(model, (x,), shrink.make_config(0.5, exact_only=True)).report
+        r2 = shrink.prune(model, (x,), shrink.PruneConfig(0.5, exact_only=True)).report
         exact_macs = [r2.macs_before, r2.macs_after]
     print(json.dumps({"seconds": seconds, "params": [r.params_before, r.params_after],
                       "macs": [r.macs_before, r.macs_after], "err": r.max_rel_error,

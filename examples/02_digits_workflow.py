@@ -26,6 +26,9 @@ from torch.nn.functional import cross_entropy
 from torch.utils.data import DataLoader, TensorDataset
 
 import shrink
+from shrink.criteria import Activation, LnNorm, Random, Taylor
+from shrink.plan import Decision
+from shrink.verify import masked_reference
 
 
 def load_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -100,7 +103,7 @@ def prune_and_finetune(dense: nn.Module, train_set: TensorDataset, test_set: Ten
         if importance == "taylor":
             options["loss_fn"] = cross_entropy
     torch.manual_seed(seed)
-    res = shrink.prune(dense.eval(), x, shrink.make_config(ratio, **options))
+    res = shrink.prune(dense.eval(), x, shrink.PruneConfig(ratio, **options))
     pruned_acc = accuracy(res.model, test_set)
     tuned = train(copy.deepcopy(res.model), train_set, finetune_epochs, lr=5e-4, seed=seed + 1)
     assert res.report is not None
@@ -188,9 +191,9 @@ def rank_check(importances: list[str], seed: int = 0, epochs: int = 15) -> str:
         x, y = train_set.tensors
         analysis = shrink.analyze(shrink.capture(dense, (x[:1],)))
         loader = DataLoader(train_set, batch_size=64)
-        criteria = {"l1": shrink.LnNorm(1.0), "l2": shrink.LnNorm(2.0),
-                    "taylor": shrink.Taylor(loader, cross_entropy),
-                    "activation": shrink.Activation(loader), "random": shrink.Random(seed)}
+        criteria = {"l1": LnNorm(1.0), "l2": LnNorm(2.0),
+                    "taylor": Taylor(loader, cross_entropy),
+                    "activation": Activation(loader), "random": Random(seed)}
         scores = {k: shrink.score(analysis.groups, dense, criteria[k]) for k in importances}
         with torch.no_grad():
             base = float(cross_entropy(dense(x), y))
@@ -200,9 +203,9 @@ def rank_check(importances: list[str], seed: int = 0, epochs: int = 15) -> str:
             deltas = []
             for c in range(g.size):
                 keep = tuple(i for i in range(g.size) if i != c)
-                plan = shrink.Plan(analysis.model, analysis.groups, (shrink.Decision(g.id, keep),))
+                plan = shrink.Plan(analysis.model, analysis.groups, (Decision(g.id, keep),))
                 with torch.no_grad():
-                    deltas.append(float(cross_entropy(shrink.masked_reference(dense, plan)(x), y)))
+                    deltas.append(float(cross_entropy(masked_reference(dense, plan)(x), y)))
             loss_up = torch.tensor(deltas, dtype=torch.float64) - base
             cells = " | ".join(f"{_spearman(scores[k][g.id], loss_up):.2f}" for k in importances)
             lines.append(f"| {g.id} | {g.size} | {cells} |")

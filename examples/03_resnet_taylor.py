@@ -17,6 +17,7 @@ from torch.nn.functional import cross_entropy
 from torch.utils.data import DataLoader, TensorDataset
 
 import shrink
+from shrink.criteria import LnNorm, Taylor
 
 
 def make_data(n: int, seed: int) -> TensorDataset:
@@ -60,7 +61,7 @@ def main() -> None:
     print(f"dense: {accuracy(model, val_set):.1f}% on generated validation data")
 
     # 1. one call: remove half the MACs, channels ranked by first-order Taylor on 4 batches
-    res = shrink.prune(model, x, shrink.make_config(
+    res = shrink.prune(model, x, shrink.PruneConfig(
         0.5, target="macs", importance="taylor", data=scoring, loss_fn=cross_entropy,
         max_batches=4))
     assert res.report is not None
@@ -68,10 +69,9 @@ def main() -> None:
           f"MACs x{res.report.mac_ratio:.3f}, params x{res.report.param_ratio:.3f}")
 
     # 2. the same with explicit objects, against data-free L2 at the same budget
-    for name, criterion in [("taylor", shrink.Taylor(scoring, cross_entropy, max_batches=4)),
-                            ("l2", shrink.LnNorm(2.0))]:
-        cfg = shrink.PruneConfig(policy=shrink.Target(0.5, shrink.Metric.MACS),
-                                 criterion=criterion)
+    for name, criterion in [("taylor", Taylor(scoring, cross_entropy, max_batches=4)),
+                            ("l2", LnNorm(2.0))]:
+        cfg = shrink.PruneConfig(0.5, target="macs", importance=criterion)
         print(f"  {name:>6}: {accuracy(shrink.prune(model, x, cfg).model, val_set):.1f}%")
 
     # 3. which layer4 groups can lose channels cheaply?
@@ -80,7 +80,7 @@ def main() -> None:
     print(table)
 
     # 4. iterative: 2 steps to 50% of MACs, 10 fine-tuning steps after each
-    out = shrink.prune_iteratively(model, x, shrink.make_config(
+    out = shrink.prune_iteratively(model, x, shrink.PruneConfig(
         0.5, target="macs", importance="taylor", data=scoring, loss_fn=cross_entropy,
         max_batches=4), steps=2, finetune=lambda m, step: train(m, loader, steps=10))
     print(f"iterative (2 steps + fine-tuning): {accuracy(out.model, val_set):.1f}%")

@@ -25,7 +25,7 @@ model = randomize_(torchvision.models.get_model(name, weights=None)).eval()
 x = (torch.randn(1, 3, 224, 224),)
 variants = {}
 for label, exact_only in (("exact_only", True), ("default", False)):
-    res = shrink.prune(model, x, shrink.make_config(0.5, exact_only=exact_only))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, exact_only=exact_only))
     print(f"--- {name}, ratio 0.5, {label}\n{res.report}\n")
     variants[label] = res.model
 

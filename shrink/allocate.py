@@ -97,7 +97,7 @@ def solve_target(
             (pinned groups, ``max_ratio`` or overrides bound what can be removed).
 
     Example:
-        >>> sol = shrink.solve_target(model, x, analysis.groups, scores, shrink.Target(0.5),
+        >>> sol = solve_target(model, x, analysis.groups, scores, Target(0.5),
         ...                           analysis.model)
     """
     goal = 1.0 - target.ratio

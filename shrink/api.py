@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from shrink.allocate import solve_target
 from shrink.analysis import Analysis, analyze
 from shrink.capture import capture, normalize_inputs
-from shrink.config import PruneConfig, as_tuple
-from shrink.criteria.data import Activation, Taylor
-from shrink.criteria.weight import BNScale, Criterion, LnNorm, Random, UserScores, score
+from shrink.config import PruneConfig, option_names
+from shrink.criteria.weight import score
 from shrink.errors import ConfigError
 from shrink.plan import Plan
 from shrink.report import Report
 from shrink.rewrite import apply
 from shrink.rules import rule_for
-from shrink.select import Global, Metric, Target, Uniform, select
+from shrink.select import Target, select
 from shrink.verify import verify as verify_
 
 log = logging.getLogger(__name__)
@@ -59,110 +57,13 @@ def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _criterion(importance: Any, norm: float, seed: int, options: Mapping[str, Any]) -> Criterion:
-    data_options = {k: options[k] for k in ("data", "loss_fn", "max_batches") if k in options}
-    if isinstance(importance, str):
-        key = importance.lower()
-        if key == "taylor":
-            return Taylor(**data_options)
-        if key in ("activation", "act"):
-            data_options.pop("loss_fn", None)
-            return Activation(**data_options)
-        if key in ("ln", "l1", "l2", "linf", "magnitude"):
-            p = {"l1": 1.0, "l2": 2.0, "linf": math.inf}.get(key, norm)
-            if p not in (1, 2, math.inf):
-                raise ConfigError(f"norm must be 1, 2 or inf (as in ln_structured), got {norm!r}")
-            return LnNorm(float(p))
-        if key == "random":
-            return Random(seed)
-        if key in ("bn", "bn_scale", "slimming"):
-            return BNScale()
-        raise ConfigError(
-            f"importance={importance!r} is unknown. Use 'ln' (with norm=1, 2 or inf), 'random' "
-            "(with seed=), 'bn_scale', 'taylor' (with data= and loss_fn=), 'activation' (with "
-            "data=), a {module_name: scores} mapping, or a callable fn(group, modules) -> scores."
-        )
-    if isinstance(importance, Mapping) or callable(importance):
-        if not isinstance(importance, Mapping) and hasattr(importance, "__dataclass_fields__"):
-            return importance  # type: ignore[no-any-return]  # a Criterion instance
-        return UserScores(importance)
-    raise ConfigError(f"importance must be a string, mapping or callable, got {importance!r}")
-
-
-_OPTIONS = ("norm", "importance", "seed", "scope", "ignore", "round_to", "verify", "min_keep",
-            "max_ratio", "rtol", "leaf_types", "data", "loss_fn", "max_batches", "min_ratio",
-            "overrides", "target", "grouped_convs", "exact_only")
-
-
-def _overrides(value: Any) -> tuple[tuple[str, float | int], ...]:
-    if value is None:
-        return ()
-    if isinstance(value, Mapping):
-        return tuple((str(k), v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return tuple(tuple(item) for item in value)  # type: ignore[misc]
-    raise ConfigError(
-        f"overrides must be a {{pattern: ratio}} dict, e.g. {{'layer4.*': 0.2}}; got {value!r}"
-    )
-
-
-def make_config(ratio: float | int, **options: Any) -> PruneConfig:
-    """Build a :class:`PruneConfig` from :func:`compress`'s keyword options."""
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; valid options are {list(_OPTIONS)}")
-    norm = options.get("norm", 2)
-    if norm in ("inf", "fro"):
-        norm = math.inf if norm == "inf" else 2
-    criterion = _criterion(options.get("importance", "ln"), norm, int(options.get("seed", 0)),
-                           options)
-    if "data" in options and not isinstance(criterion, (Taylor, Activation)):
-        raise ConfigError("data= is used only by importance='taylor' or 'activation'")
-    target = options.get("target", "channels")
-    if target not in ("channels", "macs", "params"):
-        raise ConfigError(
-            f"target must be 'channels' (ratio = fraction of channels removed per group), 'macs' "
-            f"or 'params' (ratio = fraction of MACs/parameters removed); got {target!r}"
-        )
-    scope = options.get("scope", "local" if target == "channels" else "global")
-    # "auto" rounds kept counts to onnxruntime-friendly multiples (select.auto_step); a MACs or
-    # params target needs fine steps to be met, so it does not round unless asked to
-    round_to = options.get("round_to", "auto" if target == "channels" else 1)
-    min_keep = options.get("min_keep", 1)
-    overrides = _overrides(options.get("overrides"))
-    channel_ratio = 0.0 if target != "channels" else ratio
-    if scope == "local":
-        policy: Uniform | Global | Target = Uniform(channel_ratio, round_to=round_to,
-                                                    min_keep=min_keep, overrides=overrides)
-    elif scope == "global":
-        policy = Global(channel_ratio, round_to=round_to, min_keep=min_keep,
-                        max_ratio=options.get("max_ratio", 0.9),
-                        min_ratio=options.get("min_ratio", 0.0), overrides=overrides)
-    else:
-        raise ConfigError(f"scope must be 'local' or 'global', got {scope!r}")
-    if "min_ratio" in options and scope != "global":
-        raise ConfigError("min_ratio (per-group floor) applies to scope='global' only")
-    if target != "channels":
-        policy = Target(ratio, Metric(target), policy)  # type: ignore[arg-type]  # checked there
-    return PruneConfig(
-        policy=policy,
-        criterion=criterion,
-        ignore=as_tuple(options.get("ignore")),
-        verify=bool(options.get("verify", True)),
-        rtol=float(options.get("rtol", 1e-5)),
-        leaf_types=as_tuple(options.get("leaf_types")),
-        grouped_convs=options.get("grouped_convs", "channels"),
-        exact_only=bool(options.get("exact_only", False)),
-    )
-
-
 def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     """capture → analyze → score → select → apply → verify, returning every artefact.
 
     The caller's model is never modified.
 
     Example:
-        >>> res = shrink.prune(model, (x,), shrink.PruneConfig(policy=shrink.Uniform(0.3)))
+        >>> res = shrink.prune(model, (x,), shrink.PruneConfig(0.3, norm=1))
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
@@ -172,8 +73,6 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     scores = score(analysis.groups, model, config.criterion)
     policy = config.policy
     if isinstance(policy, Target):
-        from shrink.allocate import solve_target
-
         policy = solve_target(model, inputs, analysis.groups, scores, policy, analysis.model).policy
     plan = select(analysis.groups, scores, policy, analysis.model)
     pruned = apply(model, plan)
@@ -186,36 +85,34 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
 
 def compress(
     model: nn.Module,
-    ratio: float | int,
+    ratio: float | None = None,
     example_inputs: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Return a new, physically smaller copy of ``model``.
 
+    ``compress(model, ratio, x, **options)`` is ``prune(model, x, PruneConfig(ratio,
+    **options)).model``: the options are the fields of :class:`~shrink.config.PruneConfig`,
+    with the same names and defaults.
+
     Args:
         model: any traceable ``nn.Module``; it is never modified.
-        ratio: float in [0, 1): fraction of channels removed from every prunable group; int:
-            number of channels removed from every group (as ``amount`` in torch.nn.utils.prune).
+        ratio: fraction removed, in [0, 1): of every prunable group's channels, or of the
+            model's MACs/parameters with ``target="macs"``/``"params"``. An int is refused:
+            to remove N channels from every group pass ``amount=N``.
         example_inputs: a tensor or tuple of inputs; inferred for image models when omitted.
-        **options: ``norm`` (1, 2 or inf; default 2), ``importance`` ('ln', 'random',
-            'bn_scale', 'taylor', 'activation', {module: scores} or a callable), ``data``
-            (batches for 'taylor'/'activation'), ``loss_fn`` ('taylor'), ``max_batches``,
-            ``seed``, ``scope`` ('local' or 'global'), ``target`` ('channels', or 'macs' /
-            'params': ``ratio`` is then the fraction of MACs/parameters removed and shrink
-            solves for the channel ratio; scope defaults to 'global'), ``overrides``
-            ({name or glob: ratio}), ``ignore`` (names, globs or types kept intact),
-            ``round_to`` (kept counts rounded up to a multiple; default ``"auto"``),
-            ``min_keep``, ``max_ratio``
-            (global ceiling per group), ``min_ratio`` (global floor per group), ``verify``
-            (default True), ``rtol``, ``leaf_types``, ``grouped_convs`` (``"channels"``, the
-            default: every conv group loses channels equally; ``"groups"``: grouped convs lose
-            whole conv groups), ``exact_only`` (default False: channels normalised by a
-            LayerNorm, such as a transformer's residual stream, are pruned too and the report
-            gives the measured deviation from the masked original; True keeps them, so only
-            exact groups such as heads and MLP widths shrink).
+        **options: any field of :class:`~shrink.config.PruneConfig`: ``amount``, ``norm``
+            (1, 2 or inf; default 2), ``importance`` ('ln', 'random', 'bn_scale', 'taylor',
+            'activation', {module: scores} or a callable), ``data``, ``loss_fn``,
+            ``max_batches``, ``seed``, ``scope`` ('local' or 'global'), ``target``
+            ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
+            ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
+            ``min_ratio``, ``exact_only``, ``grouped_convs``, ``verify`` (default True),
+            ``rtol``, ``leaf_types``.
 
     Returns:
-        The pruned model, in the same mode, dtype and device as ``model``.
+        The pruned model, in the same mode, dtype and device as ``model``. It remembers the
+        plan that made it, so ``shrink.save(small, "small.safetensors")`` works directly.
 
     Raises:
         ConfigError: bad ratio or options. CaptureError: untraceable model or bad inputs.
@@ -223,10 +120,13 @@ def compress(
 
     Example:
         >>> small = shrink.compress(torchvision.models.resnet50(), 0.5)
+        >>> shrink.save(small, "resnet50-half.safetensors")
     """
-    config = make_config(ratio, **options)
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown}; valid options are {list(option_names())}"
+        )
+    config = PruneConfig(ratio, **options)
     inputs = infer_inputs(model) if example_inputs is None else example_inputs
     return prune(model, inputs, config).model
-
-
-ImportanceFn = Callable[..., torch.Tensor]

@@ -280,7 +280,7 @@ def _compress(args: argparse.Namespace) -> int:
                                "exact_only": args.exact_only, "grouped_convs": args.grouped_convs}
     if args.round_to is not None:
         options["round_to"] = args.round_to
-    res = shrink.prune(model, inputs, shrink.make_config(args.ratio, **options))
+    res = shrink.prune(model, inputs, shrink.PruneConfig(args.ratio, **options))
     exported = export_onnx(res.model, inputs, args.out)
     bench = None
     if args.bench:

@@ -15,6 +15,7 @@ from torch import nn
 from shrink.bind import describe_mismatch
 from shrink.errors import PlanError, RewriteError
 from shrink.plan import Plan, Side, fingerprint
+from shrink.provenance import plans_of, record
 from shrink.rules import rule_for
 from shrink.rules.base import Keep
 
@@ -39,6 +40,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         memo[id(_tensor(model, fqn))] = new_t
     out = copy.deepcopy(model, memo)
     _set_attributes(out, plan)
+    record(out, (*plans_of(model), plan))
     return out
 
 
@@ -59,6 +61,7 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """Prune ``model`` in place (its layers are replaced) and return it."""
     check_plan(model, plan)
+    before = plans_of(model)
     tensors = _rebuild_tensors(model, plan)
     replaced = {id(model.get_submodule(f)): new for f, new in _rebuild(model, plan).items()}
     for fqn, new_t in tensors.items():
@@ -73,6 +76,7 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
             if child is not None and id(child) in replaced:
                 mod._modules[name] = replaced[id(child)]  # every alias of a shared layer
     _set_attributes(model, plan)
+    record(model, (*before, plan))
     return model
 
 

@@ -5,7 +5,7 @@ remove a total fraction ``R`` in ``k`` equal steps, each step removes
 
     r = 1 - (1 - R) ** (1 / k)
 
-of the channels (or MACs/parameters, for a :class:`~shrink.select.Target`) that are left, so
+of the channels (or MACs/parameters, for ``target="macs"``/``"params"``) that are left, so
 ``(1 - r) ** k = 1 - R``. Per-group rounding makes the final count differ by at most a channel per
 step and group. Each step is one full :func:`shrink.prune` (capture, score, select, apply,
 verify) of the *current* model, so data-driven criteria re-score the fine-tuned weights.
@@ -23,7 +23,6 @@ from torch import nn
 from shrink.api import Result, prune
 from shrink.config import PruneConfig
 from shrink.errors import ConfigError
-from shrink.select import Global, Target, Uniform
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +58,22 @@ def step_ratios(ratio: float | int, steps: int) -> tuple[float, ...]:
     return (r,) * steps
 
 
-def _with_ratio(
-    policy: Uniform | Global | Target, r: float, steps: int
-) -> Uniform | Global | Target:
-    def scale(x: float | int) -> float:
-        return step_ratios(float(x), steps)[0] if isinstance(x, float) else float(x)
+def _per_step(config: PruneConfig, steps: int) -> PruneConfig:
+    """``config`` with every fraction (ratio, overrides, global floor) spread over ``steps``."""
+    if config.ratio is None:
+        raise ConfigError(
+            f"an iterative schedule needs ratio= (a fraction of what remains); amount="
+            f"{config.amount} channels per group does not compound"
+        )
 
-    if isinstance(policy, Target):
-        return dataclasses.replace(policy, ratio=r)
-    overrides = tuple((p, scale(v)) for p, v in policy.overrides)
-    if isinstance(policy, Global):
-        return dataclasses.replace(policy, ratio=r, overrides=overrides,
-                                   min_ratio=scale(policy.min_ratio) if policy.min_ratio else 0.0)
-    return dataclasses.replace(policy, ratio=r, overrides=overrides)
+    def scale(x: float) -> float:
+        return step_ratios(float(x), steps)[0]
+
+    return dataclasses.replace(
+        config, ratio=scale(config.ratio),
+        overrides=tuple((p, scale(v)) for p, v in config.overrides),
+        min_ratio=scale(config.min_ratio) if config.min_ratio else 0.0,
+    )
 
 
 def prune_iteratively(
@@ -82,13 +84,13 @@ def prune_iteratively(
     steps: int,
     finetune: FineTune | None = None,
 ) -> IterativeResult:
-    """Prune ``config.policy.ratio`` in total over ``steps`` rounds, fine-tuning after each.
+    """Prune ``config.ratio`` in total over ``steps`` rounds, fine-tuning after each.
 
     Args:
         model: the dense model; never modified (each step works on the previous step's copy).
         example_inputs: inputs for capture and verification.
-        config: the total goal: a float channel ratio (Uniform/Global; overrides and the
-            global floor are spread the same way) or a :class:`~shrink.select.Target`.
+        config: the total goal: ``ratio`` of the channels (overrides and the global floor
+            are spread the same way) or, with ``target="macs"``/``"params"``, of the metric.
         steps: number of prune (and fine-tune) rounds, ``k >= 1``.
         finetune: called as ``finetune(model, step)`` after every step, ``step`` counting from 0;
             it trains the pruned model in place or returns a replacement.
@@ -97,14 +99,14 @@ def prune_iteratively(
         The final model and each step's result.
 
     Raises:
-        ConfigError: for an absolute (int) ratio or a bad ``steps``.
+        ConfigError: for an absolute ``amount`` or a bad ``steps``.
 
     Example:
-        >>> out = shrink.prune_iteratively(model, x, shrink.make_config(0.5), steps=3,
+        >>> out = shrink.prune_iteratively(model, x, shrink.PruneConfig(0.5), steps=3,
         ...                                finetune=lambda m, i: train(m, epochs=1))
     """
-    per_step = step_ratios(config.policy.ratio, steps)[0]
-    step_config = dataclasses.replace(config, policy=_with_ratio(config.policy, per_step, steps))
+    step_config = _per_step(config, steps)
+    per_step = step_config.ratio
     current = model
     results: list[Result] = []
     for i in range(steps):

@@ -113,7 +113,7 @@ class Target:
         max_iter: bisection steps before returning the closest solution found.
 
     Example:
-        >>> cfg = shrink.PruneConfig(policy=shrink.Target(0.5, shrink.Metric.MACS))
+        >>> cfg = shrink.PruneConfig(0.5, target="macs")   # builds this Target
         >>> res = shrink.prune(model, x, cfg)   # res.report.mac_ratio ~= 0.5
     """
 
@@ -132,7 +132,7 @@ class Target:
                 f"removed; got {self.ratio!r}"
             )
         if not isinstance(self.metric, Metric):
-            raise ConfigError(f"Target.metric must be a shrink.Metric, got {self.metric!r}")
+            raise ConfigError(f"Target.metric must be a shrink.select.Metric, got {self.metric!r}")
         policy_ok = isinstance(self.policy, (Uniform, Global))
         if not (policy_ok and isinstance(self.policy.ratio, float)):
             raise ConfigError("Target.policy must be a Uniform or Global with a float ratio")
@@ -158,7 +158,7 @@ def _check_overrides(overrides: Overrides) -> None:
     if not isinstance(overrides, tuple):
         raise ConfigError(
             f"overrides must be a tuple of (pattern, ratio) pairs, got {type(overrides).__name__}; "
-            "make_config/compress also accept a {pattern: ratio} dict"
+            "PruneConfig/compress also accept a {pattern: ratio} dict"
         )
     for item in overrides:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
@@ -280,8 +280,8 @@ def select(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torch.Tensor],
     """
     if not isinstance(policy, (Uniform, Global)):
         raise ConfigError(
-            f"select needs a Uniform or Global policy, got {type(policy).__name__}. A "
-            "shrink.Target (MACs/params goal) is solved by shrink.prune / shrink.solve_target."
+            f"select needs a Uniform or Global policy, got {type(policy).__name__}. "
+            "a Target (MACs/params goal) is solved by shrink.prune / shrink.allocate.solve_target."
         )
     targets = [g for g in groups if g.prunable and g.id in scores]
     fixed = _resolve_overrides(targets, policy.overrides)

@@ -75,7 +75,7 @@ class Sensitivity:
         return out
 
     def overrides(self, max_drop: float) -> Overrides:
-        """:meth:`ratios` as policy overrides: ``Uniform(0.0, overrides=table.overrides(0.01))``."""
+        """:meth:`ratios` as policy overrides: ``PruneConfig(0.0, overrides=table.overrides(0.01))``."""
         return tuple(self.ratios(max_drop).items())
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def sensitivity(
 
     Example:
         >>> table = shrink.sensitivity(model, x, lambda m: accuracy(m, val), ratios=(0.3, 0.6))
-        >>> policy = shrink.Uniform(0.0, overrides=table.overrides(max_drop=0.01))
+        >>> cfg = shrink.PruneConfig(0.0, overrides=table.overrides(max_drop=0.01))
     """
     if not ratios or any(isinstance(r, bool) or not 0.0 < float(r) < 1.0 for r in ratios):
         raise ConfigError(f"ratios must be floats in (0, 1), got {tuple(ratios)!r}")

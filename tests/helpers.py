@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import shrink
+from shrink.plan import ChannelGroup
 from shrink.testing import assert_unchanged, randomize_, state_snapshot
 
 
@@ -23,7 +24,7 @@ def prune_checked(model: nn.Module, x: Any, ratio: float | int = 0.5, *, seed: i
     model.eval()
     inputs = x if isinstance(x, tuple) else (x,)
     snap = state_snapshot(model)
-    res = shrink.prune(model, inputs, shrink.make_config(ratio, **options))
+    res = shrink.prune(model, inputs, shrink.PruneConfig(ratio, **options))
     assert_unchanged(model, snap)
     with torch.no_grad():
         a, b = model(*inputs), res.model.eval()(*inputs)
@@ -48,7 +49,7 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def group(res: shrink.Result, gid: str) -> shrink.ChannelGroup:
+def group(res: shrink.Result, gid: str) -> ChannelGroup:
     return res.analysis.group(gid)
 
 

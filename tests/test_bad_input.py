@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 
 import shrink
 from shrink.testing import assert_unchanged, randomize_, state_snapshot
+from shrink.verify import masked_reference
 
 pytest.importorskip("safetensors")
 import safetensors.torch
@@ -54,7 +55,7 @@ def masked_net() -> nn.Module:
 # ------------------------------------------------------------------ files for the load rows
 def _saved(tmp: Path) -> Path:
     model = net()
-    res = shrink.prune(model, X, shrink.make_config(0.5))
+    res = shrink.prune(model, X, shrink.PruneConfig(0.5))
     return shrink.save(res, tmp / "good.safetensors")
 
 
@@ -301,12 +302,12 @@ def _check_compress(dtype: torch.dtype = torch.float32, train: bool = False,
 
 def _check_pinned(fragment: str) -> Callable[[nn.Module], None]:
     def check(model: nn.Module) -> None:
-        res = shrink.prune(model, X, shrink.make_config(0.5))
+        res = shrink.prune(model, X, shrink.PruneConfig(0.5))
         text = " ".join(d.message for d in res.analysis.diagnostics) + " ".join(
             str(g.pinned) for g in res.plan.groups)
         assert fragment in text
         with torch.no_grad():
-            torch.testing.assert_close(res.model(X), shrink.masked_reference(model, res.plan)(X))
+            torch.testing.assert_close(res.model(X), masked_reference(model, res.plan)(X))
     return check
 
 

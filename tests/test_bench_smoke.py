@@ -85,7 +85,7 @@ def test_round_to_does_not_cancel_grouped_conv_pruning() -> None:
     conv = nn.Sequential(nn.Conv2d(8, 104, 1), nn.ReLU(), nn.Conv2d(104, 104, 3, groups=13),
                          nn.ReLU(), nn.Conv2d(104, 8, 1)).eval()
     x = torch.randn(1, 8, 6, 6)
-    res = shrink.prune(conv, (x,), shrink.make_config(0.5, round_to=8))
+    res = shrink.prune(conv, (x,), shrink.PruneConfig(0.5, round_to=8))
     assert res.model[2].out_channels == 52
     assert res.model[2].groups == 13
     assert res.model[0].out_channels == 52

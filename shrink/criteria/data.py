@@ -197,7 +197,7 @@ class Activation:
         ConfigError: without ``data``.
 
     Example:
-        >>> res = shrink.prune(model, x, shrink.make_config(0.5, importance="activation",
+        >>> res = shrink.prune(model, x, shrink.PruneConfig(0.5, importance="activation",
         ...                                                  data=loader))
     """
 

@@ -38,11 +38,14 @@ from shrink.api import Result
 from shrink.bind import axis_length, describe_mismatch
 from shrink.errors import ConfigError, PlanError
 from shrink.plan import Plan, Side, fingerprint
+from shrink.provenance import plans_of
 from shrink.rewrite import apply
 from shrink.rules import rule_for
 
 FORMAT = "shrink.pruned"
 FORMAT_VERSION = "1"
+CHAIN_VERSION = "2"  # a model pruned more than once: "later_plans" follows "plan"
+_VERSIONS = (FORMAT_VERSION, CHAIN_VERSION)
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors limit
 
 
@@ -62,10 +65,14 @@ def save(
     """Write a pruned model (weights + plan) to one safetensors file; no pickle.
 
     Args:
-        pruned: the pruned model, or the :class:`~shrink.Result` of :func:`shrink.prune` /
-            :func:`shrink.from_masks` (which carries its plan).
+        pruned: the pruned model (as :func:`shrink.compress`, :func:`shrink.apply` or
+            :func:`shrink.load` returned it, or a deep copy of it, fine-tuned or not; it
+            remembers its plans, see :mod:`shrink.provenance`), or the :class:`~shrink.Result`
+            of :func:`shrink.prune` / :func:`shrink.from_masks`. A model pruned several times
+            (``prune_iteratively``) is saved with every plan, oldest first.
         path: file to write (conventionally ``*.safetensors``); replaced atomically.
-        plan: the plan that produced ``pruned``; required when ``pruned`` is a module.
+        plan: the plan that produced ``pruned``, for a model that does not remember it (its
+            layers were swapped by hand after pruning).
 
     Returns:
         The path written.
@@ -75,21 +82,22 @@ def save(
         PlanError: the plan did not produce this model (its layer sizes disagree).
 
     Example:
-        >>> res = shrink.prune(model, (x,), shrink.make_config(0.5))
-        >>> shrink.save(res, "small.safetensors")
+        >>> shrink.save(shrink.compress(model, 0.5), "small.safetensors")
         >>> small = shrink.load(torchvision.models.resnet18(), "small.safetensors")
     """
-    model, plan = _model_and_plan(pruned, plan)
-    _check_produced_by(model, plan)
+    model, chain = _model_and_plans(pruned, plan)
+    _check_produced_by(model, chain[-1])
     st = _safetensors()
     tensors, aliases = _dedup(model.state_dict(keep_vars=True))
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if len(chain) == 1 else CHAIN_VERSION,
         "shrink_version": __version__,
-        "plan": plan.to_json(),
+        "plan": chain[0].to_json(),
         "aliases": json.dumps(aliases, sort_keys=True),
     }
+    if len(chain) > 1:
+        metadata["later_plans"] = json.dumps([json.loads(p.to_json()) for p in chain[1:]])
     data = st.torch.save(tensors, metadata=metadata)
     target = Path(path)
     if target.is_dir():
@@ -126,6 +134,7 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """
     tensors, metadata = _read(path)
     plan = _plan_from_metadata(metadata, model, path)
+    later = _later_plans(metadata, model, path)
     aliases = _json_field(metadata, "aliases", path)
     if not isinstance(aliases, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
@@ -140,6 +149,12 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             "was saved from (same class, constructor arguments and dtype), then load."
         )
     pruned = apply(model, plan)
+    for i, step in enumerate(later, start=2):
+        try:
+            pruned = apply(pruned, step)
+        except PlanError as e:
+            raise PlanError(f"{_name(path)}: plan {i} of {len(later) + 1} does not fit the "
+                            f"model the earlier ones produced ({e}); the file is corrupt") from e
     state = pruned.state_dict(keep_vars=True)
     for alias, stored in aliases.items():
         if stored in tensors:
@@ -152,7 +167,8 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
-    """The plan stored in a file written by :func:`save` (nothing is applied).
+    """The plan stored in a file written by :func:`save` (nothing is applied); for a model
+    pruned several times, the first one (made for the original architecture).
 
     Raises:
         PlanError: the file is not a shrink file or its plan is malformed.
@@ -162,19 +178,30 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 
 # ---------------------------------------------------------------------------- saving helpers
-def _model_and_plan(pruned: nn.Module | Result, plan: Plan | None) -> tuple[nn.Module, Plan]:
+def _model_and_plans(
+    pruned: nn.Module | Result, plan: Plan | None
+) -> tuple[nn.Module, tuple[Plan, ...]]:
+    """The model to save and the plans that made it, oldest first."""
     if isinstance(pruned, Result):
-        return pruned.model, plan if plan is not None else pruned.plan
-    if not isinstance(pruned, nn.Module):
+        model, plan = pruned.model, plan if plan is not None else pruned.plan
+    elif isinstance(pruned, nn.Module):
+        model = pruned
+    else:
         raise ConfigError(f"shrink.save expects a pruned nn.Module or a shrink.Result, got "
                           f"{type(pruned).__name__}")
+    chain = plans_of(model)
+    if plan is None:
+        if not chain:
+            raise ConfigError(
+                f"shrink.save cannot tell which plan produced this {type(model).__name__}: it "
+                "was not returned by shrink (compress/prune/apply/load), or its layers were "
+                "changed afterwards. Pass the plan: shrink.save(model, path, plan=result.plan), "
+                "or save the Result of shrink.prune itself."
+            )
+        return model, chain
     if not isinstance(plan, Plan):
-        raise ConfigError(
-            "shrink.save needs the plan that produced the model, to rebuild its architecture at "
-            "load time: pass the Result of shrink.prune/from_masks itself "
-            "(shrink.save(result, path)), or shrink.save(model, path, plan=result.plan)."
-        )
-    return pruned, plan
+        raise ConfigError(f"plan= must be a shrink Plan, got {type(plan).__name__}")
+    return model, chain if chain and chain[-1] == plan else (plan,)
 
 
 def _check_produced_by(model: nn.Module, plan: Plan) -> None:
@@ -236,10 +263,10 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[s
             f"'format': {FORMAT!r} in its metadata), so it has no plan to rebuild the pruned "
             "architecture. Load plain weights with safetensors.torch.load_file instead."
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _VERSIONS:
         raise PlanError(
             f"{_name(path)} has format_version {meta.get('format_version')!r}; this shrink "
-            f"reads {FORMAT_VERSION!r}. Upgrade shrink or save the model again."
+            f"reads {' and '.join(map(repr, _VERSIONS))}. Upgrade shrink or save the model again."
         )
     return tensors, meta
 
@@ -267,6 +294,27 @@ def _plan_from_metadata(
         raise PlanError(f"{_name(path)}: the plan is malformed ({e})") from e
     except PlanError as e:
         raise PlanError(f"{_name(path)}: {e}") from e
+
+
+def _later_plans(
+    metadata: Mapping[str, str], model: nn.Module, path: str | os.PathLike[str]
+) -> list[Plan]:
+    """The plans after the first, for a model pruned more than once (format version 2)."""
+    if metadata.get("format_version") != CHAIN_VERSION:
+        return []
+    items = _json_field(metadata, "later_plans", path)
+    if not isinstance(items, list) or not items:
+        raise PlanError(f"{_name(path)}: 'later_plans' must be a non-empty list of plans; "
+                        "the file is corrupt")
+    budget = 2 * _budget(model) + (1 << 20)
+    out = []
+    for data in items:
+        _check_plan_size(data, budget, path)
+        try:
+            out.append(Plan.from_dict(data))
+        except (RecursionError, OverflowError, PlanError) as e:
+            raise PlanError(f"{_name(path)}: a later plan is malformed ({e})") from e
+    return out
 
 
 def _budget(model: nn.Module) -> int:

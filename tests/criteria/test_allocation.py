@@ -54,14 +54,14 @@ def test_global_floor_above_ceiling_is_rejected() -> None:
     with pytest.raises(shrink.ConfigError, match="min_ratio"):
         Global(0.5, max_ratio=0.5, min_ratio=0.6)
     with pytest.raises(shrink.ConfigError, match="scope='global' only"):
-        shrink.make_config(0.5, min_ratio=0.1)
+        shrink.PruneConfig(0.5, min_ratio=0.1)
 
 
 def test_compress_accepts_overrides_as_a_dict() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
                         nn.Conv2d(8, 4, 1))
     res = shrink.prune(net, (torch.randn(1, 3, 9, 9),),
-                       shrink.make_config(0.5, overrides={"2": 0.75}))
+                       shrink.PruneConfig(0.5, overrides={"2": 0.75}))
     assert {d.group: len(d.keep) for d in res.plan.decisions} == {"0:out": 4, "2:out": 2}
 
 
@@ -76,7 +76,7 @@ def _small_cnn() -> nn.Module:
 @pytest.mark.parametrize("metric", ["macs", "params"])
 def test_target_on_a_small_cnn_is_met_within_tolerance(metric: str, scope: str) -> None:
     model, x = _small_cnn().eval(), (torch.randn(1, 3, 16, 16),)
-    res = shrink.prune(model, x, shrink.make_config(0.6, target=metric, scope=scope))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.6, target=metric, scope=scope))
     if metric == "macs":
         kept = count_macs(res.model, x) / count_macs(model, x)
     else:
@@ -92,10 +92,12 @@ def test_unreachable_target_says_what_limits_it() -> None:
 
 
 def test_target_needs_a_float_ratio() -> None:
-    with pytest.raises(shrink.ConfigError, match=r"Target\.ratio"):
-        shrink.make_config(3, target="macs")
+    with pytest.raises(shrink.ConfigError, match=r"ratio=3 is an int.*amount=3"):
+        shrink.PruneConfig(3, target="macs")
+    with pytest.raises(shrink.ConfigError, match="amount= counts channels"):
+        shrink.PruneConfig(amount=3, target="macs")
     with pytest.raises(shrink.ConfigError, match="target must be"):
-        shrink.make_config(0.5, target="flops")
+        shrink.PruneConfig(0.5, target="flops")
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
@@ -103,6 +105,6 @@ def test_macs_target_is_met_within_two_percent_on_torchvision_models(name: str) 
     torchvision = pytest.importorskip("torchvision")
     model = getattr(torchvision.models, name)(weights=None).eval()
     x = (torch.randn(1, 3, 224, 224),)
-    res = shrink.prune(model, x, shrink.make_config(0.5, target="macs", verify=False))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, target="macs", verify=False))
     kept = count_macs(res.model, x) / count_macs(model, x)  # measured on real tensors
     assert abs(kept / 0.5 - 1) <= 0.02, f"{name}: kept {kept:.4f} of the MACs, goal 0.5"

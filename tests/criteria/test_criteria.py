@@ -8,8 +8,10 @@ from torch import nn
 from torch.nn.functional import mse_loss
 
 import shrink
-from shrink.criteria.weight import AxisScores, BNScale, LnNorm, Random, UserScores
+from shrink.criteria import Criterion
 from shrink.criteria.data import Activation, Taylor
+from shrink.criteria.weight import AxisScores, BNScale, LnNorm, Random, UserScores
+from shrink.plan import ChannelGroup, IndexMap, Member, Side
 
 
 def _two_linears(bias: bool = False, act: nn.Module | None = None) -> nn.Sequential:
@@ -24,7 +26,7 @@ def _two_linears(bias: bool = False, act: nn.Module | None = None) -> nn.Sequent
     return net
 
 
-def _scores(model: nn.Module, criterion: shrink.Criterion,
+def _scores(model: nn.Module, criterion: Criterion,
             x: torch.Tensor) -> dict[str, torch.Tensor]:
     analysis = shrink.analyze(shrink.capture(model, (x,)))
     return shrink.score(analysis.groups, model, criterion)
@@ -153,12 +155,12 @@ def test_activation_averages_over_every_consumer_position_of_a_flatten() -> None
 
 
 def test_axis_scores_sum_mean_and_max_reductions() -> None:
-    g = shrink.ChannelGroup("g", 2, (
-        shrink.Member("a", shrink.Side.OUT, 2, shrink.IndexMap((0, 1), (0, 1))),
-        shrink.Member("b", shrink.Side.IN, 4, shrink.IndexMap((0, 1, 2, 3), (0, 0, 1, 1))),
+    g = ChannelGroup("g", 2, (
+        Member("a", Side.OUT, 2, IndexMap((0, 1), (0, 1))),
+        Member("b", Side.IN, 4, IndexMap((0, 1, 2, 3), (0, 0, 1, 1))),
     ))
-    values = {("a", shrink.Side.OUT): torch.tensor([1.0, 2.0], dtype=torch.float64),
-              ("b", shrink.Side.IN): torch.tensor([3.0, 5.0, 0.0, 8.0], dtype=torch.float64)}
+    values = {("a", Side.OUT): torch.tensor([1.0, 2.0], dtype=torch.float64),
+              ("b", Side.IN): torch.tensor([3.0, 5.0, 0.0, 8.0], dtype=torch.float64)}
     expect = {"sum": [9.0, 10.0], "mean": [3.0, 10.0 / 3], "amax": [5.0, 8.0]}
     for reduce, want in expect.items():
         got = AxisScores(values, reduce)(g, {})

@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 import shrink
+from shrink.criteria import Taylor
 from shrink.testing import assert_unchanged, state_snapshot
 
 
@@ -23,7 +24,7 @@ def test_taylor_without_data_says_it_needs_data() -> None:
     with pytest.raises(shrink.ConfigError, match=r"Taylor importance needs data.*data=loader"):
         shrink.compress(_net(), 0.5, importance="taylor")
     with pytest.raises(shrink.ConfigError, match="needs data"):
-        shrink.Taylor(loss_fn=cross_entropy)
+        Taylor(loss_fn=cross_entropy)
 
 
 def test_taylor_without_loss_fn_names_the_fix() -> None:
@@ -50,7 +51,7 @@ def test_empty_or_wrong_data_is_a_config_error(importance: str) -> None:
 
 def test_data_option_with_a_data_free_criterion_is_rejected() -> None:
     with pytest.raises(shrink.ConfigError, match="data= is used only"):
-        shrink.make_config(0.5, importance="l1", data=_data())
+        shrink.PruneConfig(0.5, importance="l1", data=_data())
 
 
 @pytest.mark.parametrize("importance", ["taylor", "activation"])
@@ -58,7 +59,7 @@ def test_data_criteria_leave_the_model_untouched_even_in_train_mode(importance: 
     model = _net().train()
     snap = state_snapshot(model)
     res = shrink.prune(model, (torch.randn(2, 3, 8, 8),),
-                       shrink.make_config(0.5, importance=importance, data=_data(),
+                       shrink.PruneConfig(0.5, importance=importance, data=_data(),
                                           loss_fn=cross_entropy, verify=False))
     assert_unchanged(model, snap)
     assert all(p.grad is None for p in model.parameters())
@@ -70,7 +71,7 @@ def test_taylor_drops_channels_the_loss_does_not_depend_on() -> None:
     with torch.no_grad():  # channels 0..3 of the second conv never reach the loss
         model[7].weight[:, :4] = 0.0
     res = shrink.prune(model, (torch.randn(1, 3, 8, 8),),
-                       shrink.make_config(0.5, importance="taylor", data=_data(),
+                       shrink.PruneConfig(0.5, importance="taylor", data=_data(),
                                           loss_fn=cross_entropy))
     (d,) = [d for d in res.plan.decisions if d.group == "3:out"]
     assert d.keep == (4, 5, 6, 7)
@@ -87,9 +88,12 @@ def test_taylor_on_frozen_weights_says_no_gradient_reached_them() -> None:
 
 
 def test_a_criterion_instance_is_accepted_as_importance() -> None:
-    crit = shrink.Taylor(_data(), cross_entropy, max_batches=2)
+    data = _data()
+    crit = Taylor(data, cross_entropy, max_batches=2)
     model, x = _net(), (torch.randn(1, 3, 8, 8),)
-    by_option = shrink.prune(model, x, shrink.make_config(0.5, importance=crit)).plan
-    by_config = shrink.prune(model, x, shrink.PruneConfig(criterion=crit)).plan
-    assert by_option == by_config
+    by_option = shrink.prune(model, x, shrink.PruneConfig(0.5, importance=crit)).plan
+    by_name = shrink.prune(model, x, shrink.PruneConfig(0.5, importance="taylor", data=data,
+                                                        loss_fn=cross_entropy,
+                                                        max_batches=2)).plan
+    assert by_option == by_name
     assert by_option.decisions

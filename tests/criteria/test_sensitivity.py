@@ -38,7 +38,7 @@ def test_rows_match_pruning_each_group_alone() -> None:
     assert table.groups == ("0:out", "2:out")
     assert table.baseline == pytest.approx(0.0)
     for row in table.rows:  # the same plan made another way: an override on that group only
-        cfg = shrink.PruneConfig(policy=shrink.Uniform(0.0, overrides=((row.group, row.ratio),)))
+        cfg = shrink.PruneConfig(0.0, overrides={row.group: row.ratio})
         alone = shrink.prune(model, X[:1], cfg).model
         assert row.metric == pytest.approx(evaluate(alone))
         assert row.drop == pytest.approx(table.baseline - row.metric)
@@ -55,7 +55,7 @@ def test_dead_channels_cost_nothing_and_feed_per_group_ratios() -> None:
     assert drops[("0:out", 0.25)] > 1e-6
     assert table.ratios(max_drop=1e-9) == {"0:out": 0.0, "2:out": 0.5}
     res = shrink.prune(model, X[:1], shrink.PruneConfig(
-        policy=shrink.Uniform(0.0, overrides=table.overrides(max_drop=1e-9))))
+        0.0, overrides=table.overrides(max_drop=1e-9)))
     assert {d.group: len(d.keep) for d in res.plan.decisions} == {"2:out": 4}
     torch.testing.assert_close(res.model(X), model(X))
 

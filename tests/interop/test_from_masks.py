@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 import shrink
+from shrink.interop.dead_channels import Reconcile
+from shrink.interop.prune_masks import MaskedTensor, find_masks
 from shrink.testing import assert_unchanged, randomize_, state_snapshot
 
 torchvision = pytest.importorskip("torchvision")
@@ -118,7 +120,7 @@ def test_every_structured_prune_function_gives_a_smaller_model_equal_to_the_mask
     assert_unchanged(model, snap)
     assert res.plan.decisions, res.report.diagnostics
     assert _n_params(res.model) < _n_params(zoo_model)
-    assert not shrink.find_masks(res.model)
+    assert not find_masks(res.model)
     assert not any(n.endswith("_orig") for n, _ in res.model.named_parameters())
     _assert_equal_to_masked(model, res.model)
 
@@ -226,9 +228,9 @@ def test_from_masks_never_mutates_a_model_with_live_prune_hooks() -> None:
     model = randomize_(ConvBiasNet()).eval()
     prune.random_structured(model.a, "weight", amount=0.5, dim=0)
     snap = state_snapshot(model)
-    shrink.from_masks(model, torch.randn(1, 3, 8, 8), policy=shrink.Reconcile.UNION)
+    shrink.from_masks(model, torch.randn(1, 3, 8, 8), policy=Reconcile.UNION)
     assert_unchanged(model, snap)
-    assert shrink.find_masks(model) == (shrink.MaskedTensor("a", "weight"),)
+    assert find_masks(model) == (MaskedTensor("a", "weight"),)
 
 
 def test_unknown_policy_is_a_config_error() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import zipfile
@@ -52,7 +53,7 @@ def test_save_load_round_trip_is_bit_identical(name: str, tmp_path: Path) -> Non
     model = build(name)
     size = 75 if name == "inception_v3" else 64
     x = (torch.randn(1, 3, size, size),)
-    res = shrink.prune(model, x, shrink.make_config(0.3, verify=False))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.3, verify=False))
     path = shrink.save(res, tmp_path / f"{name}.safetensors")
     fresh = build(name)  # a different random init: every weight must come from the file
     snap = state_snapshot(fresh)
@@ -83,7 +84,7 @@ class Tiny(nn.Module):
 
 def _pruned_tiny(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, shrink.Result]:
     model = Tiny().to(dtype).eval()
-    res = shrink.prune(model, torch.randn(2, 3, 8, 8, dtype=dtype), shrink.make_config(0.5))
+    res = shrink.prune(model, torch.randn(2, 3, 8, 8, dtype=dtype), shrink.PruneConfig(0.5))
     return model, res
 
 
@@ -137,11 +138,14 @@ def test_load_keeps_the_fresh_models_mode(tmp_path: Path) -> None:
     assert all(m.training for m in loaded.modules())
 
 
-def test_save_needs_the_plan(tmp_path: Path) -> None:
+def test_save_needs_the_plan_of_a_model_shrink_did_not_produce(tmp_path: Path) -> None:
     _, res = _pruned_tiny()
-    with pytest.raises(shrink.ConfigError, match="needs the plan"):
-        shrink.save(res.model, tmp_path / "x.safetensors")
-    shrink.save(res.model, tmp_path / "x.safetensors", plan=res.plan)
+    hand_made = copy.deepcopy(res.model)
+    del hand_made.__dict__["_shrink_provenance"]  # as if the layers had been built by hand
+    with pytest.raises(shrink.ConfigError, match="cannot tell which plan"):
+        shrink.save(hand_made, tmp_path / "x.safetensors")
+    shrink.save(hand_made, tmp_path / "x.safetensors", plan=res.plan)
+    shrink.save(res.model, tmp_path / "y.safetensors")  # a model shrink made remembers it
 
 
 def test_save_refuses_a_plan_that_did_not_produce_the_model(tmp_path: Path) -> None:
@@ -161,7 +165,7 @@ def test_save_refuses_a_plan_that_did_not_produce_the_model(tmp_path: Path) -> N
 )
 def test_loading_into_the_wrong_model_names_the_parameter(fresh, fragment, tmp_path: Path) -> None:
     model = torchvision.models.resnet18().eval()
-    res = shrink.prune(model, torch.randn(1, 3, 32, 32), shrink.make_config(0.25, verify=False))
+    res = shrink.prune(model, torch.randn(1, 3, 32, 32), shrink.PruneConfig(0.25, verify=False))
     path = shrink.save(res, tmp_path / "r18.safetensors")
     with pytest.raises(shrink.PlanError, match="saved from a different model") as err:
         shrink.load(fresh(), path)
@@ -172,7 +176,7 @@ def test_loading_into_the_wrong_model_names_the_parameter(fresh, fragment, tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_model_saves_on_cpu_and_loads_onto_the_fresh_models_device(tmp_path: Path) -> None:
     model = Tiny().cuda().eval()
-    res = shrink.prune(model, torch.randn(2, 3, 8, 8, device="cuda"), shrink.make_config(0.5))
+    res = shrink.prune(model, torch.randn(2, 3, 8, 8, device="cuda"), shrink.PruneConfig(0.5))
     loaded = shrink.load(Tiny().cuda(), shrink.save(res, tmp_path / "c.safetensors"))
     assert next(loaded.parameters()).is_cuda
     _assert_same_state(res.model, loaded)
@@ -189,10 +193,56 @@ def test_transformer_with_pruned_heads_stream_tokens_and_size_attribute_round_tr
                                            num_classes=5).eval()
 
     x = torch.randn(2, 3, 32, 32)
-    res = shrink.prune(build(), (x,), shrink.make_config(0.5, round_to=1))
+    res = shrink.prune(build(), (x,), shrink.PruneConfig(0.5, round_to=1))
     shrink.save(res, tmp_path / "vit")
     again = shrink.load(build(), tmp_path / "vit")
     assert again.hidden_dim == 16
     assert again.encoder.pos_embedding.shape == (1, 17, 16)
     with torch.no_grad():
         torch.testing.assert_close(again(x), res.model(x), rtol=0, atol=0)
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_save_of_compress_round_trips_bit_identically(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _small_net()
+    small = shrink.compress(model, 0.5)
+    path = shrink.save(small, tmp_path / "small.safetensors")
+    again = shrink.load(_small_net(), path)
+    _assert_same_state(small, again)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(small(x), again(x))
+    assert again[0].out_channels == small[0].out_channels < 32
+
+
+def test_a_fine_tuned_copy_of_a_compressed_model_saves_too(tmp_path: Path) -> None:
+    small = shrink.compress(_small_net(), 0.5)
+    tuned = copy.deepcopy(small)
+    with torch.no_grad():
+        tuned[0].weight.add_(1.0)  # weights change, the architecture does not
+    again = shrink.load(_small_net(), shrink.save(tuned, tmp_path / "t.safetensors"))
+    _assert_same_state(tuned, again)
+
+
+def test_a_model_compressed_twice_saves_its_plan_chain(tmp_path: Path) -> None:
+    once = shrink.compress(_small_net(), 0.5)
+    twice = shrink.compress(once, 0.5, round_to=1)
+    assert twice[0].out_channels < once[0].out_channels
+    path = shrink.save(twice, tmp_path / "twice.safetensors")
+    again = shrink.load(_small_net(), path)
+    _assert_same_state(twice, again)
+    assert shrink.load_plan(path).model == shrink.plan.fingerprint(_small_net())
+
+
+def test_save_refuses_a_model_changed_after_pruning_and_names_the_fix(tmp_path: Path) -> None:
+    small = shrink.compress(_small_net(), 0.5)
+    small[7] = nn.Linear(small[7].in_features, 3)  # a new head: the plan no longer describes it
+    with pytest.raises(shrink.ConfigError, match=r"plan=result\.plan"):
+        shrink.save(small, tmp_path / "x.safetensors")
+    with pytest.raises(shrink.ConfigError, match="cannot tell which plan"):
+        shrink.save(_small_net(), tmp_path / "y.safetensors")

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from torch.nn.utils import prune
 
 import shrink
+from shrink.interop.prune_masks import find_masks
 from shrink.testing import assert_unchanged, state_snapshot
+from shrink.verify import masked_reference
 from tests.property.strategies import Block, Spec, build, specs
 
 # SHRINK_FUZZ=N runs N random (not derandomized) examples per property, for nightly fuzzing
@@ -30,7 +32,7 @@ def test_random_graph_prunes_exactly_and_leaves_the_model_untouched(
 ) -> None:
     model, x = build(spec)
     snap = state_snapshot(model)
-    config = shrink.make_config(ratio, importance=importance, scope=scope)
+    config = shrink.PruneConfig(ratio, importance=importance, scope=scope)
     if isinstance(ratio, int) and ratio >= min(
             (g.size for g in shrink.analyze(shrink.capture(model, x)).prunable), default=ratio + 1):
         with pytest.raises(shrink.ConfigError, match="would empty group"):
@@ -41,7 +43,7 @@ def test_random_graph_prunes_exactly_and_leaves_the_model_untouched(
     assert_unchanged(model, snap)
     fresh = torch.randn_like(x)  # exact on inputs it was not verified on, too
     with torch.no_grad():
-        want = shrink.masked_reference(model, res.plan)(fresh)
+        want = masked_reference(model, res.plan)(fresh)
         got = res.model(fresh)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-7)
     again = shrink.Plan.from_json(res.plan.to_json())
@@ -66,7 +68,7 @@ def test_random_structured_masks_become_an_equal_smaller_model(
     snap = state_snapshot(model)
     res = shrink.from_masks(model, (x,), policy=policy)
     assert_unchanged(model, snap)
-    assert not shrink.find_masks(res.model)
+    assert not find_masks(res.model)
     if policy == "all":
         fresh = torch.randn_like(x) * 2
         with torch.no_grad():
@@ -95,6 +97,6 @@ def test_issue5_a_group_spanning_two_producers_never_empties_one() -> None:
     model, x = build(spec)
     with torch.no_grad():
         model.layers[0][0][0].weight.mul_(1e-3)
-    res = shrink.prune(model, (x,), shrink.make_config(0.5, importance="l1"))
+    res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, importance="l1"))
     assert res.model.layers[0][0][0].out_channels >= 1
     assert res.model.layers[0][1][0].out_channels < 5

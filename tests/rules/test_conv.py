@@ -134,7 +134,7 @@ def test_ln_scores_match_ln_structured_choice() -> None:
         model[3].weight.zero_()  # consumers add nothing: the choice is the filter norm alone
     for n in (1, 2, float("inf")):
         res = shrink.prune(model, (torch.randn(1, 3, 5, 5),),
-                           shrink.make_config(0.5, norm=n, verify=False))
+                           shrink.PruneConfig(0.5, norm=n, verify=False))
         keep = next(d.keep for d in res.plan.decisions if d.group == "0:out")
         ref = nn.Conv2d(3, 8, 3)
         ref.load_state_dict(model[0].state_dict())

@@ -115,7 +115,7 @@ def test_timm_attention_scores_cover_qkv_rows_and_proj_columns() -> None:
     attn = _timm_attention(qkv_bias=True)
     rule = rule_for(attn)
     assert isinstance(rule, TimmAttentionRule)
-    params = rule.score_params(attn, shrink.Side.HEADS)
+    params = rule.score_params(attn, Side.HEADS)
     assert all(t.shape[d] == 4 for t, d in params)
     assert {tuple(t.shape) for t, _ in params} == {(3, 4, 4, 16), (16, 4, 4), (3, 4, 4)}
 
@@ -136,7 +136,7 @@ def test_pruned_layers_are_not_pruned_again() -> None:
     model = _tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     once = prune_checked(model, x).model
-    twice = shrink.prune(once, (x,), shrink.make_config(0.5))
+    twice = shrink.prune(once, (x,), shrink.PruneConfig(0.5))
     heads = [g for g in twice.analysis.groups if g.id.endswith(":heads")]
     assert heads == []
     assert all(b.attn.num_heads == 2 for b in twice.model.blocks)

@@ -182,7 +182,7 @@ def test_macs_before_counts_the_original_model_not_the_masked_reference(exact_on
     model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
                                         hidden_dim=32, mlp_dim=64, num_classes=5).eval()
     x = (torch.randn(2, 3, 32, 32),)
-    res = shrink.prune(model, x, shrink.make_config(0.5, exact_only=exact_only))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, exact_only=exact_only))
     assert res.report is not None
     assert res.report.macs_before == count_macs(model, x)
     assert res.report.params_before == n_params(model)

@@ -336,5 +336,5 @@ def test_ignore_keeps_named_layers_intact() -> None:
 
 def test_train_mode_model_is_returned_in_train_mode() -> None:
     model = Residual().train()
-    res = shrink.prune(model, (torch.randn(2, 3, 6, 6),), shrink.make_config(0.5))
+    res = shrink.prune(model, (torch.randn(2, 3, 6, 6),), shrink.PruneConfig(0.5))
     assert model.training and res.model.training and res.model.bn.training

@@ -13,7 +13,7 @@ def _model() -> nn.Module:
 
 
 def _plan(model: nn.Module) -> Plan:
-    return shrink.prune(model, (torch.randn(1, 3, 6, 6),), shrink.make_config(0.5)).plan
+    return shrink.prune(model, (torch.randn(1, 3, 6, 6),), shrink.PruneConfig(0.5)).plan
 
 
 @pytest.mark.parametrize(

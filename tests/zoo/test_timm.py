@@ -36,7 +36,7 @@ def test_timm_model_compresses(name: str) -> None:
     calibrate_bn_(model, lambda: (torch.randn(2, 3, size, size),), steps=1)
     model.eval()
     x = (torch.randn(2, 3, size, size),)
-    res = shrink.prune(model, x, shrink.make_config(0.5))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5))
     assert res.report is not None and res.report.max_rel_error < 1e-5
     with torch.no_grad():
         assert res.model(*x).shape == model(*x).shape

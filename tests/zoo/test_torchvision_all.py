@@ -77,7 +77,7 @@ def test_every_torchvision_classifier_compresses(name: str, tmp_path: Path) -> N
     if built is None:
         pytest.skip(f"{name} has more than 150M parameters")
     model, x = built
-    res = shrink.prune(model, x, shrink.make_config(0.5))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5))
     assert res.report is not None
     assert res.report.max_rel_error < 1e-5
     assert res.report.macs_after <= 0.75 * res.report.macs_before
@@ -99,7 +99,7 @@ def test_exact_only_transformer_has_no_deviation(name: str) -> None:
     built = build(name)
     assert built is not None
     model, x = built
-    res = shrink.prune(model, x, shrink.make_config(0.5, exact_only=True))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, exact_only=True))
     assert res.report is not None
     assert res.report.deviation is None
     assert res.report.max_rel_error < 1e-5
@@ -118,7 +118,7 @@ def test_segmentation_models_compress(name: str, tmp_path: Path) -> None:
     calibrate_bn_(model, lambda: (torch.randn(2, 3, 64, 64),), steps=1)
     model.eval()
     x = (torch.randn(1, 3, 64, 64),)
-    res = shrink.prune(model, x, shrink.make_config(0.5))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5))
     assert res.report is not None
     assert res.report.max_rel_error < 1e-5
     assert res.report.macs_after <= 0.75 * res.report.macs_before

@@ -7,6 +7,7 @@ import torch
 
 import shrink
 from shrink.testing import assert_unchanged, calibrate_bn_, randomize_, state_snapshot
+from shrink.verify import masked_reference
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -32,7 +33,7 @@ def build(name: str, size: int = 64) -> tuple[torch.nn.Module, tuple[torch.Tenso
 def test_torchvision_model_compresses_exactly(name: str) -> None:
     model, x = build(name)
     snap = state_snapshot(model)
-    res = shrink.prune(model, x, shrink.make_config(0.5))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5))
     assert_unchanged(model, snap)
     report = res.report
     assert report is not None
@@ -40,7 +41,7 @@ def test_torchvision_model_compresses_exactly(name: str) -> None:
     with torch.no_grad():
         out = model(*x)
         small = res.model(*x)
-        ref = shrink.masked_reference(model, res.plan)(*x)
+        ref = masked_reference(model, res.plan)(*x)
     assert small.shape == out.shape
     # the output depends on the input (random weights can hide bugs otherwise)
     assert float((out[0] - out[1]).abs().max()) > 1e-3 * float(out.abs().max())

@@ -1,7 +1,8 @@
 """Generate docs/zoo.md: every torchvision classifier (<= 150M params) through shrink at 0.5,
 with torch-pruning 1.6's result on the same model next to it.
 
-    python benchmarks/zoo_table.py [--models resnet18,vit_b_16] [--tp-timeout 120] [--out docs/zoo.md]
+    python benchmarks/zoo_table.py [--models resnet18,vit_b_16] [--tp-timeout 120]
+        [--out docs/zoo.md] [--quiet]
 
 Each model runs in its own subprocess with a timeout, so a hang cannot stall the run. shrink:
 ratio 0.5, L2, oracle verified. torch-pruning: MetaPruner, MagnitudeImportance(p=2), ratio 0.5,
@@ -30,7 +31,8 @@ model = torchvision.models.get_model(name, weights=None, **kw).eval()
 params = sum(p.numel() for p in model.parameters())
 if params > 150e6:
     print(json.dumps({"skip": True})); sys.exit()
-size = 299 if name == "inception_v3" else (224 if any(k in name for k in ("vit_", "swin", "maxvit")) else 64)
+size = (299 if name == "inception_v3"
+        else 224 if any(k in name for k in ("vit_", "swin", "maxvit")) else 64)
 x = torch.randn(1, 3, size, size)
 if which == "shrink":
     import shrink
@@ -88,7 +90,7 @@ def run_inprocess(name: str, which: str, timeout: float) -> dict[str, object]:
             exec(compile(CHILD.replace("sys.exit()", "raise SystemExit"), "<child>", "exec"), {})
     except SystemExit:
         pass
-    except BaseException as e:  # noqa: BLE001 - any failure of the peer is a table entry
+    except BaseException as e:  # any failure of the peer is a table entry
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]}
     finally:
         signal.alarm(0)
@@ -114,6 +116,9 @@ def run(name: str, which: str, timeout: float) -> dict[str, object]:
 def main() -> None:
     import torchvision
 
+    from shrink.cli import terminal_progress
+    from shrink.progress import step
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="")
     ap.add_argument("--timeout", type=float, default=900)
@@ -124,6 +129,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="update rows of an existing --json")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="date in the header")
     ap.add_argument("--note", default="", help="a caveats paragraph under the header")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no per-model progress lines (shown on stderr only when it is a terminal)")
     args = ap.parse_args()
     runner = run if args.subprocess else run_inprocess
     names = args.models.split(",") if args.models else sorted(
@@ -131,16 +138,20 @@ def main() -> None:
     rows: dict[str, dict[str, dict[str, object]]] = {}
     if args.merge and Path(args.json).exists():
         rows = json.loads(Path(args.json).read_text())
-    for name in names:
-        s = runner(name, "shrink", args.timeout)
-        if s.get("skip"):
-            continue
-        t = runner(name, "tp", args.tp_timeout)
-        rows[name] = {"shrink": s, "tp": t}
-        print(name, json.dumps(rows[name])[:300], flush=True)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-        render(rows, args.out, args.date, args.note)
+    # one line per model on a terminal (stderr; stdout keeps the JSON lines):
+    # [3/8] mobilenet_v2 ... done in 12.3 s
+    with terminal_progress(sys.stderr, quiet=args.quiet, prefix="", max_depth=1):
+        for i, name in enumerate(names, 1):
+            with step(i, len(names), name):
+                s = runner(name, "shrink", args.timeout)
+                t = None if s.get("skip") else runner(name, "tp", args.tp_timeout)
+            if t is None:
+                continue
+            rows[name] = {"shrink": s, "tp": t}
+            print(name, json.dumps(rows[name])[:300], flush=True)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+            render(rows, args.out, args.date, args.note)
 
 
 def render(rows: dict[str, dict[str, dict[str, object]]], out: str, date: str,

@@ -15,6 +15,7 @@ from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
 from shrink.errors import ConfigError
 from shrink.plan import Plan
+from shrink.progress import stage
 from shrink.report import Report
 from shrink.rewrite import apply
 from shrink.rules import rule_for
@@ -67,18 +68,26 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
-    captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
-    analysis = analyze(captured, ignore=config.ignore, source=model,
-                       grouped_convs=config.grouped_convs, exact_only=config.exact_only)
-    scores = score(analysis.groups, model, config.criterion)
+    with stage("capture"):
+        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
+    with stage("analyze"):
+        analysis = analyze(captured, ignore=config.ignore, source=model,
+                           grouped_convs=config.grouped_convs, exact_only=config.exact_only)
+    with stage("score"):
+        scores = score(analysis.groups, model, config.criterion)
     policy = config.policy
     if isinstance(policy, Target):
-        policy = solve_target(model, inputs, analysis.groups, scores, policy, analysis.model).policy
-    plan = select(analysis.groups, scores, policy, analysis.model)
-    pruned = apply(model, plan)
+        with stage("solve target"):
+            policy = solve_target(model, inputs, analysis.groups, scores, policy,
+                                  analysis.model).policy
+    with stage("select"):
+        plan = select(analysis.groups, scores, policy, analysis.model)
+    with stage("apply"):
+        pruned = apply(model, plan)
     report = None
     if config.verify:
-        report = verify_(model, pruned, plan, inputs, rtol=config.rtol)
+        with stage("verify"):
+            report = verify_(model, pruned, plan, inputs, rtol=config.rtol)
         log.info("shrink: %s", report)
     return Result(pruned, plan, analysis, report)
 

@@ -75,7 +75,7 @@ class Sensitivity:
         return out
 
     def overrides(self, max_drop: float) -> Overrides:
-        """:meth:`ratios` as policy overrides: ``PruneConfig(0.0, overrides=table.overrides(0.01))``."""
+        """:meth:`ratios` as ``PruneConfig(0.0, overrides=table.overrides(0.01))`` takes them."""
         return tuple(self.ratios(max_drop).items())
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from shrink import cli
+from shrink.progress import stage, step
 
 TOY = '''
 import torch
@@ -256,3 +261,95 @@ def test_compress_transformer_reports_deviation_unless_exact_only(
     assert report["export"]["parity"]["max_rel_error"] < 1e-4
     assert report["report"]["max_rel_error"] < 1e-5
     assert (report["report"]["deviation"] is None) == exact_only
+
+
+class _Terminal(io.StringIO):
+    """A stderr stand-in that says whether it is a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def _stage_lines(text: str) -> list[str]:
+    """Each progress line reduced to its stage name and outcome, without the timings."""
+    return [re.sub(r" [\d.]+ s$", "", ln) for ln in text.splitlines()]
+
+
+def test_compress_shows_each_stage_on_a_terminal(toy: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    err = _Terminal(tty=True)
+    monkeypatch.setattr(sys, "stderr", err)
+    rc = cli.main(["compress", f"{toy}:build", "--ratio", "0.5", *SHAPE, "--out",
+                   str(tmp_path / "small.onnx"), "--json"])
+    assert rc == 0
+    assert _stage_lines(err.getvalue()) == [
+        f"shrink: {name} ... done in"
+        for name in (f"load {toy}:build", "capture", "analyze", "score", "select", "apply",
+                     "verify", "export", "check")]
+    assert json.loads(capsys.readouterr().out)["export"]["parity"] is not None  # stdout clean
+
+
+@pytest.mark.parametrize(("tty", "flags"), [(False, []), (True, ["--quiet"]), (True, ["-q"])],
+                         ids=["not-a-terminal", "quiet", "q"])
+def test_no_progress_when_piped_or_quiet(toy: str, tty: bool, flags: list[str],
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    err = _Terminal(tty=tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert cli.main(["analyze", f"{toy}:build", *SHAPE, *flags]) == 0
+    assert err.getvalue() == ""
+    assert "conv1:out" in capsys.readouterr().out
+
+
+def test_analyze_and_bench_show_progress_on_a_terminal(toy: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    err = _Terminal(tty=True)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert cli.main(["analyze", f"{toy}:build", *SHAPE]) == 0
+    assert cli.main(["bench", f"{toy}:build", f"{toy}:build", *SHAPE, "--backend", "torch-cpu",
+                     "--batch", "1,2", "--seconds", "0.02"]) == 0
+    load = f"shrink: load {toy}:build ... done in"
+    assert _stage_lines(err.getvalue()) == [
+        load, "shrink: capture ... done in", "shrink: analyze ... done in",
+        load, load, "shrink: bench torch-cpu batch 1, 1 thread(s) ... done in",
+        "shrink: bench torch-cpu batch 2, 1 thread(s) ... done in"]
+
+
+def test_failed_stage_says_so_before_the_error(toy: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    err = _Terminal(tty=True)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert cli.main(["compress", f"{toy}:untraceable", "--ratio", "0.5", *SHAPE, "--out",
+                     str(tmp_path / "x.onnx")]) == 1
+    lines = _stage_lines(err.getvalue())
+    assert lines[1] == "shrink: capture ... failed after"
+    assert lines[2].startswith("shrink compress: error: ")
+    assert len(lines) == 3
+
+
+def test_nested_stages_and_log_records_get_lines_of_their_own() -> None:
+    err = _Terminal(tty=True)
+    handler = logging.StreamHandler(err)
+    logger = logging.getLogger()
+    logger.addHandler(handler)
+    try:
+        with cli.terminal_progress(err), stage("bench export dense"):
+            with stage("export"):
+                logging.getLogger("shrink.test").warning("dynamo failed; falling back")
+            with step(2, 3, "check"):
+                pass
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.filters  # the line-breaking filter left with the progress
+    assert _stage_lines(err.getvalue()) == [
+        "shrink: bench export dense ...",
+        "shrink:   export ...",
+        "dynamo failed; falling back",
+        "shrink:   export done in",
+        "shrink:   [2/3] check ... done in",
+        "shrink: bench export dense done in"]

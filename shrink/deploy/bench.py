@@ -50,6 +50,7 @@ from shrink.deploy.timing import (
     rss,
 )
 from shrink.errors import ConfigError
+from shrink.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -329,33 +330,34 @@ def _run_backend(backend: str, variants: Mapping[str, ModelLike], inputs: tuple[
     for batch, n_threads in settings:
         log.info("bench %s: %s batch %d, %d thread(s), %.1f s of interleaved rounds",
                  name or "-", backend, batch, n_threads, seconds)
-        if inputs is not None:
-            feed = tuple(rebatch(t, batch) for t in inputs)
-        else:
-            feed = onnx_inputs(next(iter(sources.values())), batch)
-        runners: dict[str, Runner] = {}
-        extra: dict[str, tuple[int | None, int | None]] = {}
-        for label, m in variants.items():
-            rss0 = rss()
-            if backend.startswith("ort"):
-                runners[label] = make_ort_runner(sources[label], feed, n_threads,
-                                                 cuda=backend == "ort-cuda",
-                                                 flush_denormals=flush_denormals)
-                size: int | None = sources[label].stat().st_size
+        with stage(f"bench {backend} batch {batch}, {n_threads} thread(s)"):
+            if inputs is not None:
+                feed = tuple(rebatch(t, batch) for t in inputs)
             else:
-                assert isinstance(m, nn.Module)
-                runners[label] = make_torch_runner(m, feed, n_threads,
-                                                   cuda=backend == "torch-cuda")
-                size = sum(t.numel() * t.element_size()
-                           for t in [*m.parameters(), *m.buffers()])
-            runners[label]()  # warm-up, part of the memory measurement
-            extra[label] = (size, peak_memory(backend, rss0))
-        used = clock
-        if clock == "auto":
-            used = "thread" if n_threads == 1 and backend.endswith("cpu") else "wall"
-        times = interleave(runners, seconds, min_calls, used)
-        rows += _rows(backend, batch, n_threads, times, stats, extra, used)
-        del runners
+                feed = onnx_inputs(next(iter(sources.values())), batch)
+            runners: dict[str, Runner] = {}
+            extra: dict[str, tuple[int | None, int | None]] = {}
+            for label, m in variants.items():
+                rss0 = rss()
+                if backend.startswith("ort"):
+                    runners[label] = make_ort_runner(sources[label], feed, n_threads,
+                                                     cuda=backend == "ort-cuda",
+                                                     flush_denormals=flush_denormals)
+                    size: int | None = sources[label].stat().st_size
+                else:
+                    assert isinstance(m, nn.Module)
+                    runners[label] = make_torch_runner(m, feed, n_threads,
+                                                       cuda=backend == "torch-cuda")
+                    size = sum(t.numel() * t.element_size()
+                               for t in [*m.parameters(), *m.buffers()])
+                runners[label]()  # warm-up, part of the memory measurement
+                extra[label] = (size, peak_memory(backend, rss0))
+            used = clock
+            if clock == "auto":
+                used = "thread" if n_threads == 1 and backend.endswith("cpu") else "wall"
+            times = interleave(runners, seconds, min_calls, used)
+            rows += _rows(backend, batch, n_threads, times, stats, extra, used)
+            del runners
     return rows
 
 
@@ -369,8 +371,9 @@ def _onnx_sources(variants: Mapping[str, ModelLike], inputs: tuple[Any, ...] | N
             assert inputs is not None
             path = wd / f"{name or 'model'}-{label}.onnx".replace("/", "_")
             log.info("bench %s: exporting %s to %s", name or "-", label, path)
-            sources[label] = export_onnx(m, tuple(rebatch(t, 1) for t in inputs), path,
-                                         dynamo=dynamo).path
+            with stage(f"bench export {label}"):
+                sources[label] = export_onnx(m, tuple(rebatch(t, 1) for t in inputs), path,
+                                             dynamo=dynamo).path
         else:
             sources[label] = Path(m)
     return sources

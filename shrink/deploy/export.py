@@ -36,6 +36,7 @@ from shrink.capture import normalize_inputs
 from shrink.deploy.onnx_passes import ort_optimize, rewrite_file
 from shrink.deploy.parity import Parity, check_parity, first_line, flatten_outputs
 from shrink.errors import ExportError
+from shrink.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,17 @@ def export_onnx(
     _check_writable(target)
     start = time.perf_counter()
     with _eval_mode(model), _temp_path(target) as tmp:
-        exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
-        opset = rewrite_file(tmp)
-        if optimize:
-            ort_optimize(tmp)
+        with stage("export"):
+            exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
+            opset = rewrite_file(tmp)
+            if optimize:
+                ort_optimize(tmp)
         parity = None
         if check:
-            _check_model(tmp, target)
-            parity = check_parity(tmp, model, inputs, rtol=rtol, dynamic_batch=dynamic_batch)
+            with stage("check"):
+                _check_model(tmp, target)
+                parity = check_parity(tmp, model, inputs, rtol=rtol,
+                                      dynamic_batch=dynamic_batch)
         tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, target)
     result = ExportResult(

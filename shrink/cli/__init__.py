@@ -17,27 +17,21 @@ download), ``timm:NAME`` (when timm is installed), ``path/to/file.py:factory`` o
 from __future__ import annotations
 
 import argparse
-import contextlib
-import difflib
-import importlib
-import importlib.util
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import nn
 
-from shrink.progress import Event, listen, stage
+from shrink.cli.specs import SpecError, first_input_shape, load_model
+from shrink.cli.terminal import terminal_progress
+from shrink.progress import stage
 
 log = logging.getLogger(__name__)
-
-
-class SpecError(ValueError):
-    """A MODEL or option argument the CLI cannot interpret."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,93 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "" if expected else "internal error (please report it, with --debug output): "
         sys.stderr.write(f"shrink {args.command}: error: {what}{_one_paragraph(e)}\n")
         return 2 if isinstance(e, SpecError) else 1
-
-
-class TerminalProgress:
-    """A progress listener that writes one line per stage to a terminal.
-
-    A stage shows as ``shrink: capture ... done in 0.4 s``: its start writes the name and
-    ``...``, its end completes the line. When something else is written first (a nested stage, a
-    log record: see :meth:`break_line`), the end gets a line of its own,
-    ``shrink: bench export dense done in 1.2 s``, and nested stages are indented. A step of a loop
-    shows its position: ``[3/8] mobilenet_v2 ... done in 12.3 s``.
-
-    Args:
-        stream: where to write (a terminal; see :func:`terminal_progress`).
-        prefix: written at the start of every line.
-        max_depth: show only stages nested fewer than this many levels deep (``None``: all).
-    """
-
-    def __init__(self, stream: TextIO, *, prefix: str = "shrink: ",
-                 max_depth: int | None = None) -> None:
-        self._stream = stream
-        self._prefix = prefix
-        self._max_depth = max_depth
-        self._open = False  # the last start's line waits for its end
-        self._broken = False
-
-    def __call__(self, event: Event) -> None:
-        if self._broken or (self._max_depth is not None and event.depth >= self._max_depth):
-            return
-        head = f"{self._prefix}{'  ' * event.depth}{event.title}"
-        if event.phase == "start":
-            self.break_line()
-            self._write(f"{head} ...")
-            self._open = True
-            return
-        outcome = f"{'failed after' if event.failed else 'done in'} {event.seconds:.1f} s\n"
-        # stages nest, so an open line always belongs to the stage that is ending now
-        self._write(f" {outcome}" if self._open else f"{head} {outcome}")
-        self._open = False
-
-    def break_line(self, record: object = None) -> bool:
-        """End the open line so that other output starts on a line of its own.
-
-        Usable as a :mod:`logging` filter on a handler that writes to the same stream (it lets
-        every record through).
-        """
-        if self._open:
-            self._write("\n")
-            self._open = False
-        return True
-
-    def _write(self, text: str) -> None:
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError):  # a closed or vanished terminal: stop showing progress
-            self._broken = True
-
-
-def terminal_progress(stream: TextIO, *, quiet: bool = False, prefix: str = "shrink: ",
-                      max_depth: int | None = None) -> contextlib.AbstractContextManager[None]:
-    """Show the stages run inside the block on ``stream`` if it is a terminal and not ``quiet``.
-
-    Piped or redirected output (CI, ``2> log``) gets no progress at all. Log records that the
-    root logger's handlers write to the same stream start on lines of their own. ``prefix`` and
-    ``max_depth`` are :class:`TerminalProgress`'s.
-
-    Example:
-        >>> with terminal_progress(sys.stderr, quiet=args.quiet):
-        ...     shrink.prune(model, (x,), config)
-    """
-    isatty = getattr(stream, "isatty", None)
-    if quiet or isatty is None or not isatty():
-        return contextlib.nullcontext()
-    return _shown(TerminalProgress(stream, prefix=prefix, max_depth=max_depth), stream)
-
-
-@contextlib.contextmanager
-def _shown(progress: TerminalProgress, stream: TextIO) -> Iterator[None]:
-    shared = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is stream]
-    for h in shared:
-        h.addFilter(progress.break_line)
-    try:
-        with listen(progress):
-            yield
-    finally:
-        for h in shared:
-            h.removeFilter(progress.break_line)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -257,115 +164,9 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of ints") from None
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build the model a MODEL argument names, in eval mode.
-
-    Args:
-        spec: ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory`` or
-            ``package.module:factory``.
-
-    Returns:
-        The model. torchvision and timm models get random weights with BN statistics
-        calibrated on random data (no download; realistic activations for benchmarks).
-
-    Raises:
-        SpecError: the spec is malformed, names no model, or the factory fails.
-    """
-    with stage(f"load {spec}"):
-        return _load_model(spec)
-
-
-def _load_model(spec: str) -> nn.Module:
-    kind, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise SpecError(
-            f"MODEL {spec!r} is not a model spec. Use torchvision:NAME (e.g. torchvision:resnet18),"
-            " timm:NAME, path/to/file.py:factory or package.module:factory.")
-    if kind == "torchvision":
-        model = _zoo_model("torchvision", name)
-    elif kind == "timm":
-        model = _zoo_model("timm", name)
-    else:
-        model = _factory_model(kind, name, spec)
-    if not isinstance(model, nn.Module):
-        raise SpecError(f"MODEL {spec!r}: the factory returned {type(model).__name__}, not an "
-                        "nn.Module. Point it at a function that builds and returns the model.")
-    return model.eval()
-
-
-def _zoo_model(zoo: str, name: str) -> nn.Module:
-    try:
-        if zoo == "torchvision":
-            import torchvision
-
-            known = torchvision.models.list_models()
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-                hint = f"did you mean {', '.join(close)}? " if close else ""
-                raise SpecError(f"torchvision has no model {name!r}; {hint}See "
-                                "torchvision.models.list_models() for the names.")
-            model = torchvision.models.get_model(name, weights=None)
-        else:
-            import timm
-
-            if name not in timm.list_models():
-                raise SpecError(f"timm has no model {name!r}; see timm.list_models('*{name}*')")
-            model = timm.create_model(name, pretrained=False)
-    except ImportError as e:
-        raise SpecError(f"{zoo}:{name} needs the {zoo!r} package: pip install {zoo}") from e
-    from shrink.testing import calibrate_bn_, randomize_
-
-    randomize_(model)
-    shape = _first_input_shape(model)
-    gen = torch.Generator().manual_seed(0)
-    calibrate_bn_(model, lambda: (torch.randn(4, *shape[1:], generator=gen),), steps=2)
-    return model.eval()
-
-
-def _first_input_shape(model: nn.Module) -> tuple[int, ...]:
-    from shrink.api import infer_inputs
-
-    shape = tuple(infer_inputs(model)[0].shape)
-    if type(model).__name__ == "Inception3":
-        shape = (*shape[:2], 299, 299)
-    return shape
-
-
-def _factory_model(module: str, attr: str, spec: str) -> Any:
-    if module.endswith(".py"):
-        path = Path(module)
-        if not path.is_file():
-            raise SpecError(f"MODEL {spec!r}: file {path} does not exist")
-        modspec = importlib.util.spec_from_file_location(f"_shrink_user_{path.stem}", path)
-        if modspec is None or modspec.loader is None:
-            raise SpecError(f"MODEL {spec!r}: cannot import {path} as Python")
-        mod = importlib.util.module_from_spec(modspec)
-        try:
-            modspec.loader.exec_module(mod)
-        except Exception as e:
-            raise SpecError(f"MODEL {spec!r}: importing {path} failed: "
-                            f"{type(e).__name__}: {e}") from e
-    else:
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise SpecError(f"MODEL {spec!r}: cannot import module {module!r} ({e}); check the "
-                            "name and that it is on PYTHONPATH, or pass a .py file path") from e
-    factory = getattr(mod, attr, None)
-    if factory is None or not callable(factory):
-        names = sorted(n for n in dir(mod) if callable(getattr(mod, n)) and not n.startswith("_"))
-        raise SpecError(f"MODEL {spec!r}: {module} has no callable {attr!r}; it has {names[:10]}")
-    if isinstance(factory, nn.Module):
-        return factory
-    try:
-        return factory()
-    except Exception as e:
-        raise SpecError(f"MODEL {spec!r}: calling {attr}() failed: {type(e).__name__}: {e}") from e
-
-
 def _inputs(model: nn.Module, shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(*(shape or _first_input_shape(model)), generator=gen),)
+    return (torch.randn(*(shape or first_input_shape(model)), generator=gen),)
 
 
 def _compress(args: argparse.Namespace) -> int:

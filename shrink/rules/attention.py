@@ -58,6 +58,7 @@ class PrunedMultiheadAttention(PrunedHeads):
         self.batch_first = src.batch_first
         self.dropout = src.dropout
         self.orig_num_heads = h
+        self.kept_heads: torch.Tensor
         self.register_buffer("kept_heads", torch.as_tensor(list(kept_heads)), persistent=False)
         rows = head_rows(kept_heads, d, e, 1)
         w = src.in_proj_weight if src._qkv_same_embed_dim else None

@@ -12,13 +12,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from shrink.errors import InvariantError
 from shrink.ids import Call, Tracker
 from shrink.plan import Side
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,7 @@ def index(t: torch.Tensor, dim: int, keep: Sequence[int]) -> torch.Tensor:
     return t.index_select(dim, torch.as_tensor(list(keep), dtype=torch.long, device=t.device))
 
 
-def sliced_copy(m: nn.Module, names: Sequence[str], dim: int, keep: Sequence[int]) -> nn.Module:
+def sliced_copy(m: M, names: Sequence[str], dim: int, keep: Sequence[int]) -> M:
     """A deep copy of a small layer (a norm, a PReLU, an embedding) with the parameters and
     buffers ``names`` sliced to ``keep`` along ``dim``; its class, hooks and extras stay."""
     new = copy.deepcopy(m)
@@ -111,6 +114,18 @@ def sliced_copy(m: nn.Module, names: Sequence[str], dim: int, keep: Sequence[int
         else:
             new.register_buffer(name, sliced)
     return new
+
+
+def narrow(m: nn.Module, tp: type[M]) -> M:
+    """``m`` as the layer type its rule was registered for (the registry only hands over those).
+
+    Raises:
+        InvariantError: ``m`` is not a ``tp``: a rule was registered for the wrong type.
+    """
+    if not isinstance(m, tp):
+        raise InvariantError(f"a rule for {tp.__name__} was given a {type(m).__name__}; "
+                             "register it for the types it handles")
+    return m
 
 
 def finish(new: nn.Module, old: nn.Module) -> nn.Module:

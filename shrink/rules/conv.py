@@ -26,7 +26,7 @@ from torch import nn
 from shrink.errors import PlanError
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, narrow
 from shrink.rules.registry import register_rule
 
 _ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -89,23 +89,25 @@ class ConvRule(ModuleRule):
         kind = _kind(m)
         groups = {"dense": 1, "depthwise": len(kin), "grouped": 0}[kind] \
             or _kept_groups(m, kin, kout)
-        new = type(m)(
-            len(kin), len(kout), m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
-            dilation=m.dilation, groups=groups, bias=m.bias is not None,  # type: ignore[arg-type]
-            padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,  # type: ignore[arg-type]
+        c = narrow(m, nn.modules.conv._ConvNd)
+        make: Any = type(c)  # Conv1d/2d/3d (or a subclass): (in, out, kernel_size, ...)
+        new = make(
+            len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
+            dilation=c.dilation, groups=groups, bias=c.bias is not None,
+            padding_mode=c.padding_mode, device=c.weight.device, dtype=c.weight.dtype,
         )
-        w = index(m.weight, 0, kout)  # type: ignore[arg-type]
+        w = index(c.weight, 0, kout)
         if kind == "dense":
             w = index(w, 1, kin)
         elif kind == "grouped":
             cols = _grouped_columns(m, kin, kout, w.shape)
             w = w.gather(1, cols) if cols.numel() else w
         copy_param_(new.weight, w)
-        if m.bias is not None:
-            copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
-        new.weight.requires_grad_(m.weight.requires_grad)  # type: ignore[union-attr]
-        if m.bias is not None:
-            new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
+        if c.bias is not None:
+            copy_param_(new.bias, index(c.bias, 0, kout))
+        new.weight.requires_grad_(c.weight.requires_grad)
+        if c.bias is not None:
+            new.bias.requires_grad_(c.bias.requires_grad)
         return finish(new, m)
 
 
@@ -174,15 +176,17 @@ class ConvTransposeRule(ModuleRule):
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
-        new = type(m)(
-            len(kin), len(kout), m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
-            output_padding=m.output_padding, groups=1, bias=m.bias is not None,  # type: ignore[arg-type]
-            dilation=m.dilation, padding_mode=m.padding_mode,  # type: ignore[arg-type]
-            device=m.weight.device, dtype=m.weight.dtype,  # type: ignore[arg-type]
+        c = narrow(m, nn.modules.conv._ConvTransposeNd)
+        make: Any = type(c)  # ConvTranspose1d/2d/3d: (in, out, kernel_size, ...)
+        new = make(
+            len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
+            output_padding=c.output_padding, groups=1, bias=c.bias is not None,
+            dilation=c.dilation, padding_mode=c.padding_mode,
+            device=c.weight.device, dtype=c.weight.dtype,
         )
-        copy_param_(new.weight, index(index(m.weight, 0, kin), 1, kout))  # type: ignore[arg-type]
-        new.weight.requires_grad_(m.weight.requires_grad)  # type: ignore[union-attr]
-        if m.bias is not None:
-            copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
-            new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
+        copy_param_(new.weight, index(index(c.weight, 0, kin), 1, kout))
+        new.weight.requires_grad_(c.weight.requires_grad)
+        if c.bias is not None:
+            copy_param_(new.bias, index(c.bias, 0, kout))
+            new.bias.requires_grad_(c.bias.requires_grad)
         return finish(new, m)

@@ -20,11 +20,12 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, finish, sliced_copy
+from shrink.rules.base import Keep, ModuleRule, finish, narrow, sliced_copy
 from shrink.rules.norm import BatchNormRule
 from shrink.rules.registry import register_rule
 
-_SPATIAL = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+_SPATIAL: dict[type[nn.Module], int] = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2,
+                                         nn.InstanceNorm3d: 3}
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -37,7 +38,8 @@ class InstanceNormRule(BatchNormRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.num_features))  # type: ignore[arg-type]
-        new = sliced_copy(m, ("weight", "bias", "running_mean", "running_var"), 0, kout)
+        new = sliced_copy(narrow(m, nn.modules.instancenorm._InstanceNorm),
+                          ("weight", "bias", "running_mean", "running_var"), 0, kout)
         new.num_features = len(kout)
         return finish(new, m)
 
@@ -57,7 +59,7 @@ class PReLURule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.num_parameters))  # type: ignore[arg-type]
-        new = sliced_copy(m, ("weight",), 0, kout)
+        new = sliced_copy(narrow(m, nn.PReLU), ("weight",), 0, kout)
         new.num_parameters = len(kout)
         return finish(new, m)
 
@@ -81,6 +83,6 @@ class EmbeddingRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.embedding_dim))  # type: ignore[arg-type]
-        new = sliced_copy(m, ("weight",), 1, kout)
+        new = sliced_copy(narrow(m, nn.Embedding), ("weight",), 1, kout)
         new.embedding_dim = len(kout)
         return finish(new, m)

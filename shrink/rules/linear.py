@@ -14,7 +14,7 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index
+from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, narrow
 from shrink.rules.registry import register_rule, register_rule_by_name
 
 
@@ -41,15 +41,14 @@ class LinearRule(ModuleRule):
         return ndim - 1
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
-        kin = keep.resolve(Side.IN, m.in_features)  # type: ignore[arg-type]
-        kout = keep.resolve(Side.OUT, m.out_features)  # type: ignore[arg-type]
-        new = type(m)(
-            len(kin), len(kout), bias=m.bias is not None,
-            device=m.weight.device, dtype=m.weight.dtype,  # type: ignore[arg-type]
-        )
-        copy_param_(new.weight, index(index(m.weight, 0, kout), 1, kin))  # type: ignore[arg-type]
-        new.weight.requires_grad_(m.weight.requires_grad)  # type: ignore[union-attr]
-        if m.bias is not None:
-            copy_param_(new.bias, index(m.bias, 0, kout))  # type: ignore[arg-type]
-            new.bias.requires_grad_(m.bias.requires_grad)  # type: ignore[union-attr]
+        lin = narrow(m, nn.Linear)
+        kin = keep.resolve(Side.IN, lin.in_features)
+        kout = keep.resolve(Side.OUT, lin.out_features)
+        new = type(lin)(len(kin), len(kout), bias=lin.bias is not None,
+                        device=lin.weight.device, dtype=lin.weight.dtype)
+        copy_param_(new.weight, index(index(lin.weight, 0, kout), 1, kin))
+        new.weight.requires_grad_(lin.weight.requires_grad)
+        if lin.bias is not None:
+            copy_param_(new.bias, index(lin.bias, 0, kout))
+            new.bias.requires_grad_(lin.bias.requires_grad)
         return finish(new, m)

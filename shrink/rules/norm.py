@@ -25,7 +25,15 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, sliced_copy
+from shrink.rules.base import (
+    Keep,
+    ModuleRule,
+    copy_param_,
+    finish,
+    index,
+    narrow,
+    sliced_copy,
+)
 from shrink.rules.pointwise import ElementwiseModuleRule
 from shrink.rules.registry import register_rule, register_rule_by_name, rule_for
 
@@ -82,8 +90,8 @@ class BatchNormActRule(BatchNormRule):
         return x
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
-        kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
-        new = sliced_copy(m, _STATE, 0, kout)
+        kout = keep.resolve(Side.OUT, int(m.num_features))  # type: ignore[arg-type]
+        new = sliced_copy(narrow(m, nn.modules.batchnorm._BatchNorm), _STATE, 0, kout)
         new.num_features = len(kout)
         return finish(new, m)
 
@@ -142,7 +150,7 @@ class LayerNormRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.normalized_shape[0]))  # type: ignore[index]
-        new = sliced_copy(m, ("weight", "bias"), 0, kout)
+        new = sliced_copy(narrow(m, nn.LayerNorm), ("weight", "bias"), 0, kout)
         new.normalized_shape = (len(kout),)
         return finish(new, m)
 
@@ -181,7 +189,7 @@ class GroupNormRule(ModuleRule):
         if len(kout) % width or any(k // width != kout[i - i % width] // width
                                     for i, k in enumerate(kout)):
             raise ValueError(f"GroupNorm({g}, {c}) can only lose whole groups of {width} channels")
-        new = sliced_copy(m, ("weight", "bias"), 0, kout)
+        new = sliced_copy(narrow(m, nn.GroupNorm), ("weight", "bias"), 0, kout)
         new.num_channels, new.num_groups = len(kout), len(kout) // width
         return finish(new, m)
 

@@ -27,9 +27,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis
-from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish
+from shrink.ids import Call, Ids, Tracker
+from shrink.rules.attention_base import (
+    AlreadyPrunedRule,
+    AttentionHeadsRule,
+    PerHead,
+    Projections,
+    PrunedHeads,
+    head_rows,
+    sliced_linear,
+)
 from shrink.rules.registry import register_function, register_rule, register_rule_by_name
 
 _TV = "torchvision.models.swin_transformer"
@@ -130,7 +137,7 @@ def window_attention(
 torch.fx.wrap("window_attention")
 
 
-class PrunedShiftedWindowAttention(nn.Module):
+class PrunedShiftedWindowAttention(PrunedHeads):
     """Swin window attention (V1 or V2) with fewer heads than ``embed_dim // head_dim``.
 
     Drop-in for ``ShiftedWindowAttention``/``ShiftedWindowAttentionV2`` after head pruning: same
@@ -148,43 +155,25 @@ class PrunedShiftedWindowAttention(nn.Module):
         c, h = int(proj_src.out_features), int(src.num_heads)
         d = c // h
         kept = [int(k) for k in kept_heads]
-        kin = list(range(c)) if kept_in is None else [int(i) for i in kept_in]
-        kout = list(range(c)) if kept_out is None else [int(i) for i in kept_out]
-        self.embed_dim, self.num_heads, self.head_dim = len(kout), len(kept), d
+        self.embed_dim = c if kept_out is None else len(kept_out)
+        self.num_heads, self.head_dim = len(kept), d
         self.kept_heads = tuple(kept)
         self.window_size = [int(s) for s in src.window_size]
         self.shift_size = [int(s) for s in src.shift_size]
         self.attention_dropout = float(src.attention_dropout)
         self.dropout = float(src.dropout)
-        ref = qkv_src.weight
-        dev, dt = ref.device, ref.dtype
-        cols = torch.tensor([k * d + i for k in kept for i in range(d)], device=ref.device)
-        rows = torch.cat([cols + p * c for p in range(3)])
-        inner = len(kept) * d
-        ins, outs = torch.tensor(kin, device=ref.device), torch.tensor(kout, device=ref.device)
-        self.qkv = nn.Linear(len(kin), 3 * inner, bias=qkv_src.bias is not None, device=dev,
-                             dtype=dt)
-        self.proj = nn.Linear(inner, len(kout), bias=proj_src.bias is not None, device=dev,
-                              dtype=dt)
-        copy_param_(self.qkv.weight, qkv_src.weight[rows][:, ins])
-        copy_param_(self.qkv.bias, None if qkv_src.bias is None else qkv_src.bias[rows])
-        copy_param_(self.proj.weight, proj_src.weight[outs][:, cols])
-        copy_param_(self.proj.bias, None if proj_src.bias is None else proj_src.bias[outs])
+        cols = head_rows(kept, d, c, 1)
+        self.qkv = sliced_linear(qkv_src.weight, qkv_src.bias, head_rows(kept, d, c, 3), kept_in)
+        self.proj = sliced_linear(proj_src.weight, proj_src.bias, kept_out, cols)
         self.register_buffer("relative_position_index", src.relative_position_index.clone())
-        heads = torch.tensor(kept, device=ref.device)
+        heads = torch.tensor(kept, device=qkv_src.weight.device)
         self.v2 = getattr(src, "logit_scale", None) is not None
         if self.v2:
             self.logit_scale = nn.Parameter(src.logit_scale.detach()[heads].clone())
             first, last = src.cpb_mlp[0], src.cpb_mlp[-1]
-            hidden = nn.Linear(first.in_features, first.out_features,
-                               bias=first.bias is not None, device=dev, dtype=dt)
-            out = nn.Linear(last.in_features, len(kept), bias=last.bias is not None,
-                            device=dev, dtype=dt)
-            copy_param_(hidden.weight, first.weight)
-            copy_param_(hidden.bias, first.bias)
-            copy_param_(out.weight, last.weight[heads])
-            copy_param_(out.bias, None if last.bias is None else last.bias[heads])
-            self.cpb_mlp = nn.Sequential(hidden, nn.ReLU(inplace=True), out)
+            self.cpb_mlp = nn.Sequential(sliced_linear(first.weight, first.bias),
+                                         nn.ReLU(inplace=True),
+                                         sliced_linear(last.weight, last.bias, heads))
             self.register_buffer("relative_coords_table", src.relative_coords_table.clone())
         else:
             table = src.relative_position_bias_table
@@ -210,44 +199,31 @@ class PrunedShiftedWindowAttention(nn.Module):
             self.num_heads, self.head_dim, self.attention_dropout, self.dropout, self.training,
         )
 
-
-def _dims(m: Any) -> tuple[int, int, int]:
-    """(embed dim C, heads, head dim) of a torchvision window attention."""
-    c, h = int(m.proj.out_features), int(m.num_heads)
-    return c, h, c // h
+    def sizes(self) -> tuple[int, int, int]:
+        return self.num_heads, self.qkv.in_features, self.proj.out_features
 
 
 @register_rule_by_name(f"{_TV}.ShiftedWindowAttention", f"{_TV}.ShiftedWindowAttentionV2")
-class ShiftedWindowAttentionRule(ModuleRule):
-    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
-        # the embed dim follows the residual stream: IN = qkv columns, OUT = proj rows
-        x = call.arg(0, "x")
-        c, h, _ = _dims(m)
-        blocker = self._blocker(m)
-        why = f"{fqn} ({type(m).__name__}) keeps its embed dim: {blocker}"
-        if isinstance(x, Ids):
-            if blocker:
-                t.pin(channel_ids(t, x, -1), why)
-            else:
-                t.member(fqn, Side.IN, channel_ids(t, x, -1))
-        heads = t.fresh(h, f"{fqn}:heads")
-        t.member(fqn, Side.HEADS, heads)
-        if blocker:
-            t.pin(heads, f"heads of {fqn} stay: {blocker}")
-        out_1d = t.fresh(c, f"{fqn}:out")
-        out = ids_on_axis(out_1d, tuple(call.out.shape), -1)
-        if blocker:
-            t.pin(out.a, why)
-        else:
-            t.member(fqn, Side.OUT, out_1d)
-        return out
+class ShiftedWindowAttentionRule(AttentionHeadsRule):
+    """torchvision's Swin V1/V2 window attention: fused ``qkv`` (C -> 3C) and ``proj``."""
 
-    @staticmethod
-    def _blocker(m: Any) -> str | None:
-        c, h, _ = _dims(m)
-        if c % h or m.qkv.out_features != 3 * c:
-            return f"qkv {tuple(m.qkv.weight.shape)} does not split into {h} heads of width {c}"
-        mlp = getattr(m, "cpb_mlp", None)
+    label = "ShiftedWindowAttention"
+    replacement = PrunedShiftedWindowAttention
+
+    def num_heads(self, m: nn.Module) -> int:
+        return int(m.num_heads)  # type: ignore[arg-type]
+
+    def projections(self, m: nn.Module) -> Projections:
+        a: Any = m
+        qkv = PerHead(a.qkv.weight, parts=3)
+        return Projections((qkv.tensor,), a.proj.weight, (qkv, PerHead(a.proj.weight, dim=1)))
+
+    def embed_blocker(self, m: nn.Module, call: Call) -> str | None:
+        a: Any = m
+        c, h = int(a.proj.out_features), int(a.num_heads)
+        if c % h or a.qkv.out_features != 3 * c:
+            return f"qkv {tuple(a.qkv.weight.shape)} does not split into {h} heads of width {c}"
+        mlp = getattr(a, "cpb_mlp", None)
         if mlp is not None and not (
             isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[0], nn.Linear)
             and isinstance(mlp[1], nn.ReLU) and isinstance(mlp[2], nn.Linear)
@@ -255,56 +231,10 @@ class ShiftedWindowAttentionRule(ModuleRule):
             return "cpb_mlp is not torchvision's Linear-ReLU-Linear"
         return None
 
-    def extent(self, m: nn.Module, side: Side) -> int | None:
-        return _dims(m)[1] if side is Side.HEADS else _dims(m)[0]
-
-    def in_axis(self, m: nn.Module, ndim: int) -> int:
-        return ndim - 1
-
-    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
-        sw: Any = m
-        if side is Side.IN:
-            return ((sw.qkv.weight, 1),)
-        if side is Side.OUT:
-            return ((sw.proj.weight, 0),)
-        c, h, d = _dims(m)
-        qkv = sw.qkv.weight.reshape(3, h, d, c).transpose(0, 1)  # head, (q k v), d, C
-        proj = sw.proj.weight.reshape(c, h, d).transpose(0, 1)  # head, C, d
-        return ((qkv, 0), (proj, 0))
-
-    def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
-        if side is Side.IN:
-            super().mask_(m, side, dropped)  # zero the dropped input channels
-            return
-        if side is not Side.HEADS:
-            return
-        sw: Any = m
-        d = _dims(m)[2]
-        with torch.no_grad():
-            for h in dropped:
-                sw.proj.weight[:, h * d : (h + 1) * d] = 0
-
-    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
-        kept = keep.resolve(Side.HEADS, _dims(m)[1])
-        return finish(PrunedShiftedWindowAttention(m, kept, keep.in_, keep.out), m)
+    heads_blocker = embed_blocker
 
 
-@register_rule(PrunedShiftedWindowAttention)
-class PrunedShiftedWindowAttentionRule(ModuleRule):
-    """An already pruned window attention is opaque: its embed dim and heads stay."""
-
-    def extent(self, m: nn.Module, side: Side) -> int | None:
-        """Its sizes, so a saved plan can be checked against the model it produced."""
-        a: Any = m
-        return {Side.HEADS: a.num_heads, Side.IN: a.qkv.in_features,
-                Side.OUT: a.proj.out_features}.get(side)
-
-    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
-        x = call.arg(0, "x")
-        if isinstance(x, Ids):
-            t.pin(x.a, f"{fqn} (PrunedShiftedWindowAttention) is not pruned again")
-        return t.fresh_pinned(tuple(call.out.shape), f"{fqn}:out",
-                              "PrunedShiftedWindowAttention output")
+register_rule(PrunedShiftedWindowAttention)(AlreadyPrunedRule)
 
 
 @register_function(f"{_TV}._patch_merging_pad")

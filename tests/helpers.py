@@ -24,7 +24,7 @@ def prune_checked(model: nn.Module, x: Any, ratio: float | int = 0.5, *, seed: i
     model.eval()
     inputs = x if isinstance(x, tuple) else (x,)
     snap = state_snapshot(model)
-    res = shrink.prune(model, inputs, shrink.PruneConfig(ratio, **options))
+    res = shrink.prune(model, inputs, config(ratio, **options))
     assert_unchanged(model, snap)
     with torch.no_grad():
         a, b = model(*inputs), res.model.eval()(*inputs)
@@ -58,3 +58,10 @@ def kept(res: shrink.Result, gid: str) -> int:
         if d.group == gid:
             return len(d.keep)
     return res.analysis.group(gid).size
+
+
+def config(ratio: float | int, **options: Any) -> shrink.PruneConfig:
+    """A float is a fraction (``ratio=``), an int a channel count per group (``amount=``)."""
+    if isinstance(ratio, int) and not isinstance(ratio, bool) and ratio:
+        return shrink.PruneConfig(amount=ratio, **options)
+    return shrink.PruneConfig(ratio, **options)

@@ -7,6 +7,7 @@ always sees them all.
 
 from shrink.rules import (
     attention,
+    axes,
     conv,
     heads,
     layers,
@@ -26,7 +27,7 @@ from shrink.rules.registry import (
     supported_ops,
 )
 
-FAMILIES = (attention, conv, heads, layers, linear, norm, pointwise, structural, swin)
+FAMILIES = (attention, axes, conv, heads, layers, linear, norm, pointwise, structural, swin)
 """The registered rule families (imported for their registrations)."""
 
 __all__ = [

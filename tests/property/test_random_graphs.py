@@ -15,6 +15,7 @@ import shrink
 from shrink.interop.prune_masks import find_masks
 from shrink.testing import assert_unchanged, state_snapshot
 from shrink.verify import masked_reference
+from tests import helpers
 from tests.property.strategies import Block, Spec, build, specs
 
 # SHRINK_FUZZ=N runs N random (not derandomized) examples per property, for nightly fuzzing
@@ -32,7 +33,7 @@ def test_random_graph_prunes_exactly_and_leaves_the_model_untouched(
 ) -> None:
     model, x = build(spec)
     snap = state_snapshot(model)
-    config = shrink.PruneConfig(ratio, importance=importance, scope=scope)
+    config = helpers.config(ratio, importance=importance, scope=scope)
     if isinstance(ratio, int) and ratio >= min(
             (g.size for g in shrink.analyze(shrink.capture(model, x)).prunable), default=ratio + 1):
         with pytest.raises(shrink.ConfigError, match="would empty group"):

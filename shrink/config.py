@@ -37,7 +37,8 @@ class PruneConfig:
     Attributes:
         ratio: fraction removed, in [0, 1): of each group's channels (``target="channels"``)
             or of the model's MACs/parameters (``target="macs"``/``"params"``).
-        amount: instead of ``ratio``, the number of channels removed from every group.
+        amount: instead of ``ratio``, a number of channels: removed from every group
+            (``scope="local"``), or in total, ranked across groups (``scope="global"``).
         importance: ``"ln"`` (with ``norm``), ``"random"`` (with ``seed``), ``"bn_scale"``,
             ``"taylor"`` (with ``data`` and ``loss_fn``), ``"activation"`` (with ``data``), a
             ``{module name: scores}`` mapping, a callable ``fn(group, modules) -> scores``, or a

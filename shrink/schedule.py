@@ -44,7 +44,7 @@ def step_ratios(ratio: float | int, steps: int) -> tuple[float, ...]:
         ConfigError: unless ``0 <= ratio < 1`` and ``steps >= 1``.
 
     Example:
-        >>> shrink.step_ratios(0.75, 2)
+        >>> step_ratios(0.75, 2)
         (0.5, 0.5)
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

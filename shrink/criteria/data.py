@@ -116,7 +116,7 @@ class Taylor:
             prunable weight gets a gradient.
 
     Example:
-        >>> crit = shrink.Taylor(loader, torch.nn.functional.cross_entropy, max_batches=8)
+        >>> crit = Taylor(loader, torch.nn.functional.cross_entropy, max_batches=8)
         >>> res = shrink.prune(model, x, shrink.PruneConfig(criterion=crit))
     """
 

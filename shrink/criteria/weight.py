@@ -217,7 +217,7 @@ def score(
     ``model``: its data runs through a deep copy, so ``model`` is never modified.
 
     Example:
-        >>> scores = shrink.score(analysis.prunable, model, shrink.LnNorm(p=1))
+        >>> scores = shrink.score(analysis.prunable, model, LnNorm(p=1))
     """
     if isinstance(criterion, DataCriterion):
         criterion = criterion.prepare(model, tuple(g for g in groups if g.prunable))

@@ -29,7 +29,7 @@ def find_masks(model: nn.Module) -> tuple[MaskedTensor, ...]:
 
     Example:
         >>> prune.ln_structured(model.conv1, "weight", amount=0.5, n=2, dim=0)
-        >>> shrink.find_masks(model)
+        >>> find_masks(model)
         (MaskedTensor(module='conv1', name='weight'),)
     """
     from torch.nn.utils import prune

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,10 @@ def test_latency_suite_smoke_run_writes_json_csv_and_plot(tmp_path: Path) -> Non
            "--suite-seconds", "0.05", "--suite-settings", "1x1,2x1", "--suite-size", "32",
            "--suite-results", str(tmp_path), "--suite-exporter", "torchscript",
            "--suite-clock", "auto", "--benchmark-disable-gc"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # under pytest-xdist the worker's variables would make pytest-benchmark think it runs in
+    # xdist too (and disable itself, refusing --benchmark-only)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_"))}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"latency.json", "latency.csv", "latency.png"}
     rows = json.loads((tmp_path / "latency.json").read_text())["rows"]

@@ -107,18 +107,24 @@ def relative_error(actual: Any, expected: Any) -> float:
 
 
 def assert_matches_masked_original(original: nn.Module, pruned: nn.Module, plan: Plan,
-                                   inputs: tuple[Any, ...], rtol: float = 1e-5) -> float:
-    """The pruned model equals :func:`independent_masked_original` on ``inputs`` (float32),
-    falling back to ``shrink.testing.assert_equivalent`` (shrink's own oracle, which knows
-    attention heads and Swin windows) where the plan shrinks a layer this oracle cannot mask.
-    Returns the relative error."""
+                                   inputs: tuple[Any, ...], rtol: float = 1e-5,
+                                   double: bool = False) -> float:
+    """The pruned model equals :func:`independent_masked_original` on ``inputs`` (in float64
+    with ``double``: deep nets lose more than 1e-5 to float32 rounding alone), falling back to
+    ``shrink.testing.assert_equivalent`` (shrink's own oracle, which knows attention heads and
+    Swin windows) where the plan shrinks a layer this oracle cannot mask. Returns the error."""
     try:
         ref = independent_masked_original(original, plan)
     except OracleUnsupportedError:
         return shrink.testing.assert_equivalent(original, pruned, plan, inputs,
                                                 rtol=rtol).max_rel_error
+    test = copy.deepcopy(pruned).eval()
+    if double:
+        ref, test = ref.double(), test.double()
+        inputs = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                       else t for t in inputs)
     with torch.no_grad():
-        err = relative_error(copy.deepcopy(pruned).eval()(*inputs), ref(*inputs))
+        err = relative_error(test(*inputs), ref(*inputs))
     assert err <= rtol, f"pruned model differs from the masked original: {err:.3e} > {rtol:.0e}"
     return err
 
@@ -148,6 +154,58 @@ def prune_checked(model: nn.Module, x: Any, ratio: float | int = 0.5, *, seed: i
     # params, MACs and the inexact groups' deviation, for the tests that read them; strict=False:
     # the exactness claim above does not rest on shrink's own check
     return res._replace(report=shrink.verify(model, res.model, res.plan, inputs, strict=False))
+
+
+_WIDTH = {Side.IN: ("in_channels", "in_features"),
+          Side.OUT: ("out_channels", "out_features", "num_features")}
+
+
+def assert_pinned_groups_kept(original: nn.Module, res: shrink.Result) -> None:
+    """Pinned groups are real and honoured: the model's inputs and outputs are pinned, each
+    pinned group says why, no position of a pinned group is dropped, and every conv, linear and
+    BN axis of the pruned model is exactly as wide as the plan leaves it."""
+    pinned = res.analysis.pinned
+    reasons = [g.pinned for g in pinned]
+    assert all(isinstance(r, str) and r.strip() for r in reasons), reasons
+    assert any(r.startswith("model input '") for r in reasons), reasons
+    assert any("model output" in r for r in reasons), reasons
+    drops = res.plan.drops()
+    for g in pinned:
+        for m in g.members:
+            assert not set(drops.get((m.module, m.side), ())) & set(m.index_map.index), g.id
+    checked = 0
+    for g in res.plan.groups:
+        for m in g.members:
+            if m.side.tensor_axis is not None or m.side not in _WIDTH:
+                continue
+            before = _width(original.get_submodule(m.module), m.side)
+            after = _width(res.model.get_submodule(m.module), m.side)
+            if before is None or after is None:
+                continue
+            assert before == m.extent, (m.module, m.side)
+            assert after == before - len(drops.get((m.module, m.side), ())), (m.module, m.side)
+            checked += 1
+    assert checked
+
+
+def _width(mod: nn.Module, side: Side) -> int | None:
+    for name in _WIDTH[side]:
+        if isinstance(getattr(mod, name, None), int):
+            return int(getattr(mod, name))
+    return None
+
+
+def ort_relative_error(path: Any, model: nn.Module, inputs: tuple[Any, ...]) -> float:
+    """Run the ONNX file in a fresh onnxruntime session and compare it with ``model``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    got = [torch.from_numpy(a) for a in session.run(None, feed)]
+    with torch.no_grad():
+        out = model.eval()(*inputs)
+    want = list(out.values()) if isinstance(out, dict) else _flat(out)  # the exporter's order
+    return relative_error(got, want)
 
 
 def _flat(v: Any) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks.suite import RATIOS, SUITE, _parse_settings, build_case, run_case
 from shrink.deploy.bench import BenchResult
+from shrink.report import count_macs
 
 
 @pytest.mark.parametrize("ratio", RATIOS, ids=[f"r{r}" for r in RATIOS])
@@ -36,7 +37,21 @@ def test_latency(benchmark: Any, name: str, ratio: float, suite_results: list[Be
         benchmark.extra_info[key] = {"min_ms": r.min_ms, "median_ms": r.median_ms,
                                      "p90_ms": r.p90_ms, "speedup": r.speedup, "ideal": r.ideal,
                                      "efficiency": r.efficiency}
-    dense = res.row("dense")
-    assert all(r.min_ms > 0 for r in res.rows)
-    assert all(r.ideal is not None and r.ideal > 1 for r in res.rows if r.variant != "dense")
-    assert dense.speedup == 1.0
+    assert_rows_consistent(res, case.inputs, {"dense": case.dense, **case.variants})
+
+
+def assert_rows_consistent(res: BenchResult, inputs: tuple[Any, ...],
+                           models: dict[str, Any]) -> None:
+    """Every row's figures follow from the timings and from MACs counted here, per model."""
+    one = tuple(t[:1] for t in inputs)
+    macs = {label: count_macs(m, one) for label, m in models.items()}
+    assert {r.variant for r in res.rows} == set(models)
+    for r in res.rows:
+        dense = res.row("dense", r.backend, r.batch, r.threads)
+        assert 0 < r.min_ms <= r.median_ms <= r.p90_ms
+        assert r.macs == macs[r.variant]
+        assert r.speedup == pytest.approx(dense.min_ms / r.min_ms)
+        assert r.ideal == pytest.approx(macs["dense"] / macs[r.variant])
+        assert r.efficiency == pytest.approx(r.speedup / r.ideal)
+        if r.variant != "dense":
+            assert r.ideal > 1  # every pruned variant does less work

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
 
+import shrink
 from shrink import cli
 from shrink.progress import stage, step
+from tests.helpers import n_params, ort_relative_error
 
 TOY = '''
 import torch
@@ -67,6 +72,15 @@ def toy(tmp_path: Path) -> str:
     return str(path)
 
 
+def _load(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("cli_toy_models", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _error_is_one_paragraph(err: str) -> None:
     assert "Traceback" not in err
     assert err.startswith("shrink ")
@@ -82,10 +96,17 @@ def test_compress_writes_onnx_that_matches_torch(toy: str, tmp_path: Path,
     report = json.loads(capsys.readouterr().out)
     assert out.is_file()
     assert out.stat().st_size == report["export"]["file_bytes"]
-    assert report["export"]["parity"]["max_rel_error"] < 1e-4
     assert report["export"]["parity"]["batches"] == [1, 4]
     assert report["report"]["params_after"] < report["report"]["params_before"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx", "toy_models.py"]
+    # the parity claim, checked here (the CLI fails above its rtol): the same model (build()
+    # right after the test's seed), pruned as the CLI does, against a fresh onnxruntime session
+    torch.manual_seed(0)
+    model = _load(toy).build()
+    x = torch.randn(1, 3, 16, 16)
+    small = shrink.compress(model, 0.5, (x,))
+    assert n_params(small) == report["report"]["params_after"]
+    assert ort_relative_error(out, small, (torch.randn(3, 3, 16, 16),)) < 1e-4
 
 
 @pytest.mark.onnx
@@ -258,8 +279,7 @@ def test_compress_transformer_reports_deviation_unless_exact_only(
     text = capsys.readouterr().out
     assert rc == 0, text
     report = json.loads(text)
-    assert report["export"]["parity"]["max_rel_error"] < 1e-4
-    assert report["report"]["max_rel_error"] < 1e-5
+    # (no asserts on the reported errors: the CLI fails above its rtols; rc == 0 says it)
     assert (report["report"]["deviation"] is None) == exact_only
 
 

@@ -25,15 +25,16 @@ def _example(name: str) -> ModuleType:
 def test_digits_half_the_channels_recovers_dense_accuracy_within_one_point(
     record_property: Callable[[str, object], None],
 ) -> None:
+    """Deterministic claims only; the latency claim is benchmarks/test_digits_speed.py."""
     pytest.importorskip("sklearn")
-    pytest.importorskip("onnxruntime")
     digits = _example("02_digits_workflow.py")
     start = time.perf_counter()
     r = digits.run(importance="l2", ratio=0.5, epochs=15, finetune_epochs=5, seed=0,
-                   bench_seconds=1.0)
-    for key in ("acc_dense", "acc_pruned", "acc_finetuned", "speedup", "ideal_speedup"):
+                   bench_seconds=0)
+    for key in ("acc_dense", "acc_pruned", "acc_finetuned"):
         record_property(key, r[key])
     record_property("seconds", time.perf_counter() - start)
+    assert r["speedup"] is None  # not timed here
     assert r["acc_dense"] >= 97.0  # the dense CNN is a real classifier, not chance
     assert r["acc_pruned"] < r["acc_dense"]  # pruning alone costs accuracy ...
     assert r["acc_finetuned"] >= r["acc_dense"] - 1.0  # ... which fine-tuning recovers
@@ -41,7 +42,6 @@ def test_digits_half_the_channels_recovers_dense_accuracy_within_one_point(
     macs_kept = r["macs"][1] / r["macs"][0]
     assert params_kept < 0.3  # half the channels on both sides of a conv: about a quarter
     assert macs_kept < 0.3
-    assert r["speedup"] > 1.2  # measured: onnxruntime, 1 thread, best-of interleaved
 
 
 def test_digits_run_is_deterministic_for_a_seed() -> None:

@@ -4,7 +4,7 @@ from torch import nn
 
 import shrink
 from shrink.rules.attention import PrunedMultiheadAttention
-from tests.helpers import prune_checked
+from tests.helpers import assert_matches_masked_original, ort_relative_error, prune_checked
 
 
 class Block(nn.Module):
@@ -38,7 +38,9 @@ def test_heads_of_multihead_attention_prune_exactly(batch_first: bool) -> None:
     res = prune_checked(Block(batch_first), _inputs(batch_first))
     attn = res.model.attn
     assert isinstance(attn, PrunedMultiheadAttention)
-    assert attn.num_heads == 2 and attn.head_dim == 4 and attn.embed_dim == 16
+    assert attn.num_heads == 2
+    assert attn.head_dim == 4
+    assert attn.embed_dim == 16
     assert res.model.mlp[0].out_features == 16
     assert res.analysis.group("attn:heads").size == 4
 
@@ -46,7 +48,8 @@ def test_heads_of_multihead_attention_prune_exactly(batch_first: bool) -> None:
 def test_used_attention_weights_keep_the_heads() -> None:
     res = prune_checked(Block(True, use_weights=True), _inputs(True))
     g = res.analysis.group("attn:heads")
-    assert g.pinned is not None and "weights" in g.pinned
+    assert g.pinned is not None
+    assert "weights" in g.pinned
     assert isinstance(res.model.attn, nn.MultiheadAttention)
 
 
@@ -72,7 +75,8 @@ def test_vit_half_heads_half_mlp_has_correct_head_counts() -> None:
         assert layer.self_attention.num_heads == 2
         assert layer.mlp[0].out_features == 32
     assert res.report.macs_after < 0.75 * res.report.macs_before
-    assert shrink.verify(model, res.model, res.plan, (torch.randn(2, 3, 32, 32),)).max_rel_error < 1e-5
+    # exact on inputs other than the ones it was pruned on (raises otherwise)
+    assert_matches_masked_original(model, res.model, res.plan, (torch.randn(2, 3, 32, 32),))
 
 
 @pytest.mark.onnx
@@ -85,8 +89,9 @@ def test_pruned_vit_exports_to_onnx_and_matches_onnxruntime(tmp_path) -> None:  
     )
     res = prune_checked(model, torch.randn(2, 3, 32, 32))
     out = shrink.export_onnx(res.model, (torch.randn(2, 3, 32, 32),),
-                                         tmp_path / "vit.onnx")
-    assert out.parity is not None and out.parity.max_rel_error < 1e-4
+                                         tmp_path / "vit.onnx", check=False)
+    # a fresh onnxruntime session on other inputs: export's own check raises above its rtol
+    assert ort_relative_error(out.path, res.model, (torch.randn(2, 3, 32, 32),)) < 1e-4
 
 
 def test_count_macs_sees_multihead_attention_in_eval_mode() -> None:
@@ -105,4 +110,5 @@ def test_count_macs_sees_multihead_attention_in_eval_mode() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.mha(x, x, x, need_weights=False)[0]
 
-    assert count_macs(Wrap(), (torch.randn(1, length, e),)) == 4 * length * e * e + 2 * length**2 * e
+    want = 4 * length * e * e + 2 * length**2 * e
+    assert count_macs(Wrap(), (torch.randn(1, length, e),)) == want

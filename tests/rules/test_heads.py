@@ -10,7 +10,7 @@ from shrink.rules.heads import (
     PrunedTimmAttention,
     TimmAttentionRule,
 )
-from tests.helpers import n_params, prune_checked
+from tests.helpers import n_params, ort_relative_error, prune_checked
 
 
 def _tiny_vit(**kw):  # type: ignore[no-untyped-def]
@@ -66,9 +66,12 @@ def test_timm_attention_embed_dim_follows_its_input_and_output_channels() -> Non
     block = MaskedBlock(_timm_attention())
     res = prune_checked(block, (torch.randn(2, 5, 16), torch.zeros(2, 1, 5, 5)))
     g = res.analysis.group("fc:out")  # the attention's input channels: prunable, exactly
-    assert g.prunable and g.exact and ("attn", Side.IN) in {(m.module, m.side) for m in g.members}
+    assert g.prunable
+    assert g.exact
+    assert ("attn", Side.IN) in {(m.module, m.side) for m in g.members}
     attn = res.model.attn
-    assert attn.qkv.in_features == 8 and attn.proj.out_features == 16  # output: residual with x
+    assert attn.qkv.in_features == 8
+    assert attn.proj.out_features == 16
     assert "model input" in (res.analysis.group("input:x").pinned or "")  # attn out + x
 
 
@@ -159,6 +162,6 @@ def test_pruned_model_exports_to_onnx_and_matches_onnxruntime(which: str, tmp_pa
     model = _tiny_vit() if which == "timm_vit" else _tiny_maxvit()
     x = torch.randn(2, 3, 32, 32)
     res = prune_checked(model, x)
-    out = shrink.export_onnx(res.model, (x,), tmp_path / f"{which}.onnx")
-    assert out.parity is not None
-    assert out.parity.max_rel_error < 1e-4
+    out = shrink.export_onnx(res.model, (x,), tmp_path / f"{which}.onnx", check=False)
+    # a fresh onnxruntime session on other inputs: export's own check raises above its rtol
+    assert ort_relative_error(out.path, res.model, (torch.randn(2, 3, 32, 32),)) < 1e-4

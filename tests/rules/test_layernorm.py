@@ -201,3 +201,16 @@ def test_literal_size_that_is_no_attribute_still_pins() -> None:
     g = res.analysis.group("a:out")
     assert g.pinned is not None
     assert "literal size 8" in g.pinned
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="shrink bug (issue 10): verify's float64 retry runs "
+                   "LayerNormRule.mask_'s float32 copy on float64 activations ('mixed dtype')")
+def test_issue10_verify_float64_retry_handles_a_renormalized_layernorm() -> None:
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 6)).eval()
+    x = (torch.randn(2, 5, 6),)
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, round_to=1, verify=False))
+    assert not all(res.plan.group(d.group).exact for d in res.plan.decisions)
+    # rtol below float32 rounding: verify re-checks in float64, where the error is ~1e-16
+    report = shrink.verify(model, res.model, res.plan, x, rtol=1e-12)
+    assert report.oracle_dtype == "float64"

@@ -13,7 +13,7 @@ from shrink.rules import rule_for
 from shrink.rules.base import Keep
 from shrink.rules.swin import PrunedShiftedWindowAttention
 from shrink.testing import randomize_
-from tests.helpers import n_params, prune_checked
+from tests.helpers import n_params, ort_relative_error, prune_checked
 
 swin = pytest.importorskip("torchvision.models.swin_transformer")
 
@@ -67,8 +67,10 @@ def test_swin_residual_stream_prunes_through_attention_and_patch_merging(version
     for attn in after.values():
         assert attn.qkv.in_features == attn.proj.out_features == attn.embed_dim
     first, second = (res.model.features[k][0].attn for k in (1, 3))
-    assert first.embed_dim == 12 and second.embed_dim == 24  # half of 24 and 48
-    assert res.report is not None and res.report.deviation is not None  # LayerNorm: inexact
+    assert first.embed_dim == 12
+    assert second.embed_dim == 24
+    assert res.report is not None
+    assert res.report.deviation is not None
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))
@@ -77,7 +79,8 @@ def test_swin_embed_dim_is_pinned_with_exact_only(version: str) -> None:
     analysis = shrink.analyze(shrink.capture(model, (torch.randn(1, 3, 16, 16),)),
                               exact_only=True)
     reasons = " ".join(g.pinned or "" for g in analysis.groups)
-    assert "LayerNorm" in reasons and "exact_only" in reasons
+    assert "LayerNorm" in reasons
+    assert "exact_only" in reasons
     assert not any(g.prunable and not g.exact for g in analysis.groups)
 
 
@@ -126,7 +129,8 @@ def test_head_scores_slice_q_k_v_rows_and_proj_columns_of_each_head() -> None:
         torch.testing.assert_close(qkv.select(qkv_dim, h).reshape(12, 12), w[rows])
         torch.testing.assert_close(proj.select(proj_dim, h), p[:, h * 4 : (h + 1) * 4])
     ((w_in, in_dim),) = rule.score_params(attn, Side.IN)
-    assert w_in is w and in_dim == 1  # input channels: the columns of qkv
+    assert w_in is w
+    assert in_dim == 1
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))
@@ -156,7 +160,7 @@ def test_pruned_swin_exports_to_onnx_and_matches_onnxruntime(version: str, tmp_p
     # batch 2: torch.export specialises a batch of 1 in torchvision's Swin (dense or pruned)
     x = torch.randn(2, 3, 16, 16)
     res = prune_checked(model, x)
-    out = shrink.export_onnx(res.model, (x,), tmp_path / "swin.onnx")
+    out = shrink.export_onnx(res.model, (x,), tmp_path / "swin.onnx", check=False)
     assert out.exporter == "dynamo", out.fallback_reason
-    assert out.parity is not None
-    assert out.parity.max_rel_error < 1e-4
+    # a fresh onnxruntime session on other inputs: export's own check raises above its rtol
+    assert ort_relative_error(out.path, res.model, (torch.randn(2, 3, 16, 16),)) < 1e-4

@@ -71,7 +71,8 @@ def test_concat_of_mixed_producers_gives_offsets() -> None:
     ga, gb = res.analysis.group("a:out"), res.analysis.group("b:out")
     (ha,) = [m for m in ga.members if m.module == "head"]
     (hb,) = [m for m in gb.members if m.module == "head"]
-    assert ha.index_map.index == tuple(range(6)) and hb.index_map.index == tuple(range(6, 16))
+    assert ha.index_map.index == tuple(range(6))
+    assert hb.index_map.index == tuple(range(6, 16))
     assert res.model.head.in_channels == 3 + 5
 
 
@@ -114,7 +115,8 @@ class LiteralSplit(nn.Module):
 def test_split_with_literal_sizes_pins_the_channels() -> None:
     res = prune_checked(LiteralSplit(), torch.randn(1, 3, 6, 6))
     g = res.analysis.group("conv:out")
-    assert g.pinned is not None and "literal sizes" in g.pinned
+    assert g.pinned is not None
+    assert "literal sizes" in g.pinned
     assert res.model.conv.out_channels == 12
 
 
@@ -134,8 +136,10 @@ def test_flatten_into_linear_expands_each_channel_to_a_block() -> None:
     res = prune_checked(FlattenLinear(), torch.randn(2, 3, 6, 6))
     g = res.analysis.group("conv:out")
     (fc,) = [m for m in g.members if m.module == "fc1"]
-    assert fc.index_map.channel[:16] == (0,) * 16 and fc.index_map.channel[16:32] == (1,) * 16
-    assert res.model.fc1.in_features == 4 * 16 and res.model.fc1.out_features == 16
+    assert fc.index_map.channel[:16] == (0,) * 16
+    assert fc.index_map.channel[16:32] == (1,) * 16
+    assert res.model.fc1.in_features == 4 * 16
+    assert res.model.fc1.out_features == 16
     assert res.model.fc2.out_features == 5
 
 
@@ -148,7 +152,8 @@ class HardcodedView(FlattenLinear):
 def test_view_with_literal_channel_size_pins_and_says_why() -> None:
     res = prune_checked(HardcodedView(), torch.randn(2, 3, 6, 6))
     g = res.analysis.group("conv:out")
-    assert g.pinned is not None and "literal size 128" in g.pinned
+    assert g.pinned is not None
+    assert "literal size 128" in g.pinned
     assert res.model.fc1.out_features == 16
 
 
@@ -159,16 +164,40 @@ class Shuffle(nn.Module):
         self.b = nn.Conv2d(3, 8, 1)
         self.head = nn.Conv2d(16, 2, 1)
 
+    @staticmethod
+    def shuffle(y: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = y.size()
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([self.a(x), self.b(x)], 1)
-        n, c, h, w = y.size()
-        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
-        return self.head(F.relu(y))
+        return self.head(F.relu(self.shuffle(y)))
 
 
 def test_channel_shuffle_couples_interleaved_channels() -> None:
-    res = prune_checked(Shuffle(), torch.randn(1, 3, 5, 5))
-    assert res.analysis.group("a:out").id == res.analysis.group("a:out").id
+    model = Shuffle()
+    res = prune_checked(model, torch.randn(1, 3, 5, 5))
+    # which a/b channel reaches each head input: shuffle a tensor of channel labels
+    labels = torch.cat([torch.arange(8), torch.arange(8)]).float().view(1, 16, 1, 1)
+    source = torch.cat([torch.zeros(8), torch.ones(8)]).view(1, 16, 1, 1)
+    head_label = model.shuffle(labels).flatten().long().tolist()
+    head_source = model.shuffle(source).flatten().long().tolist()
+    assert head_source != sorted(head_source)  # the head sees a and b interleaved
+    # a's channel c and b's channel c meet in one head group position pair: one group of both
+    (g,) = [g for g in res.analysis.groups if ("b", Side.OUT) in
+            {(m.module, m.side) for m in g.members}]
+    assert g.id == "a:out"
+    members = {(m.module, m.side): m.index_map for m in g.members}
+    assert members[("a", Side.OUT)] == members[("b", Side.OUT)]
+    a_map = dict(zip(members[("a", Side.OUT)].index, members[("a", Side.OUT)].channel,
+                     strict=True))
+    head = members[("head", Side.IN)]
+    assert sorted(head.index) == list(range(16))
+    for pos, chan in zip(head.index, head.channel, strict=True):
+        assert chan == a_map[head_label[pos]]
+    keep = set(res.plan.decisions[0].keep)
+    kept_pos = [p for p in range(16) if a_map[head_label[p]] in keep]
+    torch.testing.assert_close(res.model.head.weight, model.head.weight[:, kept_pos])
     assert res.model.head.in_channels == res.model.a.out_channels + res.model.b.out_channels
     assert res.model.a.out_channels == 4
 
@@ -207,7 +236,8 @@ class AmaxHead(nn.Module):
 
 def test_spatial_amax_keeps_channels_prunable() -> None:
     res = prune_checked(AmaxHead(), torch.randn(1, 3, 6, 6))
-    assert res.model.conv.out_channels == 4 and res.model.fc.in_features == 4
+    assert res.model.conv.out_channels == 4
+    assert res.model.fc.in_features == 4
 
 
 class MultiIO(nn.Module):
@@ -227,8 +257,10 @@ class MultiIO(nn.Module):
 def test_multi_input_dict_output_pins_only_io_channels() -> None:
     res = prune_checked(MultiIO(), (torch.randn(1, 3, 6, 6), torch.randn(1, 1, 6, 6)))
     assert res.model.a.out_channels == res.model.b.out_channels == 4
-    assert res.model.out1.out_channels == 4 and res.model.out2.out_features == 6
-    assert res.model.a.in_channels == 3 and res.model.b.in_channels == 1
+    assert res.model.out1.out_channels == 4
+    assert res.model.out2.out_features == 6
+    assert res.model.a.in_channels == 3
+    assert res.model.b.in_channels == 1
 
 
 class Reuse(nn.Module):
@@ -264,7 +296,8 @@ class Tied(nn.Module):
 def test_tied_weights_are_pinned_with_reason() -> None:
     res = prune_checked(Tied(), torch.randn(2, 6))
     g = res.analysis.group("a:out")
-    assert g.pinned is not None and "shares a parameter" in g.pinned
+    assert g.pinned is not None
+    assert "shares a parameter" in g.pinned
     assert res.model.a.weight is res.model.b.weight
 
 
@@ -284,7 +317,9 @@ class Unknown(nn.Module):
 def test_unknown_op_pins_what_it_touches_and_names_the_node() -> None:
     res = prune_checked(Unknown(), torch.randn(1, 3, 6, 6))
     g = res.analysis.group("a:out")
-    assert g.pinned is not None and "roll" in g.pinned and "test_topologies.py" in g.pinned
+    assert g.pinned is not None
+    assert "roll" in g.pinned
+    assert "test_topologies.py" in g.pinned
     assert res.model.a.out_channels == 8
     assert res.model.b.out_channels == 4  # downstream of the unknown op still prunes
     assert any("roll" in d.message for d in res.analysis.diagnostics)
@@ -304,7 +339,8 @@ class ChannelSum(nn.Module):
 def test_channel_reduction_and_softmax_pin_the_channels() -> None:
     res = prune_checked(ChannelSum(), torch.randn(1, 3, 6, 6))
     g = res.analysis.group("a:out")
-    assert g.pinned is not None and "across" in g.pinned
+    assert g.pinned is not None
+    assert "across" in g.pinned
     assert res.model.a.out_channels == 8
 
 
@@ -327,9 +363,11 @@ def test_round_to_rounds_kept_counts_up() -> None:
 def test_ignore_keeps_named_layers_intact() -> None:
     res = prune_checked(Residual(), torch.randn(1, 3, 6, 6), ignore=["a"])
     assert (res.model.a.in_channels, res.model.a.out_channels) == (8, 16)
-    assert res.model.stem.out_channels == 8 and "ignore" in res.analysis.group("stem:out").pinned
+    assert res.model.stem.out_channels == 8
+    assert "ignore" in res.analysis.group("stem:out").pinned
     res = prune_checked(Residual(), torch.randn(1, 3, 6, 6), ignore=["hea*"])
-    assert res.model.stem.out_channels == 8 and res.model.a.out_channels == 8
+    assert res.model.stem.out_channels == 8
+    assert res.model.a.out_channels == 8
     res = prune_checked(Residual(), torch.randn(1, 3, 6, 6), ignore=[nn.BatchNorm2d])
     assert res.model.stem.out_channels == 8
 
@@ -337,4 +375,6 @@ def test_ignore_keeps_named_layers_intact() -> None:
 def test_train_mode_model_is_returned_in_train_mode() -> None:
     model = Residual().train()
     res = shrink.prune(model, (torch.randn(2, 3, 6, 6),), shrink.PruneConfig(0.5))
-    assert model.training and res.model.training and res.model.bn.training
+    assert model.training
+    assert res.model.training
+    assert res.model.bn.training

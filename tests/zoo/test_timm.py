@@ -13,6 +13,7 @@ import torch
 
 import shrink
 from shrink.testing import calibrate_bn_, randomize_
+from tests.helpers import assert_matches_masked_original, assert_pinned_groups_kept, n_params
 
 timm = pytest.importorskip("timm")
 
@@ -36,9 +37,9 @@ def test_timm_model_compresses(name: str) -> None:
     calibrate_bn_(model, lambda: (torch.randn(2, 3, size, size),), steps=1)
     model.eval()
     x = (torch.randn(2, 3, size, size),)
-    res = shrink.prune(model, x, shrink.PruneConfig(0.5))
-    assert res.report is not None and res.report.max_rel_error < 1e-5
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, verify=False))
     with torch.no_grad():
         assert res.model(*x).shape == model(*x).shape
-    assert res.report.params_after < res.report.params_before
-    assert all(g.pinned for g in res.analysis.pinned)
+    assert_matches_masked_original(model, res.model, res.plan, x, rtol=1e-9, double=True)
+    assert n_params(res.model) < n_params(model)
+    assert_pinned_groups_kept(model, res)

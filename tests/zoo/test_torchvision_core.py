@@ -1,4 +1,8 @@
-"""Issue 2's model list: every model compresses at 0.5, exactly, and loses >= 40% of params."""
+"""Issue 2's model list: every model compresses at 0.5, exactly, and loses >= 40% of params.
+
+Exactness is checked against the independent masked oracle of tests/helpers.py (pruned with
+``verify=False``), in float64 so that float32 rounding in deep nets cannot hide or fake an error.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch
 
 import shrink
 from shrink.testing import assert_unchanged, calibrate_bn_, randomize_, state_snapshot
-from shrink.verify import masked_reference
+from tests.helpers import assert_matches_masked_original, assert_pinned_groups_kept, n_params
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -33,17 +37,14 @@ def build(name: str, size: int = 64) -> tuple[torch.nn.Module, tuple[torch.Tenso
 def test_torchvision_model_compresses_exactly(name: str) -> None:
     model, x = build(name)
     snap = state_snapshot(model)
-    res = shrink.prune(model, x, shrink.PruneConfig(0.5))
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, verify=False))
     assert_unchanged(model, snap)
-    report = res.report
-    assert report is not None
-    assert report.max_rel_error < 1e-5
     with torch.no_grad():
         out = model(*x)
         small = res.model(*x)
-        ref = masked_reference(model, res.plan)(*x)
     assert small.shape == out.shape
     # the output depends on the input (random weights can hide bugs otherwise)
     assert float((out[0] - out[1]).abs().max()) > 1e-3 * float(out.abs().max())
-    torch.testing.assert_close(small, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
-    assert report.params_after <= 0.6 * report.params_before
+    assert_matches_masked_original(model, res.model, res.plan, x, rtol=1e-9, double=True)
+    assert_pinned_groups_kept(model, res)
+    assert n_params(res.model) <= 0.6 * n_params(model)

@@ -143,6 +143,9 @@ class LayerNormRule(ModuleRule):
             x = args[0]
             axis = rule._axis(x.ndim)
             k = kept.to(x.device)
+            # follow the oracle's dtype/device: verify re-runs it in float64 on a converted
+            # copy, and `small` is not a submodule that .to() would reach
+            small.to(device=x.device, dtype=x.dtype)
             y = type(small).forward(small, x.index_select(axis, k))
             return torch.zeros_like(out).index_copy(axis, k, y)
 

@@ -203,9 +203,6 @@ def test_literal_size_that_is_no_attribute_still_pins() -> None:
     assert "literal size 8" in g.pinned
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="shrink bug (issue 10): verify's float64 retry runs "
-                   "LayerNormRule.mask_'s float32 copy on float64 activations ('mixed dtype')")
 def test_issue10_verify_float64_retry_handles_a_renormalized_layernorm() -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 6)).eval()
     x = (torch.randn(2, 5, 6),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, NamedTuple
 
@@ -86,8 +87,12 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         pruned = apply(model, plan)
     report = None
     if config.verify:
+        parts = () if captured.parts is None else captured.parts.captured
         with stage("verify"):
-            report = verify_(model, pruned, plan, inputs, rtol=config.rtol)
+            report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts)
+        if captured.parts is not None:
+            report = dataclasses.replace(report, diagnostics=(
+                f"partial capture: {captured.parts.describe()}", *report.diagnostics))
         log.info("shrink: %s", report)
     return Result(pruned, plan, analysis, report)
 

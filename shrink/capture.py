@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from shrink.capture_parts import PartsSummary, capture_parts
 from shrink.errors import CaptureError
 from shrink.interop.prune_masks import find_masks
 from shrink.plan import fingerprint
@@ -36,12 +37,18 @@ class Captured:
     ``graph_modules`` holds the eval-mode graph and, when the model has layers that only run in
     training (GoogLeNet's auxiliary heads), the train-mode graph too, so those layers stay
     consistent with the rest of the pruned model.
+
+    A model that cannot be traced whole is captured in parts (:mod:`shrink.capture_parts`):
+    then each graph is one call of one submodule, ``graph_inputs`` holds the inputs each graph
+    runs on (``example_inputs`` stays the whole model's) and ``parts`` says what was captured.
     """
 
     graph_modules: tuple[fx.GraphModule, ...]
     example_inputs: tuple[Any, ...]
     fingerprint: str
     on_meta: bool = False
+    graph_inputs: tuple[tuple[Any, ...], ...] = ()
+    parts: PartsSummary | None = None
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -92,8 +99,11 @@ def capture(
     Returns:
         The traced copy and the normalised inputs.
 
+    When fx cannot trace the whole model, the largest submodules it can trace are captured
+    instead, each as its own graph with pinned inputs and outputs (:mod:`shrink.capture_parts`).
+
     Raises:
-        CaptureError: when fx cannot trace the model.
+        CaptureError: when fx cannot trace the model nor any part of it.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
@@ -101,7 +111,13 @@ def capture(
     inputs = normalize_inputs(example_inputs)
     clone = meta_copy if on_meta else copy.deepcopy
     copied = clone(model).eval()
-    gms = [_trace(copied, leaf_types, type(model).__name__)]
+    try:
+        gms = [_trace(copied, leaf_types, type(model).__name__)]
+    except CaptureError as whole:
+        parts = capture_parts(model, copied, inputs, whole,
+                              lambda m, x, name: trace_part(m, x, leaf_types, name))
+        return Captured(parts.graph_modules, inputs, fingerprint(model), on_meta,
+                        parts.inputs, parts.summary)
     used = {str(n.target) for n in gms[0].graph.nodes if n.op == "call_module"}
     unused = [
         f for f, m in copied.named_modules()
@@ -173,6 +189,14 @@ def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) 
     # rules look up int attributes that forward uses as sizes (shrink.rules.structural)
     object.__setattr__(gm, "_shrink_source", copied)
     return gm
+
+
+def trace_part(module: nn.Module, inputs: tuple[torch.Tensor, ...],
+               leaf_types: Sequence[type[nn.Module]], name: str) -> fx.GraphModule:
+    """Trace one part of a model captured in parts: ``module`` is a
+    :class:`~shrink.capture_parts.FlatCall` whose forward takes ``inputs`` positionally; the
+    graph's targets are relative to it. The one call to swap for another front-end."""
+    return _trace(module, leaf_types, name)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

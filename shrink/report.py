@@ -77,6 +77,7 @@ class Report:
             lines.append(f"  {g.id:<{width}} {g.kept:>6} / {g.total:<6}{note}".rstrip())
         for g in pinned:
             lines.append(f"  {g.id:<{width}} pinned ({g.total}): {g.pinned}")
+        lines += [f"note: {d}" for d in self.diagnostics]
         return "\n".join(lines)
 
 

@@ -10,11 +10,13 @@ computed, but nothing reads them. ``verify`` checks exactly that, in the model's
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from shrink.errors import VerificationError
 from shrink.plan import Plan, Side
@@ -86,8 +88,15 @@ def verify(
     *,
     rtol: float = 1e-5,
     strict: bool = True,
+    parts: Sequence[str] = (),
 ) -> Report:
     """Check ``pruned`` against the masked original and measure params and MACs.
+
+    A model captured in parts (``parts``: their FQNs, ``Captured.parts.captured``) is checked
+    part by part: every call of each part in the pruned model runs on the inputs the masked
+    original gave that call, and must return its outputs. The whole model's outputs are compared
+    too, but only reported: between parts runs code that was not captured, often data-dependent
+    (top-k, NMS, score thresholds), where rounding can change which boxes are kept.
 
     Args:
         original: the unpruned model (not modified).
@@ -96,6 +105,7 @@ def verify(
         example_inputs: inputs to compare on.
         rtol: largest allowed ``max|pruned - masked| / max|masked|``.
         strict: raise when the error exceeds ``rtol``; otherwise only report it.
+        parts: the module FQNs of a model captured in parts.
 
     Raises:
         VerificationError: when outputs differ in structure or shape, or the error exceeds rtol.
@@ -105,33 +115,21 @@ def verify(
     """
     ref = masked_reference(original, plan)
     test = copy.deepcopy(pruned).eval()
-    with torch.no_grad():
-        expected = ref(*example_inputs)
-        try:
-            actual = test(*example_inputs)
-        except (RuntimeError, IndexError, ValueError) as e:
-            raise VerificationError(
-                f"the pruned model fails on the example inputs ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}): its layers do not fit together. "
-                "Either the plan was edited (a member of a group is missing) or this is a "
-                "shrink bug. Re-create the plan with shrink.prune; report it if that fails too."
-            ) from e
-    err = relative_error(actual, expected)
-    oracle_dtype = _dtype_name(actual)
+    check = _check(ref, test, example_inputs, parts)
+    err, oracle_dtype = check.error, check.dtype
     if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):
         # Deep nets with large activations lose more than rtol to fp32 rounding alone; a real
         # mismatch stays O(1) in float64, rounding does not.
-        err64 = _error_in_double(ref, test, example_inputs)
-        if err64 <= rtol:
-            err, oracle_dtype = err64, "float64"
+        check64 = _check(_to64(ref), _to64(test), _to64(example_inputs), parts)
+        if check64.error <= rtol:
+            check, err, oracle_dtype = check64, check64.error, "float64"
     inexact = [d.group for d in plan.decisions if not plan.group(d.group).exact]
     deviation = None
     if inexact:
-        with torch.no_grad():
-            deviation = relative_error(actual, masked_reference(original, plan,
-                                                                renormalize=False)(*example_inputs))
+        plain = masked_reference(original, plan, renormalize=False)
+        deviation = _check(plain, test, example_inputs, parts).error
     if strict and not err <= rtol:
-        scale = max((float(t.detach().abs().max()) for t in _tensors(expected)
+        scale = max((float(t.detach().abs().max()) for t in _tensors(check.expected)
                      if t.is_floating_point() and t.numel()), default=0.0)
         hint = (
             f" The reference output reaches {scale:.1e}: activations that large (e.g. random "
@@ -139,9 +137,11 @@ def verify(
             "even in float64; calibrate the model or raise rtol."
             if scale > 1e6 else " This is a shrink bug: please report it with the model."
         )
+        where = f" (captured part {check.worst!r})" if check.worst else ""
         raise VerificationError(
-            f"pruned model differs from the masked original: max relative error {err:.3e} > "
-            f"rtol {rtol:.1e} (checked in {oracle_dtype}).{hint} The model was not returned."
+            f"pruned model differs from the masked original{where}: max relative error "
+            f"{err:.3e} > rtol {rtol:.1e} (checked in {oracle_dtype}).{hint} The model was not "
+            "returned."
         )
     kept = {d.group: len(d.keep) for d in plan.decisions}
     rows = tuple(GroupRow(g.id, kept.get(g.id, g.size), g.size, g.pinned, g.exact)
@@ -156,8 +156,83 @@ def verify(
         groups=rows,
         max_rel_error=err,
         oracle_dtype=oracle_dtype,
+        diagnostics=() if not parts else (check.note(rtol),),
         deviation=deviation,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    error: float  # the whole model's, or the worst part's for a model captured in parts
+    dtype: str
+    expected: Any  # the reference's outputs that ``error`` compares to
+    worst: str | None = None  # the part with the largest error
+    whole: float | None = None  # the whole model's error, for a model captured in parts
+    whole_why: str = ""  # why the whole model's outputs cannot be compared
+
+    def note(self, rtol: float) -> str:
+        checked = (f"each captured part equals its masked original on the masked original's "
+                   f"inputs (max relative error {self.error:.1e}, {self.dtype})")
+        if self.whole is not None and self.whole <= rtol:
+            return f"{checked}; the whole model's outputs agree too ({self.whole:.1e})"
+        why = self.whole_why or f"max relative error {self.whole:.1e}"
+        return (
+            f"{checked}. The whole model's outputs differ from the masked original's ({why}): "
+            "they pass through code outside the captured parts, where data-dependent steps "
+            "(top-k, NMS, score thresholds) can keep other elements after rounding differences"
+        )
+
+
+def _check(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...],
+           parts: Sequence[str]) -> _Check:
+    """Run both models; compare the whole outputs or, with ``parts``, each part's calls."""
+    calls: dict[str, list[tuple[Any, Any, Any]]] = {p: [] for p in parts}
+    handles = [h for p in parts for h in _recorder(ref.get_submodule(p), calls[p])]
+    try:
+        with torch.no_grad():
+            expected = ref(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        try:
+            actual = test(*inputs)
+            outs = {p: [test.get_submodule(p)(*a, **k) for a, k, _ in calls[p]] for p in parts}
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise VerificationError(
+                f"the pruned model fails on the example inputs ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}): its layers do not fit together. "
+                "Either the plan was edited (a member of a group is missing) or this is a "
+                "shrink bug. Re-create the plan with shrink.prune; report it if that fails too."
+            ) from e
+    if not parts:
+        return _Check(relative_error(actual, expected), _dtype_name(actual), expected)
+    errors = {p: max((relative_error(o, c[2]) for o, c in zip(outs[p], calls[p], strict=True)),
+                     default=0.0) for p in parts}
+    worst = max(errors, key=lambda p: errors[p]) if errors else None
+    try:
+        whole, why = relative_error(actual, expected), ""
+    except VerificationError as e:
+        whole, why = None, str(e)
+    return _Check(max(errors.values(), default=0.0), _dtype_name(actual),
+                  [c[2] for p in parts for c in calls[p]], worst, whole, why)
+
+
+def _recorder(part: nn.Module, calls: list[tuple[Any, Any, Any]]) -> list[Any]:
+    """Hooks that append ``(args, kwargs, output)`` of each call of ``part``, cloned (later
+    in-place ops must not change them)."""
+    def clone(v: Any) -> Any:
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v)
+
+    def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        calls.append((clone(args), clone(kwargs), None))
+
+    def post(_m: nn.Module, _args: Any, out: Any) -> None:
+        a, k, _ = calls[-1]
+        calls[-1] = (a, k, clone(out))
+
+    return [part.register_forward_pre_hook(pre, with_kwargs=True),
+            part.register_forward_hook(post)]
 
 
 def _dtype_name(value: Any) -> str:
@@ -167,17 +242,14 @@ def _dtype_name(value: Any) -> str:
     return "none"
 
 
-def _error_in_double(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...]) -> float:
-    def to64(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.detach().to("cpu", torch.float64)
-        if isinstance(v, (tuple, list)):
-            return type(v)(to64(i) for i in v)
-        if isinstance(v, dict):
-            return {k: to64(i) for k, i in v.items()}
-        return v
-
-    ref64 = copy.deepcopy(ref).to("cpu", torch.float64)
-    test64 = copy.deepcopy(test).to("cpu", torch.float64)
-    with torch.no_grad():
-        return relative_error(test64(*to64(inputs)), ref64(*to64(inputs)))
+def _to64(v: Any) -> Any:
+    """A float64 CPU copy of a model, or of inputs (floating tensors only)."""
+    if isinstance(v, nn.Module):
+        return copy.deepcopy(v).to("cpu", torch.float64)
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.detach().to("cpu", torch.float64)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_to64(i) for i in v)
+    if isinstance(v, dict):
+        return {k: _to64(i) for k, i in v.items()}
+    return v

@@ -110,6 +110,12 @@ def analyze(
     for g in captured.graph_modules:
         pin_special_modules(g, t)
     _pin_ignored(captured.graph_modules, t, ignore)
+    if captured.parts is not None:  # captured in parts (shrink.capture_parts)
+        t.diagnose("partial capture", captured.parts.describe())
+        for (fqn, _side), rec in t.members.items():
+            for layer, reason in captured.parts.pins:
+                if fqn == layer:
+                    t.pin(rec.ids, reason)
     modules = {f: m for g in captured.graph_modules for f, m in g.named_modules()}
     extents: dict[tuple[str, Side], int] = {}
     for fqn, side in t.members:

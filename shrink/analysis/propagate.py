@@ -52,6 +52,8 @@ class Propagator(fx.Interpreter):
         self.t = tracker
         self.ids: dict[fx.Node, Any] = {}
         self.modules = dict(gm.named_modules())
+        part = getattr(gm, "_shrink_part", None)  # a model captured in parts: its boundary
+        self.boundary = "" if part is None else f" (boundary of captured part {part!r})"
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n  # named by propagate() when the model fails on the example inputs
@@ -63,7 +65,7 @@ class Propagator(fx.Interpreter):
     def _propagate(self, n: fx.Node, out: Any) -> Any:
         t = self.t
         if n.op == "placeholder":
-            reason = f"model input {n.name!r}"
+            reason = f"model input {n.name!r}{self.boundary}"
             return map_values(
                 lambda v: t.fresh_pinned(tuple(v.shape), f"input:{n.name}", reason)
                 if isinstance(v, torch.Tensor) else v,
@@ -98,7 +100,7 @@ class Propagator(fx.Interpreter):
             return ids_on_axis(along, shape, axis)
         if n.op == "output":
             for ids in iter_ids(fx.node.map_arg(n.args, lambda a: self.ids[a])):
-                t.pin(ids.a, "model output")
+                t.pin(ids.a, f"model output{self.boundary}")
             return None
 
         args = fx.node.map_arg(n.args, lambda a: self.ids[a])
@@ -150,7 +152,7 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
         for k, gm in enumerate(captured.graph_modules):
             if k:  # a train-mode graph: its structure is what matters; run its layers in eval
                 gm.eval()
-            inputs = captured.example_inputs
+            inputs = captured.graph_inputs[k] if captured.graph_inputs else captured.example_inputs
             if captured.on_meta:
                 inputs = to_meta(inputs)
             prop = Propagator(gm, tracker)
@@ -161,7 +163,7 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
                     raise MetaUnsupportedError from e
                 shapes = [f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
                           if isinstance(x, torch.Tensor) else type(x).__name__
-                          for x in captured.example_inputs]
+                          for x in inputs]
                 node = getattr(prop, "current", None)
                 at = "" if node is None else f" at node {describe(node)}"
                 if node is not None and node.op == "call_module":
@@ -169,6 +171,8 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
                          f"({type(gm.get_submodule(str(node.target))).__name__})"
                 mode = "training-mode graph (it uses layers that only run in training)" if k \
                     else "model"
+                if captured.graph_inputs:
+                    mode = f"captured part {getattr(gm, '_shrink_part', '')!r}"
                 raise CaptureError(
                     f"the {mode} failed on example_inputs {shapes}{at}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}\n"

@@ -38,12 +38,14 @@ X = torch.randn(2, 3, 16, 16)
 
 
 class Untraceable(nn.Module):
+    """Data-dependent control flow, and no submodule to capture instead (partial capture)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) if x.sum() > 0 else x  # data-dependent control flow
+        return nn.functional.conv2d(x, self.weight) if x.sum() > 0 else x
 
 
 def masked_net() -> nn.Module:

@@ -48,12 +48,12 @@ def untraceable():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))  # no submodule to capture
 
         def forward(self, x):
             if x.sum() > 0:
-                return self.conv(x)
-            return self.conv(-x)
+                return nn.functional.conv2d(x, self.weight)
+            return nn.functional.conv2d(-x, self.weight)
 
     return Branchy()
 

@@ -123,8 +123,9 @@ def assert_matches_masked_original(original: nn.Module, pruned: nn.Module, plan:
     test = copy.deepcopy(pruned).eval()
     if double:
         ref, test = ref.double(), test.double()
-        inputs = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                       else t for t in inputs)
+        inputs = torch.utils._pytree.tree_map(  # nested too: a detector takes a list of images
+            lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+            inputs)
     with torch.no_grad():
         err = relative_error(test(*inputs), ref(*inputs))
     assert err <= rtol, f"pruned model differs from the masked original: {err:.3e} > {rtol:.0e}"

@@ -257,6 +257,7 @@ class _Walk:
         self.found: dict[str, list[fx.GraphModule]] = {}
         self.split: list[tuple[str, str]] = []
         self.missed: list[tuple[str, str]] = []
+        self.graphs = 0
 
     def visit(self, fqn: str, module: nn.Module, why: str | None = None) -> None:
         if not _has_params(module):
@@ -297,40 +298,59 @@ class _Walk:
             flat, tensors = flat_call(module, args, kwargs)
             n = self.rec.count[fqn]
             name = fqn if n == 1 else f"{fqn} (call {k + 1} of {n})"
-            gms.append(rebase(self.trace(flat, tensors, type(module).__name__), fqn, self.root,
-                              name))
+            gm = self.trace(flat, tensors, type(module).__name__)
+            gms.append(rebase(gm, fqn, self.root, name, self.graphs))
+            self.graphs += 1
         return gms
 
     def describe_missed(self) -> str:
         return "; ".join(f"{_name(f)}: {w}" for f, w in self.missed) or "no parameters"
 
 
-def _rebase_path(path: str, prefix: str) -> str:
-    if path == "part":
-        return prefix
-    return prefix + path[len("part"):] if path.startswith("part.") else path
-
-
-def rebase(flat_gm: fx.GraphModule, prefix: str, root: nn.Module, part: str) -> fx.GraphModule:
+def rebase(flat_gm: fx.GraphModule, prefix: str, root: nn.Module, part: str,
+           tag: int) -> fx.GraphModule:
     """The graph of a :class:`FlatCall` of ``root.get_submodule(prefix)``, re-rooted at
-    ``root``: every target and module-stack entry becomes the layer's FQN in ``root``."""
+    ``root``: every target and module-stack entry becomes the layer's FQN in ``root``.
+
+    Tensors the tracer attached to its own root (constants it folded) keep a top-level name,
+    made unique with ``tag`` (analysis keys the tensors used in forward by name).
+    """
+    def moved(path: str) -> str | None:
+        if path == "part" or path.startswith("part."):
+            return prefix + path[len("part"):]
+        return None
+
+    objects: dict[str, Any] = {}
     graph = flat_gm.graph
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            node.target = _rebase_path(str(node.target), prefix)
+            old = str(node.target)
+            new = moved(old)
+            if new is None:
+                new, obj = f"{old}_part{tag}", _attr(flat_gm, old)
+            else:
+                obj = root.get_submodule(new) if node.op == "call_module" else _attr(root, new)
+            objects[new] = obj
+            node.target = new
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {
-                k: (_rebase_path(v[0], prefix), *v[1:]) if isinstance(v, tuple) else v
+                k: (moved(v[0]) or v[0], *v[1:]) if isinstance(v, tuple) else v
                 for k, v in stack.items()
             }
-    gm = fx.GraphModule(root, graph, type(root.get_submodule(prefix)).__name__)
+    gm = fx.GraphModule(objects, graph, type(root.get_submodule(prefix)).__name__)
     for attr in ("_shrink_leaf_types",):
         if hasattr(flat_gm, attr):
             object.__setattr__(gm, attr, getattr(flat_gm, attr))
     object.__setattr__(gm, "_shrink_source", root)
     object.__setattr__(gm, "_shrink_part", part)
     return gm
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for atom in path.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
 
 def _shared_parameter_pins(root: nn.Module, parts: list[str]) -> tuple[tuple[str, str], ...]:

@@ -54,6 +54,9 @@ class Propagator(fx.Interpreter):
         self.modules = dict(gm.named_modules())
         part = getattr(gm, "_shrink_part", None)  # a model captured in parts: its boundary
         self.boundary = "" if part is None else f" (boundary of captured part {part!r})"
+        source = getattr(gm, "_shrink_source", gm)
+        self.model_tensors = {f for f, _ in source.named_parameters()} | {
+            f for f, _ in source.named_buffers()}
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n  # named by propagate() when the model fails on the example inputs
@@ -81,6 +84,9 @@ class Propagator(fx.Interpreter):
                 "not through a layer with a rule"
             )
             shape = tuple(out.shape)
+            if str(n.target) not in self.model_tensors:  # folded by the tracer: cannot slice
+                return t.fresh_pinned(shape, n.name, f"{reason}; it is a constant the tracer "
+                                      "computed, not a parameter or buffer of the model")
             if str(n.target) in t.tensors:  # used again
                 return Ids(t.tensors[str(n.target)][0], shape)
             used = sum(full.size for full, _ in t.tensors.values())

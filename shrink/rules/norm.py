@@ -2,7 +2,8 @@
 
 BatchNorm1d/2d/3d (and InstanceNorm with per-channel affine) normalise each channel on its own,
 so their one axis (dim 1 of the input, dim 0 of every parameter and running statistic) is the
-same channel space as their input and output: exact under the masked oracle.
+same channel space as their input and output: exact under the masked oracle. So does
+torchvision's FrozenBatchNorm2d.
 
 LayerNorm and RMSNorm over one channel axis (``nn.LayerNorm(C)``, ``nn.RMSNorm(C)``, and the
 channels-first ``LayerNorm2d`` of torchvision's ConvNeXt and of timm) compute statistics across
@@ -94,6 +95,25 @@ class BatchNormActRule(BatchNormRule):
         new = sliced_copy(narrow(m, nn.modules.batchnorm._BatchNorm), _STATE, 0, kout)
         new.num_features = len(kout)
         return finish(new, m)
+
+
+@register_rule_by_name("torchvision.ops.misc.FrozenBatchNorm2d")
+class FrozenBatchNormRule(BatchNormRule):
+    """torchvision's BatchNorm with frozen statistics (the backbones of its pretrained
+    detectors): the same channel axis, with all four tensors as buffers and no
+    ``num_features``; rebuilt by slicing a copy."""
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return _buffer_size(m) if side is Side.OUT else None
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        kout = keep.resolve(Side.OUT, _buffer_size(m))
+        return finish(sliced_copy(m, _STATE, 0, kout), m)
+
+
+def _buffer_size(m: nn.Module) -> int:
+    weight = m.get_buffer("weight")
+    return int(weight.shape[0])
 
 
 @register_rule(nn.LayerNorm, nn.RMSNorm)

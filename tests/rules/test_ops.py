@@ -113,6 +113,20 @@ def test_bn1d_and_bn3d_follow_their_producers() -> None:
     assert res.model[1].running_mean.shape == (4,)
 
 
+def test_frozen_bn_follows_its_producer() -> None:
+    """torchvision's FrozenBatchNorm2d (pretrained detectors' backbones): its buffers are
+    sliced with the conv before it, not folded into constants that pin the channels."""
+    frozen = pytest.importorskip("torchvision.ops.misc").FrozenBatchNorm2d(8)
+    gen = torch.Generator().manual_seed(3)
+    for name, lo in (("weight", 0.5), ("bias", -0.5), ("running_mean", -0.5), ("running_var", 0.5)):
+        getattr(frozen, name).copy_(torch.rand(8, generator=gen) + lo)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), frozen, nn.ReLU(), nn.Conv2d(8, 2, 1))
+    res = prune_checked(model, torch.randn(2, 3, 10, 10))
+    assert res.analysis.group("0:out").prunable
+    assert res.model[1].running_var.shape == res.model[1].weight.shape == (4,)
+    assert res.model[0].out_channels == res.model[3].in_channels == 4
+
+
 def test_linear_on_tokens_prunes_hidden_features() -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 6))
     res = prune_checked(model, torch.randn(2, 5, 6))

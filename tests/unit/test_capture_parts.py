@@ -56,12 +56,15 @@ def test_untraceable_module_keeps_its_size_and_the_rest_is_pruned() -> None:
     assert shrink.capture(model, torch.randn(1, 3, 8, 8)).parts is not None  # not whole
     res = prune_checked(model, torch.randn(2, 3, 8, 8))
     small = res.model
-    assert small.stem[0].out_channels == 8 and small.stem[3].out_channels == 8
-    assert small.head[0].out_channels == 8 and small.head[3].out_channels == 8
+    assert small.stem[0].out_channels == 8
+    assert small.stem[3].out_channels == 8
+    assert small.head[0].out_channels == 8
+    assert small.head[3].out_channels == 8
     # the untraceable module and the boundaries of the parts keep their size
     assert small.gate.conv.in_channels == small.gate.conv.out_channels == 8
     assert small.gate.scale.shape == (8,)
-    assert small.stem[6].out_channels == 8 and small.head[0].in_channels == 8
+    assert small.stem[6].out_channels == 8
+    assert small.head[0].in_channels == 8
     assert small.head[6].out_channels == 4
     reasons = [g.pinned or "" for g in res.analysis.pinned]
     assert any("boundary of captured part 'stem'" in r for r in reasons), reasons
@@ -79,7 +82,8 @@ def test_report_names_captured_and_uncaptured_parts() -> None:
     assert "torch.fx could not trace Gate" in text
     assert "each captured part equals its masked original" in text
     notes = [d.message for d in res.analysis.diagnostics if d.severity == "partial capture"]
-    assert len(notes) == 1 and "captured in parts: stem, gate.conv, head" in notes[0]
+    assert len(notes) == 1
+    assert "captured in parts: stem, gate.conv, head" in notes[0]
     assert res.report.mac_ratio < 0.6
 
 
@@ -87,7 +91,8 @@ def test_part_graphs_use_the_whole_models_names() -> None:
     model = Gated()
     for on_meta in (False, True):
         cap = shrink.capture(model, torch.randn(1, 3, 8, 8), on_meta=on_meta)
-        assert cap.parts is not None and cap.parts.captured == ("stem", "gate.conv", "head")
+        assert cap.parts is not None
+        assert cap.parts.captured == ("stem", "gate.conv", "head")
         assert len(cap.graph_inputs) == len(cap.graph_modules) == 3
         for gm in cap.graph_modules:
             for node in gm.graph.nodes:
@@ -117,13 +122,15 @@ class Shared(nn.Module):
 
 def test_module_called_per_level_is_one_graph_per_call() -> None:
     cap = shrink.capture(Shared(), torch.randn(1, 3, 8, 8))
-    assert cap.parts is not None and cap.parts.captured == ("body", "down", "head")
+    assert cap.parts is not None
+    assert cap.parts.captured == ("body", "down", "head")
     assert len(cap.graph_modules) == 4  # head: one graph per call
     shapes = [tuple(x[0].shape) for x in cap.graph_inputs]
     assert shapes == [(1, 3, 8, 8), (1, 8, 8, 8), (1, 8, 8, 8), (1, 8, 4, 4)]
     res = prune_checked(Shared(), torch.randn(2, 3, 8, 8))
     assert res.model.head[0].out_channels == res.model.head[2].out_channels == 8
-    assert res.model.head[0].in_channels == 8 and res.model.head[4].out_channels == 3
+    assert res.model.head[0].in_channels == 8
+    assert res.model.head[4].out_channels == 3
     assert res.model.body[0].out_channels == 4
 
 
@@ -177,8 +184,10 @@ def test_inputs_that_are_not_tensors_split_the_module_and_kwargs_are_kept() -> N
     assert len(cap.graph_modules) == 4  # kw twice: once with skip= and times=2, once without
     assert [len(x) for x in cap.graph_inputs] == [1, 1, 2, 1]
     res = prune_checked(Mixed(), torch.randn(2, 3, 8, 8))
-    assert res.model.kw.conv.out_channels == 8 and res.model.kw.out.out_channels == 8
-    assert res.model.obj.inner[0].out_channels == 8 and res.model.obj.inner[6].out_channels == 8
+    assert res.model.kw.conv.out_channels == 8
+    assert res.model.kw.out.out_channels == 8
+    assert res.model.obj.inner[0].out_channels == 8
+    assert res.model.obj.inner[6].out_channels == 8
 
 
 class Escapes(nn.Module):
@@ -206,7 +215,8 @@ def test_module_whose_layer_is_called_from_outside_it_is_split() -> None:
     assert cap.parts is not None
     assert ("block", "block.2 inside it is also called from outside it") in cap.parts.split
     res = prune_checked(model, x)
-    assert res.model.block[2].out_channels == 16 and res.model.block[0].in_channels == 3
+    assert res.model.block[2].out_channels == 16
+    assert res.model.block[0].in_channels == 3
 
 
 class Tied(nn.Module):
@@ -248,7 +258,8 @@ def test_verify_checks_parts_on_the_masked_originals_inputs() -> None:
     model = randomize_(Shared())
     x = (torch.randn(2, 3, 8, 8),)
     res = shrink.prune(model, x, shrink.PruneConfig(0.5, round_to=1))
-    assert res.report is not None and res.report.max_rel_error is not None
+    assert res.report is not None
+    assert res.report.max_rel_error is not None
     assert res.report.max_rel_error < 1e-5
     assert_matches_masked_original(model, res.model, res.plan, x)
     broken = res.model
@@ -256,3 +267,36 @@ def test_verify_checks_parts_on_the_masked_originals_inputs() -> None:
         broken.head[2].weight[0].add_(1.0)
     with pytest.raises(shrink.VerificationError, match="captured part 'head'"):
         shrink.verify(model, broken, res.plan, x, parts=("body", "down", "head"))
+
+
+class Folded(nn.Module):
+    """``self.s * 2`` is computed by fx at trace time (a buffer is not proxied): the graph sees
+    a constant, not the buffer, so nothing can slice it with the conv's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("s", torch.rand(8) + 0.5)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.conv(x)) * (self.s * 2).reshape(1, -1, 1, 1))
+
+
+class FoldedInPart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Folded()
+        self.tail = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return self.tail(y) if y.sum() > 0 else y
+
+
+@pytest.mark.parametrize("make", [Folded, FoldedInPart])
+def test_constants_the_tracer_folded_pin_their_channels(make: type[nn.Module]) -> None:
+    res = prune_checked(make(), torch.randn(2, 3, 8, 8))
+    model = res.model if make is Folded else res.model.inner
+    assert model.conv.out_channels == 8
+    assert any("constant the tracer computed" in (g.pinned or "") for g in res.analysis.pinned)

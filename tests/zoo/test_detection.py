@@ -82,7 +82,8 @@ def test_detector_compresses_in_parts(name: str) -> None:
     seconds = time.perf_counter() - start
     assert_unchanged(model, snap)
     report = res.report
-    assert report is not None and report.max_rel_error is not None
+    assert report is not None
+    assert report.max_rel_error is not None
     assert report.max_rel_error <= 1e-5
     note = next(d for d in report.diagnostics if d.startswith("partial capture: "))
     captured = note.split("captured in parts: ", 1)[1].split(";", 1)[0].split(", ")

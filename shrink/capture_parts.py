@@ -28,6 +28,7 @@ or when tracing fails. A layer whose parameters are shared with another layer is
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,8 +198,9 @@ def _detach(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) else v
 
 
-def _has_params(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters())
+def _has_state(m: nn.Module) -> bool:
+    """Whether ``m`` holds tensors pruning could slice (parameters, or buffers: FrozenBN)."""
+    return any(True for _ in itertools.chain(m.parameters(), m.buffers()))
 
 
 def capture_parts(model: nn.Module, copied: nn.Module, inputs: tuple[Any, ...],
@@ -258,9 +260,10 @@ class _Walk:
         self.split: list[tuple[str, str]] = []
         self.missed: list[tuple[str, str]] = []
         self.graphs = 0
+        self.stateful = {f for f, m in root.named_modules() if _has_state(m)}
 
     def visit(self, fqn: str, module: nn.Module, why: str | None = None) -> None:
-        if not _has_params(module):
+        if not _has_state(module):
             return
         if why is None:
             why = self._refusal(fqn)
@@ -270,12 +273,12 @@ class _Walk:
                 return
             except CaptureError as e:
                 why = first_line(e)
-        children = [(n, c) for n, c in module.named_children() if _has_params(c)]
+        children = [(n, c) for n, c in module.named_children() if _has_state(c)]
         if not children or (fqn and not any(f.startswith(fqn + ".") for f in self.rec.count)):
             self.missed.append((fqn, why))  # nothing below it was called: reported once, here
             return
         if any(True for _ in module.parameters(recurse=False)):
-            self.missed.append((f"{fqn} (its own parameters)" if fqn else "", why))
+            self.missed.append((f"{_name(fqn)} (its own parameters)", why))
         self.split.append((fqn, why))
         for name, child in children:
             self.visit(f"{fqn}.{name}" if fqn else name, child)
@@ -288,7 +291,7 @@ class _Walk:
             return rec.bad[fqn]
         inside = rec.inside.get(fqn, Counter())
         for sub, n in rec.count.items():
-            if sub.startswith(fqn + ".") and inside[sub] != n:
+            if sub.startswith(fqn + ".") and inside[sub] != n and sub in self.stateful:
                 return f"{sub} inside it is also called from outside it"
         return None
 

@@ -219,6 +219,29 @@ def test_module_whose_layer_is_called_from_outside_it_is_split() -> None:
     assert res.model.block[0].in_channels == 3
 
 
+class SharedActivation(nn.Module):
+    """One ReLU module used inside ``block`` and by the untraceable root: it holds no
+    tensors, so ``block`` is still one part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(16, 8, 3, padding=1))
+        self.tail = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block[1](self.block(x))
+        return self.tail(y) if y.sum() >= 0 else y
+
+
+def test_layer_without_tensors_called_from_outside_does_not_split_its_module() -> None:
+    cap = shrink.capture(SharedActivation(), torch.randn(1, 3, 8, 8))
+    assert cap.parts is not None
+    assert cap.parts.captured == ("block", "tail")
+    res = prune_checked(SharedActivation(), torch.randn(2, 3, 8, 8))
+    assert res.model.block[0].out_channels == 8
+
+
 class Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

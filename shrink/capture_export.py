@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,13 +68,34 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     modules with a rule; without that when export refuses it (they are then inlined)."""
     units = _units(model, leaf_types)
     preserve = tuple(f for f, m in units.items() if _multi_arg(m))
+    forward = model.forward
+
+    def tensors_only(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(_tensor_leaves(forward(*args, **kwargs)))
+
+    # outputs export cannot flatten (a transformers DynamicCache) are left out: the analysis
+    # pins every output tensor anyway, and only tensors can be checked
+    model.forward = tensors_only  # type: ignore[method-assign]
     try:
-        return torch.export.export(model, inputs, strict=False,
-                                   preserve_module_call_signature=preserve)
-    except Exception:
-        if not preserve:
-            raise
-    return torch.export.export(model, inputs, strict=False)
+        try:
+            return torch.export.export(model, inputs, strict=False,
+                                       preserve_module_call_signature=preserve)
+        except Exception:
+            if not preserve:
+                raise
+        return torch.export.export(model, inputs, strict=False)
+    finally:
+        del model.forward
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensor_leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    return []
 
 
 def trace_export(copied: nn.Module, inputs: tuple[Any, ...],

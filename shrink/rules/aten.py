@@ -154,3 +154,12 @@ def slice_(t: Tracker, call: Call) -> Any:
 @register_function(*_packets("select"))
 def select(t: Tracker, call: Call) -> Any:
     return _along(t, call, int(call.arg(1, "dim")), int(call.arg(2, "index")))
+
+
+@register_function(*_packets("new_full", "new_zeros", "new_ones", "new_empty", "new_tensor",
+                             "new_empty_strided"))
+def new_tensor(t: Tracker, call: Call) -> Any:
+    """``x.new_zeros(size)``: only ``x``'s dtype and device are used, so ``x``'s channels are
+    free; the new tensor has a literal size, so its own channels stay."""
+    return structural.fresh_like(t, call.out, call.name,
+                                 f"{call.name} at {call.where} makes a tensor of literal size")

@@ -21,6 +21,7 @@ included), so nested inputs work; :func:`flat_inputs` gives them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Mapping, Sequence
@@ -70,6 +71,7 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     preserve = tuple(f for f, m in units.items() if _multi_arg(m))
     forward = model.forward
 
+    @functools.wraps(forward)  # export names the inputs after forward's parameters
     def tensors_only(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         return tuple(_tensor_leaves(forward(*args, **kwargs)))
 
@@ -163,6 +165,8 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
         else:
             env[n] = g.placeholder(n.name)
         env[n].meta = dict(n.meta)
+        if n in frozen and n.users:  # where forward uses it, for the reasons that name it
+            env[n].meta["stack_trace"] = next(iter(n.users)).meta.get("stack_trace")
 
     # runs of nodes that one call of a unit module recorded
     runs: list[tuple[tuple[str, str] | None, list[fx.Node]]] = []

@@ -215,8 +215,9 @@ class GroupNormRule(ModuleRule):
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             x, k = args[0], kept.to(args[0].device)
-            w = None if mod.weight is None else mod.weight.index_select(0, k)
-            b = None if mod.bias is None else mod.bias.index_select(0, k)
+            weight, bias = mod.weight, mod.bias
+            w = weight.index_select(0, k) if isinstance(weight, torch.Tensor) else None
+            b = bias.index_select(0, k) if isinstance(bias, torch.Tensor) else None
             y = F.group_norm(x.index_select(1, k), 1, w, b, mod.eps)  # type: ignore[arg-type]
             return torch.zeros_like(out).index_copy(1, k, y)
 

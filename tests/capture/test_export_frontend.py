@@ -166,3 +166,27 @@ def test_export_capture_does_not_touch_the_model() -> None:
     assert model.forward == forward and "forward" not in vars(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class SplitByAttribute(nn.Module):
+    """Ultralytics' C2f/C2PSA: ``split((self.c, self.c), 1)`` with the hidden width as an int
+    attribute. Pieces shrink together and ``c`` is rewritten to the kept count."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.c = c
+        self.cv1 = nn.Conv2d(3, 2 * c, 1)
+        self.m = nn.Conv2d(c, c, 3, padding=1)
+        self.cv2 = nn.Conv2d(2 * c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        return self.cv2(torch.cat((a, self.m(b)), 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_split_sizes_held_in_an_attribute_follow_pruning(frontend: str) -> None:
+    model, x = SplitByAttribute().eval(), torch.randn(1, 3, 8, 8)
+    res = prune_checked(model, x, 0.5, capture=frontend)
+    assert res.model.c == 4 and res.model.cv1.out_channels == 8
+    assert res.model.cv2.in_channels == 8 and model.c == 8

@@ -11,10 +11,10 @@ from torch import nn
 
 from shrink.allocate import solve_target
 from shrink.analysis import Analysis, analyze
-from shrink.capture import capture, normalize_inputs
+from shrink.capture import Captured, capture, normalize_inputs
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
-from shrink.errors import ConfigError
+from shrink.errors import CaptureError, ConfigError
 from shrink.plan import Plan
 from shrink.progress import stage
 from shrink.report import Report
@@ -69,11 +69,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
-    with stage("capture"):
-        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
-    with stage("analyze"):
-        analysis = analyze(captured, ignore=config.ignore, source=model,
-                           grouped_convs=config.grouped_convs, exact_only=config.exact_only)
+    captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
     policy = config.policy
@@ -95,6 +91,31 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
                 f"partial capture: {captured.parts.describe()}", *report.diagnostics))
         log.info("shrink: %s", report)
     return Result(pruned, plan, analysis, report)
+
+
+def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,
+                         frontend: str) -> tuple[Captured, Analysis]:
+    """Capture and analyze. With ``capture="auto"``, a model that fx traces but whose fx graph
+    cannot run (torchvision's swin3d mutates a list fx made immutable) is captured again with
+    torch.export; the fx error is raised when export cannot run it either."""
+    with stage("capture"):
+        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True,
+                           frontend=frontend)
+    used = getattr(captured.graph_module, "_shrink_frontend", "fx")
+    try:
+        with stage("analyze"):
+            return captured, analyze(captured, ignore=config.ignore, source=model,
+                                     grouped_convs=config.grouped_convs,
+                                     exact_only=config.exact_only)
+    except CaptureError as fx_error:
+        if frontend != "auto" or used != "fx":
+            raise
+        log.info("shrink: the fx graph of %s failed (%s); retrying with torch.export",
+                 type(model).__name__, str(fx_error).splitlines()[0])
+        try:
+            return _capture_and_analyze(model, inputs, config, "export")
+        except CaptureError:
+            raise fx_error from None
 
 
 def compress(
@@ -122,7 +143,7 @@ def compress(
             ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
             ``min_ratio``, ``exact_only``, ``grouped_convs``, ``verify`` (default True),
-            ``rtol``, ``leaf_types``.
+            ``rtol``, ``leaf_types``, ``capture`` (``"auto"``, ``"fx"`` or ``"export"``).
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``. It remembers the

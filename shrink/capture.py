@@ -97,20 +97,21 @@ def capture(
         on_meta: trace a weightless copy on the meta device (analysis then needs no compute);
             analysis falls back to a real copy when an op cannot run on meta.
         frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, non-strict) or
-            ``"auto"`` (default): fx, then export when fx cannot trace the model. fx comes first
-            because it records sizes computed from shapes (``x.size(1) // 2``) as computations
-            that follow pruning, where export records literals.
+            ``"auto"`` (default): fx, then export when fx cannot trace the model, then the
+            model in parts. fx comes first because it records sizes computed from shapes
+            (``x.size(1) // 2``) as computations that follow pruning, where export records
+            literals.
 
     Returns:
         The traced copy and the normalised inputs.
 
-    When neither front-end captures the whole model (``"auto"``, or fx with ``"fx"``), the
-    largest submodules fx can trace are captured instead, each call as its own graph with pinned
-    inputs and outputs (:mod:`shrink.capture_parts`).
+    With ``"auto"``, when neither front-end captures the whole model, the largest submodules
+    that trace are captured instead, each call as its own graph with pinned inputs and outputs
+    (:mod:`shrink.capture_parts`).
 
     Raises:
-        CaptureError: when no front-end can capture the model, nor (except with
-            ``frontend="export"``) any part of it.
+        CaptureError: when no front-end can capture the model (with ``"auto"``: nor any part
+            of it).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
@@ -121,7 +122,7 @@ def capture(
     try:
         trace, gm0, on_meta = _whole(model, inputs, leaf_types, on_meta, frontend)
     except CaptureError as whole:
-        if frontend == "export":
+        if frontend != "auto":  # a forced front-end is what the user asked for
             raise
         copied = (meta_copy(model) if on_meta else copy.deepcopy(model)).eval()
         parts = capture_parts(model, copied, inputs, whole,

@@ -68,7 +68,8 @@ class PruneConfig:
         rtol: tolerance of that check.
         leaf_types: module types kept opaque during capture.
         capture: the capture front-end: ``"auto"`` (torch.fx, then torch.export when fx cannot
-            trace the model), ``"fx"`` or ``"export"``.
+            trace the model, then the model in parts when neither can), ``"fx"`` or
+            ``"export"``.
 
     Raises:
         ConfigError: an option is out of range or options contradict each other; the message

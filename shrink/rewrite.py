@@ -1,8 +1,9 @@
 """apply / apply_: rebuild every layer a plan touches, physically smaller.
 
-Each layer is rebuilt by its rule through the layer's own constructor (so PyTorch re-validates
-channel counts and groups) with the kept slices of its parameters and buffers, then set on its
-parent. Nothing else of the model changes: other attributes, hooks, mode and dtype stay.
+Each layer is rebuilt by its rule through its torch base class's constructor (so PyTorch
+re-validates channel counts and groups; a subclass keeps its class, see
+:func:`shrink.rules.base.construct`) with the kept slices of its parameters and buffers, then set
+on its parent. Nothing else of the model changes: other attributes, hooks, mode and dtype stay.
 """
 
 from __future__ import annotations
@@ -134,10 +135,12 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
         try:
             new = rule.shrink(old, Keep(keeps.get(Side.IN), keeps.get(Side.OUT),
                                         keeps.get(Side.HEADS)))
-        except (RuntimeError, ValueError, IndexError) as e:
+        except Exception as e:  # a layer's constructor may raise anything; name the layer
             raise RewriteError(
                 f"could not rebuild {fqn!r} ({type(old).__name__}) with "
-                f"{ {s.value: len(k) for s, k in keeps.items()} } channels: {e}"
+                f"{ {s.value: len(k) for s, k in keeps.items()} } channels: "
+                f"{type(e).__name__}: {e}",
+                module=fqn,
             ) from e
         for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             getattr(new, hook_dict).update(getattr(old, hook_dict))

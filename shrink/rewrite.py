@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from shrink.bind import describe_mismatch
+from shrink.bind import describe_gaps, describe_mismatch
 from shrink.errors import PlanError, RewriteError
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
@@ -57,6 +57,10 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
     mismatch = describe_mismatch(model, plan.extents())
     if mismatch:
         raise PlanError(f"plan does not fit the model: {mismatch}")
+    gap = describe_gaps(model, plan)
+    if gap:
+        raise PlanError(f"plan is incomplete: {gap}. It was edited or is corrupt; re-create it "
+                        "with shrink.prune.")
 
 
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:

@@ -50,6 +50,11 @@ class ModuleRule:
         """Length of the IN or OUT axis; None when the module has no such prunable axis."""
         return None
 
+    def recorded_sides(self, m: nn.Module) -> tuple[Side, ...]:
+        """Axes that analysis records whenever it records any axis of ``m``: a plan that lists
+        some of ``m``'s axes but not these lost a member, and :func:`shrink.apply` refuses it."""
+        return tuple(s for s in (Side.IN, Side.OUT) if self.extent(m, s) is not None)
+
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
         """(tensor, dim) pairs whose slice ``i`` along ``dim`` belongs to axis position ``i``."""
         return ()

@@ -309,7 +309,7 @@ def test_compress_shows_each_stage_on_a_terminal(toy: str, tmp_path: Path,
     assert rc == 0
     assert _stage_lines(err.getvalue()) == [
         f"shrink: {name} ... done in"
-        for name in (f"load {toy}:build", "capture", "analyze", "score", "select", "apply",
+        for name in (f"load {toy}:build", "capture", "analyze", "score", "select", "probe", "apply",
                      "verify", "export", "check")]
     assert json.loads(capsys.readouterr().out)["export"]["parity"] is not None  # stdout clean
 

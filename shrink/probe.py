@@ -190,7 +190,7 @@ def pin(groups: Sequence[ChannelGroup], reasons: Mapping[str, str]) -> tuple[Cha
 
 
 def _with(plan: Plan, decisions: Sequence[Decision]) -> Plan:
-    return Plan(model=plan.model, groups=plan.groups, decisions=tuple(decisions))
+    return plan if tuple(decisions) == plan.decisions else plan.with_decisions(decisions)
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import shrink
+from shrink.errors import InvariantError
 from shrink.plan import Plan
 from shrink.probe import ShapeProbe
 from shrink.select import Uniform, select
@@ -238,3 +239,14 @@ def test_layer_that_cannot_be_rebuilt_pins_its_groups_with_its_name() -> None:
         assert "'2' (ExtraParamConv)" in reason
         assert "gain" in reason
     assert kept(res, "4:out") < res.analysis.group("4:out").size  # the rest still prunes
+
+
+def test_verify_calls_layers_that_do_not_fit_an_invariant_error_not_a_numeric_one() -> None:
+    model, x = HeadsFromLastDim().eval(), torch.randn(2, 5, 8)
+    analysis = shrink.analyze(shrink.capture(model, (x,)))
+    scores = shrink.score(analysis.groups, model, shrink.PruneConfig(0.5).criterion)
+    plan = select(analysis.groups, scores, Uniform(0.5), analysis.model)  # by hand: not probed
+    pruned = shrink.apply(model, plan)
+    with pytest.raises(InvariantError, match="ShapeProbe") as info:
+        shrink.verify(model, pruned, plan, (x,))
+    assert not isinstance(info.value, shrink.VerificationError)

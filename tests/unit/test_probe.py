@@ -120,6 +120,21 @@ class ChunkByShape(_Bystander):
         return torch.stack(parts[:2]), self.a2(u), self.side(x)
 
 
+@torch.fx.wrap
+def _data_dependent(x: torch.Tensor) -> torch.Tensor:
+    return x * float(x.abs().max().item() > 0)  # .item() has no meta kernel
+
+
+class ViewFromShapeNotOnMeta(ViewFromShape):
+    """:class:`ViewFromShape` with a step that cannot run on the meta device."""
+
+    def forward(self, x: torch.Tensor) -> Any:
+        u = self.a(x)
+        b, c, _h, _w = u.shape
+        y = self.b(x).view(b, c // 2, -1)
+        return y, self.a2(u), self.side(x), _data_dependent(x)
+
+
 def _line(cls: type, marker: str) -> int:
     """Line number of the first line of ``cls.forward`` that contains ``marker``."""
     lines, start = inspect.getsourcelines(cls.forward)  # type: ignore[attr-defined]
@@ -250,3 +265,16 @@ def test_verify_calls_layers_that_do_not_fit_an_invariant_error_not_a_numeric_on
     with pytest.raises(InvariantError, match="ShapeProbe") as info:
         shrink.verify(model, pruned, plan, (x,))
     assert not isinstance(info.value, shrink.VerificationError)
+
+
+def test_a_model_that_cannot_run_on_meta_is_probed_on_real_tensors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model, x = ViewFromShapeNotOnMeta(), torch.randn(1, 3, 8, 8)
+    with caplog.at_level("INFO", logger="shrink.probe"):
+        res = prune_checked(model, x, 0.5)
+    assert "probing on real tensors" in caplog.text
+    reason = res.analysis.group("a:out").pinned
+    assert reason is not None
+    assert f"test_probe.py:{_line(ViewFromShapeNotOnMeta, '.view(b, c // 2')}" in reason
+    assert kept(res, "m1:out") < res.analysis.group("m1:out").size

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as tprune
 
 import shrink
 from shrink.errors import InvariantError
@@ -278,3 +279,36 @@ def test_a_model_that_cannot_run_on_meta_is_probed_on_real_tensors(
     assert reason is not None
     assert f"test_probe.py:{_line(ViewFromShapeNotOnMeta, '.view(b, c // 2')}" in reason
     assert kept(res, "m1:out") < res.analysis.group("m1:out").size
+
+
+def test_sensitivity_leaves_out_a_group_that_breaks_a_shape(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model, x = HeadsFromLastDim().eval(), torch.randn(2, 5, 8)
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(m(x)[2].abs().mean())
+
+    table = shrink.sensitivity(model, (x,), evaluate, ratios=(0.5,))
+    measured = {row.group for row in table.rows}
+    assert "emb:out" not in measured
+    assert "m1:out" in measured
+    assert "emb:out" in caplog.text
+    assert "Tensor.reshape" in caplog.text
+
+
+def test_from_masks_keeps_dead_channels_that_forward_reads_as_a_size() -> None:
+    model = ViewFromShape().eval()
+    x = torch.randn(1, 3, 8, 8)
+    dead = torch.arange(16) % 2 == 0  # half the channels of a (the culprit) and of m1
+    for conv in (model.a, model.m1):
+        tprune.custom_from_mask(conv, "weight", (~dead).float().view(16, 1, 1, 1).expand_as(
+            conv.weight))
+        tprune.custom_from_mask(conv, "bias", (~dead).float())
+    res = shrink.from_masks(model, (x,))
+    assert res.analysis.group("a:out").pinned is not None
+    assert res.plan.group("a:out").pinned == res.analysis.group("a:out").pinned
+    assert res.model.a.out_channels == 16
+    assert res.model.m1.out_channels == int((~dead).sum())
+    assert any("a:out" in note and "Tensor.view" in note for note in res.report.diagnostics)

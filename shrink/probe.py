@@ -50,13 +50,11 @@ _SKIP = tuple(os.path.realpath(os.path.dirname(p)) + os.sep for p in (torch.__fi
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a pruned architecture does not fit: ``what`` failed, ``where`` (user source line),
-    ``op`` (the torch call that raised), or ``layer`` (FQN of a layer that could not be rebuilt).
-    """
+    """Why a pruned architecture does not fit: ``what`` failed, ``where`` (the user's source line
+    of an exception), or ``layer`` (FQN of a layer that could not be rebuilt)."""
 
     what: str
     where: str | None = None
-    op: str | None = None
     layer: str | None = None
 
 
@@ -133,25 +131,29 @@ class ShapeProbe:
         rest = list(plan.decisions)
         failure = self.check(_with(plan, rest))
         while failure is not None:
-            if failure.layer is not None:
-                hit = [d for d in rest
-                       if any(m.module == failure.layer for m in plan.group(d.group).members)]
-                if not hit:
-                    raise InvariantError(f"rebuilding {failure.layer!r} failed, but no decided "
-                                         f"group resizes it: {failure.what}")
-                found.update((d.group, failure.what) for d in hit)
-                rest = [d for d in rest if d not in hit]
-            else:
-                lo, hi, at_hi = 0, len(rest), failure  # base + rest[:lo] fits, [:hi] does not
-                while hi - lo > 1:
+            if failure.layer is None:
+                lo, hi, failure = 0, len(rest), failure  # base + rest[:lo] fits, [:hi] does not
+                while hi - lo > 1 and failure.layer is None:
                     mid = (lo + hi) // 2
                     f = self.check(_with(plan, base + rest[:mid]))
                     if f is None:
                         lo = mid
                     else:
-                        hi, at_hi = mid, f
-                found[rest[hi - 1].group] = self._explain(_with(plan, base + rest[:hi]), at_hi)
-                base, rest = base + rest[: hi - 1], rest[hi:]
+                        hi, failure = mid, f
+                if failure.layer is None:
+                    found[rest[hi - 1].group] = self._explain(_with(plan, base + rest[:hi]),
+                                                              failure)
+                    base, rest = base + rest[: hi - 1], rest[hi:]
+            if failure.layer is not None:  # every group that resizes the layer
+                layer = failure.layer
+                hit = {d.group for d in base + rest
+                       if any(m.module == layer for m in plan.group(d.group).members)}
+                if not hit:
+                    raise InvariantError(f"rebuilding {layer!r} failed, but no decided group "
+                                         f"resizes it: {failure.what}")
+                found.update(dict.fromkeys(sorted(hit), failure.what))
+                rest = [d for d in base + rest if d.group not in hit]
+                base = []  # what fitted may not fit without those groups
             failure = self.check(_with(plan, base + rest)) if rest else None
         if found:
             log.info("shape probe: %d run(s) pinned %s", self.runs, sorted(found))
@@ -159,9 +161,7 @@ class ShapeProbe:
 
     def _explain(self, plan: Plan, failure: Failure) -> str:
         """The reason for pinning the last decided group of ``plan``, which ``failure`` broke."""
-        if failure.layer is not None:
-            return failure.what
-        op, where = failure.op, failure.where
+        op, where = None, failure.where
         try:
             pruned = apply(self._base, plan)
             recorder = _Recorder()

@@ -14,7 +14,7 @@ from shrink.analysis import Analysis, Diagnostic, analyze
 from shrink.capture import capture, normalize_inputs
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
-from shrink.errors import ConfigError
+from shrink.errors import CaptureError, ConfigError
 from shrink.plan import Plan
 from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
@@ -73,11 +73,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
-    with stage("capture"):
-        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
-    with stage("analyze"):
-        analysis = analyze(captured, ignore=config.ignore, source=model,
-                           grouped_convs=config.grouped_convs, exact_only=config.exact_only)
+    analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
     plan, analysis = _plan(model, inputs, analysis, scores, config.policy)
@@ -127,6 +123,30 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     return plan, Analysis(analysis.model, groups, (*analysis.diagnostics, *notes))
 
 
+def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,
+                         frontend: str) -> Analysis:
+    """Capture and analyze. With ``capture="auto"``, a model that fx traces but whose fx graph
+    cannot run (torchvision's swin3d mutates a list fx made immutable) is captured again with
+    torch.export; the fx error is raised when export cannot run it either."""
+    with stage("capture"):
+        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True,
+                           frontend=frontend)
+    used = getattr(captured.graph_module, "_shrink_frontend", "fx")
+    try:
+        with stage("analyze"):
+            return analyze(captured, ignore=config.ignore, source=model,
+                           grouped_convs=config.grouped_convs, exact_only=config.exact_only)
+    except CaptureError as fx_error:
+        if frontend != "auto" or used != "fx":
+            raise
+        log.info("shrink: the fx graph of %s failed (%s); retrying with torch.export",
+                 type(model).__name__, str(fx_error).splitlines()[0])
+        try:
+            return _capture_and_analyze(model, inputs, config, "export")
+        except CaptureError:
+            raise fx_error from None
+
+
 def compress(
     model: nn.Module,
     ratio: float | None = None,
@@ -152,7 +172,7 @@ def compress(
             ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
             ``min_ratio``, ``exact_only``, ``grouped_convs``, ``verify`` (default True),
-            ``rtol``, ``leaf_types``.
+            ``rtol``, ``leaf_types``, ``capture`` (``"auto"``, ``"fx"`` or ``"export"``).
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``. It remembers the

@@ -39,7 +39,7 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
             raise VerificationError(
                 f"plan prunes {fqn!r} ({type(mod).__name__}), which has no rule"
             )
-        if renormalize or rule.exact:
+        if renormalize or rule.exact_for(mod):
             rule.mask_(mod, side, dropped)
     return ref
 

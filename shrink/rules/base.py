@@ -43,6 +43,11 @@ class ModuleRule:
     types: ClassVar[tuple[type[nn.Module], ...]] = ()
     exact: ClassVar[bool] = True
 
+    def exact_for(self, m: nn.Module) -> bool:
+        """Whether pruning ``m`` equals masking it (``exact``, unless the layer's
+        configuration says otherwise: a one-group GroupNorm normalises over all channels)."""
+        return self.exact
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         raise NotImplementedError
 

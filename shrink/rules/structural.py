@@ -59,8 +59,10 @@ def fresh_like(t: Tracker, out: Any, label: str, reason: str) -> Any:
 # ---------------------------------------------------------------------- concat / stack
 @register_function(torch.cat, torch.concat, torch.concatenate)
 def cat(t: Tracker, call: Call) -> Any:
-    pieces = [p for p in call.arg(0, "tensors") if isinstance(p, Ids)]
     out_shape = shape_of(call.out)
+    # torch.cat skips empty 1-d tensors (an empty KV cache), whatever the others' rank
+    pieces = [p for p in call.arg(0, "tensors") if isinstance(p, Ids)
+              and not (p.shape == (0,) and len(out_shape) != 1)]
     dim = norm_dim(call.arg(1, "dim", 0), len(out_shape))
     target = [max(p.a.shape[d] for p in pieces) for d in range(len(out_shape))]
     arrays = []
@@ -101,11 +103,18 @@ def _split_like(t: Tracker, call: Call, dim: int, equal_ok: bool, why: str) -> A
     if not x.varies(dim):
         return pieces
     sizes = {int(o.shape[dim]) for o in outs}
-    if equal_ok and len(sizes) == 1:
+    attr = _size_attribute(call, next(iter(sizes))) if len(sizes) == 1 else None
+    if (equal_ok or attr is not None) and len(sizes) == 1:
         # after pruning every piece must keep the same count: tie piece k's i-th channel to
         # piece 0's
         for p in pieces[1:]:
             t.union(pieces[0].a, p.a)
+        if attr is not None:
+            # the piece size is an int attribute of the module splitting (Ultralytics' C2f and
+            # C2PSA: ``split((self.c, self.c), 1)``): it is rewritten to the kept count
+            line = pieces[0].a[tuple(slice(None) if k == dim else 0
+                                     for k in range(pieces[0].a.ndim))]
+            t.member(attr, Side.ATTR, line.ravel())
         return pieces
     reason = f"{call.name} at {call.where} {why}"
     t.pin_if_channel_axis(x.a, dim, reason)
@@ -212,6 +221,25 @@ def _size_attribute(call: Call, value: int) -> str | None:
     return f"{owner_fqn}.{names[0]}" if owner_fqn else names[0]
 
 
+def _line(a: np.ndarray, d: int) -> np.ndarray:
+    return a[tuple(slice(None) if k == d else 0 for k in range(a.ndim))]
+
+
+def _kept_axis_in_export(call: Call, x: Ids, arr: np.ndarray, d: int) -> bool:
+    """In a torch.export graph every size is a literal, even ``C = x.shape[1]``. An output axis
+    that carries exactly the channels of one input axis, in order, is taken to be computed
+    from that axis's size (it follows pruning); a true literal there makes the pruned model
+    compute something else, which the shape probe or the oracle catches."""
+    gm = call.node.graph.owning_module
+    if getattr(gm, "_shrink_frontend", "fx") != "export":
+        return False
+    out_line = _line(arr, d)
+    if len(np.unique(out_line)) != len(out_line):
+        return False
+    return any(x.a.shape[k] == len(out_line) and np.array_equal(_line(x.a, k), out_line)
+               for k in range(x.a.ndim))
+
+
 def reshape_ids(t: Tracker, call: Call, literal_args: list[Any] | None) -> Any:
     x: Ids = call.args[0]
     out_shape = shape_of(call.out)
@@ -223,6 +251,7 @@ def reshape_ids(t: Tracker, call: Call, literal_args: list[Any] | None) -> Any:
         fixed = [
             d for d in varying
             if not isinstance(literal_args[d], fx.Node) and literal_args[d] != -1
+            and not _kept_axis_in_export(call, x, arr, d)
         ]
         free = [d for d in varying if d not in fixed]
         attr = _size_attribute(call, out_shape[fixed[0]]) if len(fixed) == 1 and not free else None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from shrink.errors import VerificationError
+from shrink.errors import InvariantError, VerificationError
 from shrink.plan import Plan, Side
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
@@ -108,7 +108,9 @@ def verify(
         parts: the module FQNs of a model captured in parts.
 
     Raises:
-        VerificationError: when outputs differ in structure or shape, or the error exceeds rtol.
+        VerificationError: when the error exceeds rtol: the numbers differ.
+        InvariantError: when the pruned model fails to run or its outputs differ in structure
+            or shape (its layers do not fit: see :mod:`shrink.probe`).
 
     Example:
         >>> print(shrink.verify(model, pruned, plan, (x,)))
@@ -135,7 +137,9 @@ def verify(
             f" The reference output reaches {scale:.1e}: activations that large (e.g. random "
             "weights with uncalibrated BatchNorm statistics) lose more than rtol to rounding "
             "even in float64; calibrate the model or raise rtol."
-            if scale > 1e6 else " This is a shrink bug: please report it with the model."
+            if scale > 1e6 else " Unless forward uses a tensor's size as a number (`y * "
+            "x.size(1)`, which the analysis cannot follow: pass ignore= for that layer), this "
+            "is a shrink bug: please report it with the model."
         )
         where = f" (captured part {check.worst!r})" if check.worst else ""
         raise VerificationError(
@@ -202,18 +206,21 @@ def _check(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...],
             actual = test(*inputs)
             outs = {p: [test.get_submodule(p)(*a, **k) for a, k, _ in calls[p]] for p in parts}
         except (RuntimeError, IndexError, ValueError) as e:
-            raise VerificationError(
+            raise InvariantError(
                 f"the pruned model fails on the example inputs ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}): its layers do not fit together. "
-                "Either the plan was edited (a member of a group is missing) or this is a "
-                "shrink bug. Re-create the plan with shrink.prune; report it if that fails too."
+                f"{_NOT_PROBED}"
             ) from e
     if not parts:
+        _check_structure(actual, expected)
         return _Check(relative_error(actual, expected), _dtype_name(actual), expected)
+    for p in parts:
+        for out, (_a, _k, ref_out) in zip(outs[p], calls[p], strict=True):
+            _check_structure(out, ref_out)
     errors = {p: max((relative_error(o, c[2]) for o, c in zip(outs[p], calls[p], strict=True)),
                      default=0.0) for p in parts}
     worst = max(errors, key=lambda p: errors[p]) if errors else None
-    try:
+    try:  # after the parts, data-dependent code may keep other boxes: not an error
         whole, why = relative_error(actual, expected), ""
     except VerificationError as e:
         whole, why = None, str(e)
@@ -236,6 +243,26 @@ def _recorder(part: nn.Module, calls: list[tuple[Any, Any, Any]]) -> list[Any]:
 
     return [part.register_forward_pre_hook(pre, with_kwargs=True),
             part.register_forward_hook(post)]
+
+
+_NOT_PROBED = (
+    "shrink.prune runs every plan's architecture on meta first (the shape probe) and pins the "
+    "groups that break a shape, so after shrink.prune this is a shrink bug: please report it "
+    "with the model. A plan made by hand (shrink.select, then shrink.apply) is not probed: "
+    "shrink.probe.ShapeProbe(model, inputs).culprits(plan) names the groups to pin (ignore=)."
+)
+
+
+def _check_structure(actual: Any, expected: Any) -> None:
+    """Outputs of the same structure and shapes, or an InvariantError: that the layers fit is
+    the shape probe's promise, not a numeric difference."""
+    acts, exps = list(_tensors(actual)), list(_tensors(expected))
+    shapes = [tuple(t.shape) for t in acts], [tuple(t.shape) for t in exps]
+    if shapes[0] != shapes[1]:
+        raise InvariantError(
+            f"the pruned model returns outputs of shapes {shapes[0]}, the original "
+            f"{shapes[1]}. {_NOT_PROBED}"
+        )
 
 
 def _dtype_name(value: Any) -> str:

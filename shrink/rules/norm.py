@@ -30,6 +30,7 @@ from shrink.plan import Side
 from shrink.rules.base import (
     Keep,
     ModuleRule,
+    construct,
     copy_param_,
     finish,
     index,
@@ -58,7 +59,8 @@ class BatchNormRule(ModuleRule):
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
         ref = m.weight if m.weight is not None else m.running_mean
-        new = type(m)(
+        new = construct(
+            m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
             len(kout), eps=m.eps, momentum=m.momentum, affine=m.affine,  # type: ignore[arg-type]
             track_running_stats=m.track_running_stats,  # type: ignore[arg-type]
             device=None if ref is None else ref.device,  # type: ignore[union-attr]

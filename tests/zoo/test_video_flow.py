@@ -51,7 +51,7 @@ def _flat(v: object) -> list[torch.Tensor]:
 
 
 def _check(model: torch.nn.Module, x: tuple[torch.Tensor, ...], tmp_path: Path,
-           name: str) -> None:
+           name: str) -> shrink.Result:
     res = shrink.prune(model, x, shrink.PruneConfig(0.5, verify=False))
     with torch.no_grad():
         out, ref = _flat(res.model(*x)), _flat(model(*x))
@@ -66,8 +66,9 @@ def _check(model: torch.nn.Module, x: tuple[torch.Tensor, ...], tmp_path: Path,
         # only acceptable where the dense model does not export either
         with pytest.raises(Exception):  # noqa: B017
             export_onnx(model, x, tmp_path / "dense.onnx", dynamic_batch=False, check=False)
-        return
+        return res
     assert ort_relative_error(path, res.model, x) < 1e-4
+    return res
 
 
 @pytest.mark.slow
@@ -79,7 +80,12 @@ def test_video_model_compresses(name: str, tmp_path: Path) -> None:
     shape = VIDEO[name]
     randomize_(model, seed=4)
     calibrate_bn_(model, lambda: (torch.randn(*shape),), steps=1)
-    _check(model.eval(), (torch.randn(*shape),), tmp_path, name)
+    res = _check(model.eval(), (torch.randn(*shape),), tmp_path, name)
+    if name in ("r3d_18", "mc3_18", "r2plus1d_18"):
+        # their Conv3DSimple / Conv3DNoTemporal / Conv2Plus1D layers have constructors of their
+        # own; the rebuilt layers keep those classes
+        for fqn, m in model.named_modules():
+            assert type(res.model.get_submodule(fqn)) is type(m), fqn
 
 
 @pytest.mark.slow

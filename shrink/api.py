@@ -13,6 +13,7 @@ from torch import nn
 from shrink.allocate import solve_target
 from shrink.analysis import Analysis, Diagnostic, analyze
 from shrink.capture import Captured, capture, normalize_inputs
+from shrink.capture_parts import part_calls
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
 from shrink.errors import CaptureError, ConfigError
@@ -77,7 +78,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    plan, analysis = _plan(model, inputs, analysis, scores, config.policy)
+    plan, analysis = _plan(model, inputs, analysis, scores, config.policy, captured)
     with stage("apply"):
         pruned = apply(model, plan)
     report = None
@@ -93,13 +94,17 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
 
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
-          scores: Mapping[str, torch.Tensor], policy: Policy) -> tuple[Plan, Analysis]:
+          scores: Mapping[str, torch.Tensor], policy: Policy,
+          captured: Captured) -> tuple[Plan, Analysis]:
     """select, then the shape probe: pin the groups whose pruning breaks a shape and select
-    again (the budget goes to the other groups), until the pruned architecture fits.
+    again (the budget goes to the other groups), until the pruned architecture fits. A model
+    captured in parts is probed part by part, on each part's recorded inputs.
 
     Returns the plan and the analysis with the probe's pins (and a diagnostic for each).
     """
-    probe = ShapeProbe(model, inputs)
+    parts = () if captured.parts is None else part_calls(captured.graph_modules,
+                                                          captured.graph_inputs)
+    probe = ShapeProbe(model, inputs, parts)
     groups = analysis.groups
     pinned: dict[str, str] = {}
 

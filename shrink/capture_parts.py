@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,11 +107,16 @@ class FlatCall(nn.Module):
         self._spec, self._leaves, self._slots = spec, leaves, slots
 
     def call(self, *tensors: Any) -> Any:
+        args, kwargs = self.arguments(tensors)
+        return self.part(*args, **kwargs)
+
+    def arguments(self, tensors: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's ``(args, kwargs)`` with ``tensors`` in their places."""
         it = iter(tensors)
         leaves = [next(it) if slot else c for slot, c in zip(self._slots, self._leaves,
                                                                strict=True)]
         args, kwargs = pytree.tree_unflatten(leaves, self._spec)
-        return self.part(*args, **kwargs)
+        return tuple(args), dict(kwargs)
 
 
 def flat_call(part: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -301,8 +306,10 @@ class _Walk:
             flat, tensors = flat_call(module, args, kwargs)
             n = self.rec.count[fqn]
             name = fqn if n == 1 else f"{fqn} (call {k + 1} of {n})"
-            gm = self.trace(flat, tensors, type(module).__name__)
-            gms.append(rebase(gm, fqn, self.root, name, self.graphs))
+            gm = rebase(self.trace(flat, tensors, type(module).__name__), fqn, self.root, name,
+                        self.graphs)
+            object.__setattr__(gm, "_shrink_call", (fqn, flat))
+            gms.append(gm)
             self.graphs += 1
         return gms
 
@@ -371,3 +378,15 @@ def _shared_parameter_pins(root: nn.Module, parts: list[str]) -> tuple[tuple[str
                 others = [o for o in fqns if o != f]
                 pins.append((f, f"{f} shares a parameter with {others}: tied weights stay"))
     return tuple(pins)
+
+
+def part_calls(captured_graphs: Sequence[fx.GraphModule], inputs: Sequence[Sequence[Any]]
+               ) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    """``(part FQN, args, kwargs)`` of the recorded call each part graph was traced from, with
+    the graph's inputs in their places: to run a part of another copy of the model (a pruned
+    one) as the model ran it."""
+    calls = []
+    for gm, xs in zip(captured_graphs, inputs, strict=True):
+        fqn, flat = gm._shrink_call  # type: ignore[misc]
+        calls.append((fqn, *flat.arguments(xs)))
+    return calls

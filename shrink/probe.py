@@ -22,6 +22,7 @@ per step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import linecache
 import logging
@@ -66,11 +67,18 @@ class ShapeProbe:
         >>> probe.culprits(plan)   # {group id: reason} of the groups to pin; {} when it fits
     """
 
-    def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...],
+                 parts: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]] = ()) -> None:
+        """``parts``: for a model captured in parts, ``(part FQN, args, kwargs)`` of each
+        recorded part call (:func:`shrink.capture_parts.part_calls`). The probe then runs those
+        calls instead of the whole model, whose output sizes may depend on the data (the boxes
+        a detector keeps) and whose code outside the parts is never pruned."""
         self._model = model
-        self._real_inputs = example_inputs
+        self._parts = tuple(parts)
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        self._real_inputs = _zeros_like(parts, device) if parts else example_inputs
         self._base: nn.Module = meta_copy(model).eval()
-        self._inputs = to_meta(example_inputs)
+        self._inputs = to_meta(parts if parts else example_inputs)
         self.runs = 0
         self._dense_calls: list[_Call] | None = None
         try:
@@ -94,11 +102,11 @@ class ShapeProbe:
         self._base, self._inputs, self._dense_calls = self._model, self._real_inputs, None
 
     def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None) -> Any:
-        with torch.no_grad():
-            if mode is None:
-                return model.eval()(*self._inputs)
-            with mode:
-                return model.eval()(*self._inputs)
+        with torch.no_grad(), contextlib.nullcontext() if mode is None else mode:
+            if self._parts:
+                return [model.get_submodule(fqn).eval()(*args, **kwargs)
+                        for fqn, args, kwargs in self._inputs]
+            return model.eval()(*self._inputs)
 
     def check(self, plan: Plan) -> Failure | None:
         """Apply ``plan`` to the probe's copy and run it once; None when it fits."""
@@ -189,6 +197,18 @@ class ShapeProbe:
             self._forward(self._base, recorder)
             self._dense_calls = recorder.calls
         return self._dense_calls
+
+
+def _zeros_like(value: Any, device: torch.device) -> Any:
+    """Real zero tensors of the shapes of ``value``'s (meta) tensors, on ``device``: part
+    inputs recorded on meta, for a probe that must run on real tensors (it checks shapes)."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_zeros_like(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _zeros_like(v, device) for k, v in value.items()}
+    return value
 
 
 def pin(groups: Sequence[ChannelGroup], reasons: Mapping[str, str]) -> tuple[ChannelGroup, ...]:

@@ -6,6 +6,8 @@ Each test checks the pruned model against the independent masked oracle of tests
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -323,3 +325,63 @@ def test_constants_the_tracer_folded_pin_their_channels(make: type[nn.Module]) -
     model = res.model if make is Folded else res.model.inner
     assert model.conv.out_channels == 8
     assert any("constant the tracer computed" in (g.pinned or "") for g in res.analysis.pinned)
+
+
+class PartWithShapeSize(nn.Module):
+    """A part whose forward computes a size from a tensor's shape (tests/unit/test_probe.py's
+    ViewFromShape), inside a model that cannot be traced whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.unit.test_probe import ViewFromShape
+
+        self.inner = ViewFromShape()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y, a, s = self.inner(x)
+        if a.sum() > 1e30:  # data-dependent: the model is captured in parts
+            return a
+        return y, a, s
+
+
+def test_shape_probe_runs_the_parts_and_pins_a_shape_derived_size() -> None:
+    res = prune_checked(PartWithShapeSize(), torch.randn(1, 3, 8, 8))
+    reason = res.analysis.group("inner.a:out").pinned
+    assert reason is not None
+    assert "shape probe" in reason
+    assert "Tensor.view" in reason
+    assert res.model.inner.m1.out_channels == 8  # the rest of the part still prunes
+
+
+class Filtered(nn.Module):
+    """A data-dependent number of outputs after the part (a detector's score threshold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _block(3, 16, 8)
+        self.threshold = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if y.sum() > 1e30:
+            return y
+        return y[y > self.threshold]
+
+
+def test_data_dependent_output_sizes_neither_pin_groups_nor_fail_verify() -> None:
+    """The probe runs the parts, not the whole model (whose output size changes with any
+    pruning); verify checks the parts and only reports the whole outputs' mismatch."""
+    model = randomize_(Filtered()).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, round_to=1))
+    with torch.no_grad():
+        assert model(*x).shape != res.model(*x).shape  # what a whole-model probe would see
+    assert not [g for g in res.analysis.pinned if "shape probe" in (g.pinned or "")]
+    assert res.model.body[0].out_channels == 8
+    assert "the whole model's outputs agree too" in str(res.report)
+    # code outside the parts keeps other elements (as NMS may after rounding): reported only
+    res.model.threshold = 0.5
+    report = shrink.verify(model, res.model, res.plan, x, parts=("body",))
+    assert report.max_rel_error is not None
+    assert report.max_rel_error < 1e-5
+    assert "The whole model's outputs differ from the masked original's" in report.diagnostics[0]

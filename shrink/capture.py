@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from shrink.capture_parts import PartsSummary, capture_parts
 from shrink.errors import CaptureError
@@ -199,8 +200,9 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], leaf_types: Sequence[type
         trace: Trace = lambda c: trace_export(c, meta_inputs, leaf_types, name)  # noqa: E731
         try:
             return trace, trace(meta_copy(model).eval()), True
-        except CaptureError:
-            pass
+        except CaptureError as e:
+            if isinstance(e.__cause__, GuardOnDataDependentSymNode):
+                raise  # control flow on data: real inputs are traced as fake ones, and fail too
     trace = lambda c: trace_export(c, inputs, leaf_types, name)  # noqa: E731
     return trace, trace(copy.deepcopy(model).eval()), False
 

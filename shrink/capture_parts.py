@@ -23,6 +23,14 @@ called, when a call passes anything but tensors, ``None`` and Python scalars (ne
 lists and dicts; scalars are baked into that call's graph, as tracing the whole model would), when
 a layer inside it is also called from outside it (that other caller would read pruned channels),
 or when tracing fails. A layer whose parameters are shared with another layer is pinned.
+
+**Checks.** The shape probe and :func:`shrink.verify` run the recorded part calls (each part of
+the pruned model on the masked original's inputs), not only the whole model, whose outputs
+may depend on data (how many boxes survive NMS).
+
+**Limits.** Calls are seen through module hooks: code outside every part that reads a layer's
+parameters directly (``F.conv2d(x, self.head.conv.weight)``) is not seen, and only the whole
+model's comparison in :func:`shrink.verify` would notice. Only the eval-mode graph is captured.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""torchvision detectors: captured in parts (their post-processing defeats tracing), pruned inside.
+"""torchvision detectors: captured in parts (their post-processing defeats torch.fx and
+torch.export), pruned inside the parts.
 
 Marked ``slow``: run with ``python -m pytest -m slow tests/zoo/test_detection.py``. Each detector
 (random weights, one 3x256x256 image, ``min_size=max_size=256``) compresses at ratio 0.5 with

@@ -155,10 +155,15 @@ def put_back(yolo: Any, module: nn.Module) -> Any:
     return yolo
 
 
-def predict(yolo: Any, imgsz: int = 320, seed: int = 0) -> Any:
-    """``yolo.predict`` on a random uint8 HWC image on CPU (no files written, no plotting)."""
+def predict(yolo: Any, imgsz: int = 320, seed: int = 0, conf: float = 0.0) -> Any:
+    """``yolo.predict`` on a random uint8 HWC image on CPU (no files written, no plotting).
+
+    ``conf=0``: random weights score every box low, and with the default 0.25 nothing would
+    reach the mask/keypoint post-processing; at 0 the top ``max_det`` boxes all do.
+    """
     img = np.random.default_rng(seed).integers(0, 256, (imgsz, imgsz, 3), dtype=np.uint8)
-    (result,) = yolo.predict(img, imgsz=imgsz, device="cpu", save=False, verbose=False)
+    (result,) = yolo.predict(img, imgsz=imgsz, device="cpu", save=False, verbose=False,
+                             conf=conf)
     return result
 
 

@@ -69,7 +69,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     """
     inputs = normalize_inputs(example_inputs)
     with stage("capture"):
-        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True)
+        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True,
+                           frontend=config.capture)
     with stage("analyze"):
         analysis = analyze(captured, ignore=config.ignore, source=model,
                            grouped_convs=config.grouped_convs, exact_only=config.exact_only)
@@ -117,7 +118,7 @@ def compress(
             ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
             ``min_ratio``, ``exact_only``, ``grouped_convs``, ``verify`` (default True),
-            ``rtol``, ``leaf_types``.
+            ``rtol``, ``leaf_types``, ``capture`` (``"auto"``, ``"fx"`` or ``"export"``).
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``. It remembers the

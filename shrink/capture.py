@@ -14,7 +14,7 @@ import copy
 import itertools
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +79,9 @@ def capture(
     *,
     leaf_types: Sequence[type[nn.Module]] = (),
     on_meta: bool = False,
+    frontend: str = "auto",
 ) -> Captured:
-    """Trace a deep copy of ``model`` (in eval mode) with torch.fx.
+    """Trace a deep copy of ``model`` (in eval mode) with torch.fx or torch.export.
 
     Args:
         model: the model; it is not modified.
@@ -88,29 +89,55 @@ def capture(
         leaf_types: extra module types to keep opaque (their channels are pinned).
         on_meta: trace a weightless copy on the meta device (analysis then needs no compute);
             analysis falls back to a real copy when an op cannot run on meta.
+        frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, non-strict) or
+            ``"auto"`` (default): fx, then export when fx cannot trace the model. fx comes first
+            because it records sizes computed from shapes (``x.size(1) // 2``) as computations
+            that follow pruning, where export records literals.
 
     Returns:
         The traced copy and the normalised inputs.
 
     Raises:
-        CaptureError: when fx cannot trace the model.
+        CaptureError: when no front-end can capture the model.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise CaptureError(f"capture={frontend!r} is not a front-end; use one of {FRONTENDS}")
     _refuse_prune_masks(model)
     inputs = normalize_inputs(example_inputs)
-    clone = meta_copy if on_meta else copy.deepcopy
-    copied = clone(model).eval()
-    gms = [_trace(copied, leaf_types, type(model).__name__)]
-    used = {str(n.target) for n in gms[0].graph.nodes if n.op == "call_module"}
+    name = type(model).__name__
+    fx_trace = _fx_tracer(leaf_types, name)
+
+    def fx_copy() -> fx.GraphModule:
+        return fx_trace((meta_copy(model) if on_meta else copy.deepcopy(model)).eval())
+
+    if frontend == "fx":
+        trace, gm0 = fx_trace, fx_copy()
+    elif frontend == "export":
+        trace, gm0, on_meta = _export(model, inputs, leaf_types, on_meta)
+    else:
+        try:
+            trace, gm0 = fx_trace, fx_copy()
+        except CaptureError as fx_error:
+            try:
+                trace, gm0, on_meta = _export(model, inputs, leaf_types, on_meta)
+            except CaptureError as export_error:
+                raise CaptureError(f"{fx_error}\n{export_error}") from export_error
+            log.info("shrink: torch.fx could not trace %s; captured it with torch.export", name)
+    gms = [gm0]
+    used = {str(n.target) for n in gm0.graph.nodes if n.op == "call_module"}
+    used |= {str(n.target).rpartition(".")[0] for n in gm0.graph.nodes if n.op == "get_attr"}
     unused = [
-        f for f, m in copied.named_modules()
-        if f and f not in used and rule_for(m) is not None and any(True for _ in m.parameters())
+        f for f, m in gm0._shrink_source.named_modules()  # type: ignore[union-attr]
+        if f and f not in used and rule_for(m) is not None
+        and any(True for _ in m.parameters(recurse=False))
+        and not any(u and f.startswith(u + ".") for u in used)
     ]
     if unused:
-        train_copy = clone(model).train()
+        train_copy = (meta_copy(model) if on_meta else copy.deepcopy(model)).train()
         try:
-            gms.append(_trace(train_copy, leaf_types, type(model).__name__))
+            gms.append(trace(train_copy))
         except CaptureError as e:
             log.warning(
                 "shrink: layers %s run only in training and the training-mode graph could not "
@@ -118,6 +145,35 @@ def capture(
                 unused[:5], str(e).splitlines()[0],
             )
     return Captured(tuple(gms), inputs, fingerprint(model), on_meta)
+
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+Trace = Callable[[nn.Module], fx.GraphModule]
+
+
+def _fx_tracer(leaf_types: Sequence[type[nn.Module]], name: str) -> Trace:
+    return lambda copied: _trace(copied, leaf_types, name)
+
+
+def _export(model: nn.Module, inputs: tuple[Any, ...], leaf_types: Sequence[type[nn.Module]],
+            on_meta: bool) -> tuple[Trace, fx.GraphModule, bool]:
+    """Export the model, on the meta device when it exports there; a model that mixes devices
+    in forward (``torch.tensor(...)`` next to meta weights) is exported from a real copy.
+    Returns the tracer (for a train-mode copy), the graph and whether it runs on meta."""
+    from shrink.capture_export import trace_export
+
+    name = type(model).__name__
+    if on_meta:
+        meta_inputs = to_meta(inputs)
+        trace: Trace = lambda c: trace_export(c, meta_inputs, leaf_types, name)  # noqa: E731
+        try:
+            return trace, trace(meta_copy(model).eval()), True
+        except CaptureError:
+            pass
+    trace = lambda c: trace_export(c, inputs, leaf_types, name)  # noqa: E731
+    return trace, trace(copy.deepcopy(model).eval()), False
 
 
 def _refuse_prune_masks(model: nn.Module) -> None:
@@ -191,6 +247,8 @@ def source_location(node: fx.Node) -> str:
 def describe(node: fx.Node) -> str:
     """Human-readable op name of a node, e.g. ``'cat_1' (torch.cat)``."""
     target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{node.name!r} ({str(target).rsplit('.', 1)[0]})"
     if node.op == "call_method":
         what = f"Tensor.{target}"
     elif node.op == "call_function":

@@ -67,6 +67,8 @@ class PruneConfig:
         verify: check the result against the masked oracle (raises on mismatch).
         rtol: tolerance of that check.
         leaf_types: module types kept opaque during capture.
+        capture: the capture front-end: ``"auto"`` (torch.fx, then torch.export when fx cannot
+            trace the model), ``"fx"`` or ``"export"``.
 
     Raises:
         ConfigError: an option is out of range or options contradict each other; the message
@@ -98,6 +100,7 @@ class PruneConfig:
     verify: bool = True
     rtol: float = 1e-5
     leaf_types: Any = ()
+    capture: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalising inputs of a frozen dataclass
@@ -120,6 +123,10 @@ class PruneConfig:
         if self.grouped_convs not in ("groups", "channels"):
             raise ConfigError(
                 f"grouped_convs must be 'groups' or 'channels', got {self.grouped_convs!r}"
+            )
+        if self.capture not in ("auto", "fx", "export"):
+            raise ConfigError(
+                f"capture must be 'auto', 'fx' or 'export', got {self.capture!r}"
             )
         if not self.rtol > 0:
             raise ConfigError(f"rtol must be > 0, got {self.rtol}")

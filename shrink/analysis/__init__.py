@@ -102,7 +102,9 @@ def analyze(
                 f"an op of the model cannot run on the meta device ({e.__cause__}); capture "
                 "with on_meta=False or pass source= to analyze"
             ) from e
-        captured = capture(source, captured.example_inputs, leaf_types=_leaf_types(captured))
+        frontend = getattr(captured.graph_module, "_shrink_frontend", "fx")
+        captured = capture(source, captured.example_inputs, leaf_types=_leaf_types(captured),
+                           frontend=frontend)
         t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only)
         propagate(captured, t)
     t.resolve_deferred()

@@ -74,6 +74,10 @@ class Propagator(fx.Interpreter):
                 return out
             if out.numel() == 1:
                 return Ids(torch.full((1,) * out.ndim, -1).numpy(), tuple(out.shape))
+            if str(n.target).startswith("_shrink_constant_"):
+                return t.fresh_pinned(tuple(out.shape), n.name,
+                                      f"constant {n.name!r} created in forward at "
+                                      f"{source_location(n)}")
             reason = (
                 f"tensor {n.target!r} is used directly in forward at {source_location(n)}, "
                 "not through a layer with a rule"
@@ -151,6 +155,10 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
             if k:  # a train-mode graph: its structure is what matters; run its layers in eval
                 gm.eval()
             inputs = captured.example_inputs
+            if getattr(gm, "_shrink_frontend", "fx") == "export":
+                from shrink.capture_export import flat_inputs
+
+                inputs = tuple(flat_inputs(inputs))
             if captured.on_meta:
                 inputs = to_meta(inputs)
             prop = Propagator(gm, tracker)

@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep channels a LayerNorm normalises (transformer residual streams): "
                    "the result then equals the masked original exactly; by default they are "
                    "pruned too and the report gives the measured deviation")
+    c.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="capture front-end: torch.fx, torch.export, or fx then export (auto)")
     c.add_argument("--grouped-convs", choices=("channels", "groups"), default="channels",
                    help="grouped convs lose channels inside every conv group (default) or whole "
                    "conv groups")
@@ -177,7 +179,8 @@ def _compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     inputs = _inputs(model, args.input_shape)
     options: dict[str, Any] = {"norm": args.norm, "scope": args.scope,
-                               "exact_only": args.exact_only, "grouped_convs": args.grouped_convs}
+                               "exact_only": args.exact_only, "grouped_convs": args.grouped_convs,
+                               "capture": args.capture}
     if args.round_to is not None:
         options["round_to"] = args.round_to
     res = shrink.prune(model, inputs, shrink.PruneConfig(args.ratio, **options))

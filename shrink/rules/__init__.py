@@ -6,6 +6,7 @@ always sees them all.
 """
 
 from shrink.rules import (
+    aten,
     attention,
     axes,
     conv,
@@ -27,7 +28,7 @@ from shrink.rules.registry import (
     supported_ops,
 )
 
-FAMILIES = (attention, axes, conv, heads, layers, linear, norm, pointwise, structural, swin)
+FAMILIES = (aten, attention, axes, conv, heads, layers, linear, norm, pointwise, structural, swin)
 """The registered rule families (imported for their registrations)."""
 
 __all__ = [

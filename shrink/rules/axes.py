@@ -56,8 +56,20 @@ register_function(F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nea
 
 @register_function(F.pad, "pad")
 def pad(t: Tracker, call: Call) -> Any:
-    padding = call.arg(1, "pad")
-    return _spatial(t, call, len(padding) // 2)
+    padding = list(call.arg(1, "pad"))
+    x = call.args[0]
+    if not isinstance(x, Ids):
+        return pin_all(t, call, "pads a value shrink cannot follow")
+    # pairs run from the last axis backwards; an axis padded by (0, 0) is untouched (Swin pads
+    # (B, H, W, C) with (0, 0, 0, pad_w, 0, pad_h): its channel axis passes through)
+    touched = [x.ndim - 1 - k for k in range(len(padding) // 2)
+               if padding[2 * k] or padding[2 * k + 1]]
+    a = x.a
+    for d in touched:
+        if a.shape[d] > 1:
+            t.pin(a, f"{call.name} at {call.where} mixes positions whose channels differ")
+            a = a.take([0], axis=d)
+    return Ids(a, shape_of(call.out))
 
 
 _SPATIAL_MODULES: dict[type[nn.Module], int | None] = {

@@ -84,6 +84,9 @@ def function_rule(target: Any) -> FunctionRule | None:
         rule = _FUNCTION_RULES.get(target)
     except TypeError:  # unhashable target
         return None
+    packet = getattr(target, "overloadpacket", None)  # an ATen overload: aten.view.default
+    if rule is None and packet is not None:
+        rule = _FUNCTION_RULES.get(packet)
     if rule is None and callable(target):
         name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
         rule = _FUNCTION_RULES.get(name)

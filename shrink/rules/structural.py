@@ -59,8 +59,10 @@ def fresh_like(t: Tracker, out: Any, label: str, reason: str) -> Any:
 # ---------------------------------------------------------------------- concat / stack
 @register_function(torch.cat, torch.concat, torch.concatenate)
 def cat(t: Tracker, call: Call) -> Any:
-    pieces = [p for p in call.arg(0, "tensors") if isinstance(p, Ids)]
     out_shape = shape_of(call.out)
+    # torch.cat skips empty 1-d tensors (an empty KV cache), whatever the others' rank
+    pieces = [p for p in call.arg(0, "tensors") if isinstance(p, Ids)
+              and not (p.shape == (0,) and len(out_shape) != 1)]
     dim = norm_dim(call.arg(1, "dim", 0), len(out_shape))
     target = [max(p.a.shape[d] for p in pieces) for d in range(len(out_shape))]
     arrays = []
@@ -212,6 +214,25 @@ def _size_attribute(call: Call, value: int) -> str | None:
     return f"{owner_fqn}.{names[0]}" if owner_fqn else names[0]
 
 
+def _line(a: np.ndarray, d: int) -> np.ndarray:
+    return a[tuple(slice(None) if k == d else 0 for k in range(a.ndim))]
+
+
+def _kept_axis_in_export(call: Call, x: Ids, arr: np.ndarray, d: int) -> bool:
+    """In a torch.export graph every size is a literal, even ``C = x.shape[1]``. An output axis
+    that carries exactly the channels of one input axis, in order, is taken to be computed
+    from that axis's size (it follows pruning); a true literal there makes the pruned model
+    compute something else, which the shape probe or the oracle catches."""
+    gm = call.node.graph.owning_module
+    if getattr(gm, "_shrink_frontend", "fx") != "export":
+        return False
+    out_line = _line(arr, d)
+    if len(np.unique(out_line)) != len(out_line):
+        return False
+    return any(x.a.shape[k] == len(out_line) and np.array_equal(_line(x.a, k), out_line)
+               for k in range(x.a.ndim))
+
+
 def reshape_ids(t: Tracker, call: Call, literal_args: list[Any] | None) -> Any:
     x: Ids = call.args[0]
     out_shape = shape_of(call.out)
@@ -223,6 +244,7 @@ def reshape_ids(t: Tracker, call: Call, literal_args: list[Any] | None) -> Any:
         fixed = [
             d for d in varying
             if not isinstance(literal_args[d], fx.Node) and literal_args[d] != -1
+            and not _kept_axis_in_export(call, x, arr, d)
         ]
         free = [d for d in varying if d not in fixed]
         attr = _size_attribute(call, out_shape[fixed[0]]) if len(fixed) == 1 and not free else None

@@ -27,8 +27,10 @@ ultralytics 8.4.190):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +55,9 @@ def offline() -> None:
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")  # never pip-install a missing requirement
     os.environ.setdefault("YOLO_VERBOSE", "0")
     if "YOLO_CONFIG_DIR" not in os.environ:  # settings.json is written at import
-        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="shrink-yolo-settings-")
+        settings = tempfile.mkdtemp(prefix="shrink-yolo-settings-")
+        atexit.register(shutil.rmtree, settings, ignore_errors=True)
+        os.environ["YOLO_CONFIG_DIR"] = settings
 
 
 def build(name: str, *, imgsz: int = 320, calibrate: bool = True, seed: int = 0) -> Any:

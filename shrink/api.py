@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from shrink.allocate import solve_target
-from shrink.analysis import Analysis, analyze
+from shrink.analysis import Analysis, Diagnostic, analyze
 from shrink.capture import capture, normalize_inputs
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
-from shrink.errors import ConfigError
+from shrink.errors import CaptureError, ConfigError
 from shrink.plan import Plan
+from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
 from shrink.report import Report
 from shrink.rewrite import apply
 from shrink.rules import rule_for
-from shrink.select import Target, select
+from shrink.select import Global, Policy, Target, Uniform, select
 from shrink.verify import verify as verify_
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,11 @@ def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
 
 
 def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
-    """capture → analyze → score → select → apply → verify, returning every artefact.
+    """capture → analyze → score → select → probe → apply → verify, returning every artefact.
 
+    The shape probe (:mod:`shrink.probe`) runs the pruned architecture on the meta device
+    before anything real is built; groups whose pruning breaks a shape (a size computed in
+    forward from a tensor's shape) are pinned with the reason, and the plan is made again.
     The caller's model is never modified.
 
     Example:
@@ -68,21 +73,10 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
-    with stage("capture"):
-        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True,
-                           frontend=config.capture)
-    with stage("analyze"):
-        analysis = analyze(captured, ignore=config.ignore, source=model,
-                           grouped_convs=config.grouped_convs, exact_only=config.exact_only)
+    analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    policy = config.policy
-    if isinstance(policy, Target):
-        with stage("solve target"):
-            policy = solve_target(model, inputs, analysis.groups, scores, policy,
-                                  analysis.model).policy
-    with stage("select"):
-        plan = select(analysis.groups, scores, policy, analysis.model)
+    plan, analysis = _plan(model, inputs, analysis, scores, config.policy)
     with stage("apply"):
         pruned = apply(model, plan)
     report = None
@@ -91,6 +85,66 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
             report = verify_(model, pruned, plan, inputs, rtol=config.rtol)
         log.info("shrink: %s", report)
     return Result(pruned, plan, analysis, report)
+
+
+def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
+          scores: Mapping[str, torch.Tensor], policy: Policy) -> tuple[Plan, Analysis]:
+    """select, then the shape probe: pin the groups whose pruning breaks a shape and select
+    again (the budget goes to the other groups), until the pruned architecture fits.
+
+    Returns the plan and the analysis with the probe's pins (and a diagnostic for each).
+    """
+    probe = ShapeProbe(model, inputs)
+    groups = analysis.groups
+    pinned: dict[str, str] = {}
+
+    def concrete() -> Uniform | Global:  # a Target is solved over the current groups
+        if isinstance(policy, Target):
+            return solve_target(model, inputs, groups, scores, policy, analysis.model).policy
+        return policy
+
+    chosen = policy
+    if isinstance(policy, Target):
+        with stage("solve target"):
+            # solving measures the MACs of many trial plans: vet every group first
+            pinned.update(probe.culprits(select(groups, scores, Uniform(0.5), analysis.model)))
+            groups = pin(groups, pinned)
+            chosen = concrete()
+    with stage("select"):
+        plan = select(groups, scores, chosen, analysis.model)
+    with stage("probe"):
+        while found := probe.culprits(plan):
+            pinned.update(found)
+            groups = pin(groups, found)
+            plan = select(groups, scores, concrete(), analysis.model)
+    if not pinned:
+        return plan, analysis
+    notes = tuple(Diagnostic("pinned", f"{gid}: {why}") for gid, why in pinned.items())
+    return plan, Analysis(analysis.model, groups, (*analysis.diagnostics, *notes))
+
+
+def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,
+                         frontend: str) -> Analysis:
+    """Capture and analyze. With ``capture="auto"``, a model that fx traces but whose fx graph
+    cannot run (torchvision's swin3d mutates a list fx made immutable) is captured again with
+    torch.export; the fx error is raised when export cannot run it either."""
+    with stage("capture"):
+        captured = capture(model, inputs, leaf_types=config.leaf_types, on_meta=True,
+                           frontend=frontend)
+    used = getattr(captured.graph_module, "_shrink_frontend", "fx")
+    try:
+        with stage("analyze"):
+            return analyze(captured, ignore=config.ignore, source=model,
+                           grouped_convs=config.grouped_convs, exact_only=config.exact_only)
+    except CaptureError as fx_error:
+        if frontend != "auto" or used != "fx":
+            raise
+        log.info("shrink: the fx graph of %s failed (%s); retrying with torch.export",
+                 type(model).__name__, str(fx_error).splitlines()[0])
+        try:
+            return _capture_and_analyze(model, inputs, config, "export")
+        except CaptureError:
+            raise fx_error from None
 
 
 def compress(

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from shrink.plan import Side
+from shrink.plan import Plan, Side
 from shrink.rules import rule_for
 
 
@@ -62,4 +62,36 @@ def describe_mismatch(plan_model: nn.Module, extents: Mapping[tuple[str, Side], 
                 f"the plan expects {fqn!r} ({type(mod).__name__}) to have {extent} "
                 f"{side.value}put channels, the model has {actual}"
             )
+    return None
+
+
+def describe_gaps(model: nn.Module, plan: Plan) -> str | None:
+    """First layer axis that the plan covers only in part, as a sentence; None when none.
+
+    Analysis puts every position of every axis it records into exactly one group, and records
+    the axes a layer's rule lists in ``ModuleRule.recorded_sides`` together. A plan with a
+    partly covered axis, or with some of a layer's axes but not all of those, lost a member (or
+    part of one): applying it would shrink one side of a connection and not the other.
+    """
+    covered: dict[tuple[str, Side], int] = {}
+    extents: dict[tuple[str, Side], int] = {}
+    for g in plan.groups:
+        for m in g.members:
+            key = (m.module, m.side)
+            covered[key] = covered.get(key, 0) + len(m.index_map.index)
+            extents[key] = m.extent
+    for (fqn, side), n in covered.items():
+        if n != extents[(fqn, side)]:
+            return (f"its groups cover {n} of the {extents[(fqn, side)]} positions of "
+                    f"{fqn!r} ({side.value} axis): a group lost part of a member")
+    modules = dict(model.named_modules())
+    for fqn in dict.fromkeys(f for f, s in covered if s.tensor_axis is None and s is not Side.ATTR):
+        mod = modules.get(fqn)
+        rule = None if mod is None else rule_for(mod)
+        if mod is None or rule is None:
+            continue  # describe_mismatch names it
+        missing = [s.value for s in rule.recorded_sides(mod) if (fqn, s) not in covered]
+        if missing:
+            return (f"no group has {fqn!r} ({type(mod).__name__}) {missing[0]} channels, though "
+                    "the plan has its other axes: a group lost a member")
     return None

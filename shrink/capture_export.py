@@ -21,9 +21,13 @@ included), so nested inputs work; :func:`flat_inputs` gives them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import io
+import logging
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +74,7 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     preserve = tuple(f for f, m in units.items() if _multi_arg(m))
     forward = model.forward
 
+    @functools.wraps(forward)  # export names the inputs after forward's parameters
     def tensors_only(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         return tuple(_tensor_leaves(forward(*args, **kwargs)))
 
@@ -77,15 +82,30 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     # pins every output tensor anyway, and only tensors can be checked
     model.forward = tensors_only  # type: ignore[method-assign]
     try:
-        try:
-            return torch.export.export(model, inputs, strict=False,
-                                       preserve_module_call_signature=preserve)
-        except Exception:
-            if not preserve:
-                raise
-        return torch.export.export(model, inputs, strict=False)
+        with _quiet():
+            try:
+                return torch.export.export(model, inputs, strict=False,
+                                           preserve_module_call_signature=preserve)
+            except Exception:
+                if not preserve:
+                    raise
+            return torch.export.export(model, inputs, strict=False)
     finally:
         del model.forward
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export prints the partial graph to stderr and logs warnings when it fails; shrink
+    reports the failure itself (one paragraph), so that output is held back."""
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _tensor_leaves(value: Any) -> list[torch.Tensor]:
@@ -109,8 +129,7 @@ def trace_export(copied: nn.Module, inputs: tuple[Any, ...],
         ep = export_program(copied, inputs, leaf_types)
     except Exception as e:
         raise CaptureError(
-            f"torch.export could not capture {name}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\n"
+            f"torch.export could not capture {name}: {type(e).__name__}: {_first_line(e)}\n"
             "  why: export needs forward to run on fake tensors with the example inputs' "
             "shapes; data-dependent Python control flow or unsupported ops stop it.\n"
             "  fix: pass example inputs the model accepts, or keep the offending module opaque "
@@ -122,6 +141,11 @@ def trace_export(copied: nn.Module, inputs: tuple[Any, ...],
     object.__setattr__(gm, "_shrink_source", copied)
     object.__setattr__(gm, "_shrink_frontend", "export")
     return gm
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-blank line of an error (export's messages may start with a graph dump)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
 
 
 def _owner(node: fx.Node, units: dict[str, nn.Module]) -> tuple[str, str] | None:
@@ -163,6 +187,8 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
         else:
             env[n] = g.placeholder(n.name)
         env[n].meta = dict(n.meta)
+        if n in frozen and n.users:  # where forward uses it, for the reasons that name it
+            env[n].meta["stack_trace"] = next(iter(n.users)).meta.get("stack_trace")
 
     # runs of nodes that one call of a unit module recorded
     runs: list[tuple[tuple[str, str] | None, list[fx.Node]]] = []

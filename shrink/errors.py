@@ -27,7 +27,11 @@ class PlanError(ShrinkError, ValueError):
 
 
 class RewriteError(ShrinkError):
-    """A layer could not be rebuilt smaller."""
+    """A layer could not be rebuilt smaller; ``module`` is its FQN when one layer is to blame."""
+
+    def __init__(self, message: str, *, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
 
 
 class VerificationError(ShrinkError):

@@ -1,8 +1,9 @@
 """apply / apply_: rebuild every layer a plan touches, physically smaller.
 
-Each layer is rebuilt by its rule through the layer's own constructor (so PyTorch re-validates
-channel counts and groups) with the kept slices of its parameters and buffers, then set on its
-parent. Nothing else of the model changes: other attributes, hooks, mode and dtype stay.
+Each layer is rebuilt by its rule through its torch base class's constructor (so PyTorch
+re-validates channel counts and groups; a subclass keeps its class, see
+:func:`shrink.rules.base.construct`) with the kept slices of its parameters and buffers, then set
+on its parent. Nothing else of the model changes: other attributes, hooks, mode and dtype stay.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from shrink.bind import describe_mismatch
+from shrink.bind import describe_gaps, describe_mismatch
 from shrink.errors import PlanError, RewriteError
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
@@ -56,6 +57,10 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
     mismatch = describe_mismatch(model, plan.extents())
     if mismatch:
         raise PlanError(f"plan does not fit the model: {mismatch}")
+    gap = describe_gaps(model, plan)
+    if gap:
+        raise PlanError(f"plan is incomplete: {gap}. It was edited or is corrupt; re-create it "
+                        "with shrink.prune.")
 
 
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:
@@ -134,10 +139,12 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
         try:
             new = rule.shrink(old, Keep(keeps.get(Side.IN), keeps.get(Side.OUT),
                                         keeps.get(Side.HEADS)))
-        except (RuntimeError, ValueError, IndexError) as e:
+        except Exception as e:  # a layer's constructor may raise anything; name the layer
             raise RewriteError(
                 f"could not rebuild {fqn!r} ({type(old).__name__}) with "
-                f"{ {s.value: len(k) for s, k in keeps.items()} } channels: {e}"
+                f"{ {s.value: len(k) for s, k in keeps.items()} } channels: "
+                f"{type(e).__name__}: {e}",
+                module=fqn,
             ) from e
         for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             getattr(new, hook_dict).update(getattr(old, hook_dict))

@@ -9,6 +9,8 @@ ratio whose drop stays within a budget), which :meth:`Sensitivity.overrides` han
 :class:`~shrink.select.Uniform` or :class:`~shrink.select.Global` policy.
 
 Cost: ``len(groups) * len(ratios)`` evaluations; restrict ``groups`` (ids or globs) on big models.
+A group whose pruning breaks a shape (:mod:`shrink.probe`) is not measured from the ratio that
+breaks it on (a warning says why).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from shrink.analysis import analyze
 from shrink.capture import capture, normalize_inputs
 from shrink.criteria.weight import Criterion, LnNorm, score
 from shrink.errors import ConfigError
+from shrink.probe import ShapeProbe
 from shrink.rewrite import apply
 from shrink.select import Overrides, Uniform, select
 
@@ -184,11 +187,16 @@ def sensitivity(
     baseline = float(evaluate(model))
     sign = 1.0 if higher_is_better else -1.0
     rows: list[SensitivityRow] = []
+    probe = ShapeProbe(model, inputs)
     for g in chosen:
         if g.id not in scores:
             continue
         for r in sorted(float(x) for x in ratios):
             plan = select(analysis.groups, {g.id: scores[g.id]}, Uniform(r), analysis.model)
+            why = probe.culprits(plan).get(g.id) if plan.decisions else None
+            if why is not None:  # evaluate would get a model that crashes or answers wrong
+                log.warning("sensitivity: %s is not measured from ratio %s on: %s", g.id, r, why)
+                break
             kept = len(plan.decisions[0].keep) if plan.decisions else g.size
             metric = baseline if not plan.decisions else float(evaluate(apply(model, plan)))
             rows.append(SensitivityRow(g.id, r, kept, g.size, metric, sign * (baseline - metric)))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.errors import VerificationError
+from shrink.errors import InvariantError, VerificationError
 from shrink.plan import Plan, Side
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
@@ -39,7 +39,7 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
             raise VerificationError(
                 f"plan prunes {fqn!r} ({type(mod).__name__}), which has no rule"
             )
-        if renormalize or rule.exact:
+        if renormalize or rule.exact_for(mod):
             rule.mask_(mod, side, dropped)
     return ref
 
@@ -98,7 +98,9 @@ def verify(
         strict: raise when the error exceeds ``rtol``; otherwise only report it.
 
     Raises:
-        VerificationError: when outputs differ in structure or shape, or the error exceeds rtol.
+        VerificationError: when the error exceeds rtol: the numbers differ.
+        InvariantError: when the pruned model fails to run or its outputs differ in structure
+            or shape (its layers do not fit: see :mod:`shrink.probe`).
 
     Example:
         >>> print(shrink.verify(model, pruned, plan, (x,)))
@@ -110,12 +112,12 @@ def verify(
         try:
             actual = test(*example_inputs)
         except (RuntimeError, IndexError, ValueError) as e:
-            raise VerificationError(
+            raise InvariantError(
                 f"the pruned model fails on the example inputs ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}): its layers do not fit together. "
-                "Either the plan was edited (a member of a group is missing) or this is a "
-                "shrink bug. Re-create the plan with shrink.prune; report it if that fails too."
+                f"{_NOT_PROBED}"
             ) from e
+    _check_structure(actual, expected)
     err = relative_error(actual, expected)
     oracle_dtype = _dtype_name(actual)
     if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):
@@ -137,7 +139,9 @@ def verify(
             f" The reference output reaches {scale:.1e}: activations that large (e.g. random "
             "weights with uncalibrated BatchNorm statistics) lose more than rtol to rounding "
             "even in float64; calibrate the model or raise rtol."
-            if scale > 1e6 else " This is a shrink bug: please report it with the model."
+            if scale > 1e6 else " Unless forward uses a tensor's size as a number (`y * "
+            "x.size(1)`, which the analysis cannot follow: pass ignore= for that layer), this "
+            "is a shrink bug: please report it with the model."
         )
         raise VerificationError(
             f"pruned model differs from the masked original: max relative error {err:.3e} > "
@@ -158,6 +162,26 @@ def verify(
         oracle_dtype=oracle_dtype,
         deviation=deviation,
     )
+
+
+_NOT_PROBED = (
+    "shrink.prune runs every plan's architecture on meta first (the shape probe) and pins the "
+    "groups that break a shape, so after shrink.prune this is a shrink bug: please report it "
+    "with the model. A plan made by hand (shrink.select, then shrink.apply) is not probed: "
+    "shrink.probe.ShapeProbe(model, inputs).culprits(plan) names the groups to pin (ignore=)."
+)
+
+
+def _check_structure(actual: Any, expected: Any) -> None:
+    """Outputs of the same structure and shapes, or an InvariantError: that the layers fit is
+    the shape probe's promise, not a numeric difference."""
+    acts, exps = list(_tensors(actual)), list(_tensors(expected))
+    shapes = [tuple(t.shape) for t in acts], [tuple(t.shape) for t in exps]
+    if shapes[0] != shapes[1]:
+        raise InvariantError(
+            f"the pruned model returns outputs of shapes {shapes[0]}, the original "
+            f"{shapes[1]}. {_NOT_PROBED}"
+        )
 
 
 def _dtype_name(value: Any) -> str:

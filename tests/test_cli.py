@@ -309,7 +309,7 @@ def test_compress_shows_each_stage_on_a_terminal(toy: str, tmp_path: Path,
     assert rc == 0
     assert _stage_lines(err.getvalue()) == [
         f"shrink: {name} ... done in"
-        for name in (f"load {toy}:build", "capture", "analyze", "score", "select", "apply",
+        for name in (f"load {toy}:build", "capture", "analyze", "score", "select", "probe", "apply",
                      "verify", "export", "check")]
     assert json.loads(capsys.readouterr().out)["export"]["parity"] is not None  # stdout clean
 
@@ -373,3 +373,44 @@ def test_nested_stages_and_log_records_get_lines_of_their_own() -> None:
         "shrink:   export done in",
         "shrink:   [2/3] check ... done in",
         "shrink: bench export dense done in"]
+
+
+SHAPE_DERIVED = '''
+import torch
+from torch import nn
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Conv2d(3, 16, 1)
+        self.v = nn.Conv2d(3, 16, 1)
+        self.out = nn.Conv2d(16, 4, 1)
+        self.m1 = nn.Conv2d(3, 16, 1)
+        self.m2 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        e = self.emb(x)
+        v = self.v(x).reshape(x.shape[0], 4, e.shape[1] // 4, -1)
+        return v.mean(-1), self.out(e), self.m2(torch.relu(self.m1(x)))
+
+
+def build():
+    return Heads().eval()
+'''
+
+
+def test_issue11_compress_pins_a_shape_derived_size_and_reports_the_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "probe_toy.py"
+    path.write_text(SHAPE_DERIVED)
+    line = next(i for i, text in enumerate(SHAPE_DERIVED.splitlines(), start=1)
+                if "e.shape[1] // 4" in text)
+    rc = cli.main(["compress", f"{path}:build", "--ratio", "0.5", "--round-to", "1", *SHAPE,
+                   "--out", str(tmp_path / "small.onnx"), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    rows = {g["id"]: g for g in report["groups"]}
+    assert f"probe_toy.py:{line} in forward" in rows["emb:out"]["pinned"]
+    assert rows["emb:out"]["kept"] == rows["emb:out"]["total"]
+    assert rows["m1:out"]["kept"] < rows["m1:out"]["total"]

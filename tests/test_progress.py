@@ -122,10 +122,10 @@ def test_the_listener_belongs_to_its_thread() -> None:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, ("capture", "analyze", "score", "select", "apply", "verify")),
-        ({"verify": False}, ("capture", "analyze", "score", "select", "apply")),
+        ({}, ("capture", "analyze", "score", "select", "probe", "apply", "verify")),
+        ({"verify": False}, ("capture", "analyze", "score", "select", "probe", "apply")),
         ({"target": "macs"},
-         ("capture", "analyze", "score", "solve target", "select", "apply", "verify")),
+         ("capture", "analyze", "score", "solve target", "select", "probe", "apply", "verify")),
     ],
     ids=["uniform", "no-verify", "macs-target"],
 )

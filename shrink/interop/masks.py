@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.analysis import analyze
+from shrink.analysis import Analysis, Diagnostic, analyze
 from shrink.api import Result, infer_inputs
 from shrink.capture import capture, normalize_inputs
 from shrink.errors import ConfigError, VerificationError
@@ -50,6 +50,7 @@ from shrink.interop.dead_channels import (
 )
 from shrink.interop.prune_masks import fold_masks
 from shrink.plan import ChannelGroup, Decision, Plan, fingerprint
+from shrink.probe import ShapeProbe, pin
 from shrink.rewrite import apply
 from shrink.verify import relative_error, verify
 
@@ -112,7 +113,18 @@ def from_masks(
     weights = Weights(folded)
     zero_at = arrives_zero(folded, weights, analysis.groups, probe_inputs)
     decisions, notes = _decide(analysis.groups, weights, zero_at, policy)
-    plan = Plan(model=fingerprint(folded), groups=analysis.groups, decisions=tuple(decisions))
+    groups = analysis.groups
+    # dead channels whose count forward reads as a size (x.view(b, c // 2, -1)) stay
+    unfit = ShapeProbe(folded, inputs).culprits(
+        Plan(model=fingerprint(folded), groups=groups, decisions=tuple(decisions))
+    ) if decisions else {}
+    if unfit:
+        groups = pin(groups, unfit)
+        decisions = [d for d in decisions if d.group not in unfit]
+        notes.extend(f"kept the dead channels of {gid}: {why}" for gid, why in unfit.items())
+        analysis = Analysis(analysis.model, groups, (*analysis.diagnostics, *(
+            Diagnostic("pinned", f"{gid}: {why}") for gid, why in unfit.items())))
+    plan = Plan(model=fingerprint(folded), groups=groups, decisions=tuple(decisions))
     if not decisions:
         notes.insert(0, "nothing structural to remove: the masks zero no whole channel of a "
                         "prunable group (unstructured masks such as global_unstructured keep "

@@ -188,6 +188,9 @@ class AttentionHeadsRule(ModuleRule):
                  Side.OUT: int(p.output.shape[0])}
         return sizes.get(side)
 
+    def recorded_sides(self, m: nn.Module) -> tuple[Side, ...]:
+        return (Side.HEADS,)  # the embed dim (IN/OUT) is not recorded when something blocks it
+
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return ndim - 1
 

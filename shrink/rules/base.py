@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from shrink.errors import InvariantError
+from shrink.errors import InvariantError, RewriteError
 from shrink.ids import Call, Tracker
 from shrink.plan import Side
 
@@ -43,12 +43,22 @@ class ModuleRule:
     types: ClassVar[tuple[type[nn.Module], ...]] = ()
     exact: ClassVar[bool] = True
 
+    def exact_for(self, m: nn.Module) -> bool:
+        """Whether pruning ``m`` equals masking it (``exact``, unless the layer's
+        configuration says otherwise: a one-group GroupNorm normalises over all channels)."""
+        return self.exact
+
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         raise NotImplementedError
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
         """Length of the IN or OUT axis; None when the module has no such prunable axis."""
         return None
+
+    def recorded_sides(self, m: nn.Module) -> tuple[Side, ...]:
+        """Axes that analysis records whenever it records any axis of ``m``: a plan that lists
+        some of ``m``'s axes but not these lost a member, and :func:`shrink.apply` refuses it."""
+        return tuple(s for s in (Side.IN, Side.OUT) if self.extent(m, s) is not None)
 
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
         """(tensor, dim) pairs whose slice ``i`` along ``dim`` belongs to axis position ``i``."""
@@ -114,6 +124,47 @@ def sliced_copy(m: M, names: Sequence[str], dim: int, keep: Sequence[int]) -> M:
         else:
             new.register_buffer(name, sliced)
     return new
+
+
+def construct(m: M, bases: tuple[type[nn.Module], ...], *args: Any, **kwargs: Any) -> M:
+    """A new layer of ``m``'s class, built by the constructor of its torch base in ``bases``.
+
+    The torch constructor re-validates the smaller layer (channel counts, groups). A subclass may
+    have a constructor of its own with other arguments (torchvision's ``Conv3DSimple(in_planes,
+    out_planes, midplanes, stride, padding)``), so it is never called: the base class builds the
+    layer, which is then recast to ``type(m)`` through ``type(m).__new__``, keeping ``m``'s
+    other attributes (deep copied). The registry hands a subclass to its base's rule only when
+    it does not override ``forward``, so the base's state is all that forward reads.
+
+    Raises:
+        RewriteError: the subclass holds parameters, buffers or submodules the base layer does
+            not: nothing says how they shrink with the channels.
+        InvariantError: ``m`` derives from none of ``bases``.
+    """
+    cls = type(m)
+    base = next((k for k in cls.__mro__ if k in bases), None)
+    if base is None:
+        raise InvariantError(f"{cls.__name__} derives from none of "
+                             f"{[b.__name__ for b in bases]}; register its rule for those")
+    new = base(*args, **kwargs)
+    if cls is base:
+        return new  # type: ignore[return-value]
+    extra = sorted(
+        name for slot in ("_parameters", "_buffers", "_modules")
+        for name, value in getattr(m, slot).items()
+        if value is not None and name not in getattr(new, slot)
+    )
+    if extra:
+        raise RewriteError(
+            f"{cls.__name__} subclasses {base.__name__} and adds {extra}; shrink cannot tell "
+            "how they shrink with the channels. Pass ignore=[that layer] or register a rule "
+            f"for {cls.__name__} (shrink.register_rule)."
+        )
+    out = cls.__new__(cls)
+    own = {k: v for k, v in vars(m).items() if k not in vars(new)}
+    vars(out).update(copy.deepcopy(own))
+    vars(out).update(vars(new))
+    return out
 
 
 def narrow(m: nn.Module, tp: type[M]) -> M:

@@ -26,7 +26,15 @@ from torch import nn
 from shrink.errors import PlanError
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, narrow
+from shrink.rules.base import (
+    Keep,
+    ModuleRule,
+    construct,
+    copy_param_,
+    finish,
+    index,
+    narrow,
+)
 from shrink.rules.registry import register_rule
 
 _ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -90,8 +98,8 @@ class ConvRule(ModuleRule):
         groups = {"dense": 1, "depthwise": len(kin), "grouped": 0}[kind] \
             or _kept_groups(m, kin, kout)
         c = narrow(m, nn.modules.conv._ConvNd)
-        make: Any = type(c)  # Conv1d/2d/3d (or a subclass): (in, out, kernel_size, ...)
-        new = make(
+        new = construct(
+            c, (nn.Conv1d, nn.Conv2d, nn.Conv3d),
             len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
             dilation=c.dilation, groups=groups, bias=c.bias is not None,
             padding_mode=c.padding_mode, device=c.weight.device, dtype=c.weight.dtype,
@@ -103,10 +111,9 @@ class ConvRule(ModuleRule):
             cols = _grouped_columns(m, kin, kout, w.shape)
             w = w.gather(1, cols) if cols.numel() else w
         copy_param_(new.weight, w)
-        if c.bias is not None:
-            copy_param_(new.bias, index(c.bias, 0, kout))
         new.weight.requires_grad_(c.weight.requires_grad)
-        if c.bias is not None:
+        if c.bias is not None and new.bias is not None:
+            copy_param_(new.bias, index(c.bias, 0, kout))
             new.bias.requires_grad_(c.bias.requires_grad)
         return finish(new, m)
 
@@ -177,8 +184,8 @@ class ConvTransposeRule(ModuleRule):
         kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
         c = narrow(m, nn.modules.conv._ConvTransposeNd)
-        make: Any = type(c)  # ConvTranspose1d/2d/3d: (in, out, kernel_size, ...)
-        new = make(
+        new = construct(
+            c, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
             len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
             output_padding=c.output_padding, groups=1, bias=c.bias is not None,
             dilation=c.dilation, padding_mode=c.padding_mode,
@@ -186,7 +193,7 @@ class ConvTransposeRule(ModuleRule):
         )
         copy_param_(new.weight, index(index(c.weight, 0, kin), 1, kout))
         new.weight.requires_grad_(c.weight.requires_grad)
-        if c.bias is not None:
+        if c.bias is not None and new.bias is not None:
             copy_param_(new.bias, index(c.bias, 0, kout))
             new.bias.requires_grad_(c.bias.requires_grad)
         return finish(new, m)

@@ -14,7 +14,7 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, copy_param_, finish, index, narrow
+from shrink.rules.base import Keep, ModuleRule, construct, copy_param_, finish, index, narrow
 from shrink.rules.registry import register_rule, register_rule_by_name
 
 
@@ -44,7 +44,7 @@ class LinearRule(ModuleRule):
         lin = narrow(m, nn.Linear)
         kin = keep.resolve(Side.IN, lin.in_features)
         kout = keep.resolve(Side.OUT, lin.out_features)
-        new = type(lin)(len(kin), len(kout), bias=lin.bias is not None,
+        new = construct(lin, (nn.Linear,), len(kin), len(kout), bias=lin.bias is not None,
                         device=lin.weight.device, dtype=lin.weight.dtype)
         copy_param_(new.weight, index(index(lin.weight, 0, kout), 1, kin))
         new.weight.requires_grad_(lin.weight.requires_grad)

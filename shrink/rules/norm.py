@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids
@@ -28,6 +29,7 @@ from shrink.plan import Side
 from shrink.rules.base import (
     Keep,
     ModuleRule,
+    construct,
     copy_param_,
     finish,
     index,
@@ -56,7 +58,8 @@ class BatchNormRule(ModuleRule):
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
         ref = m.weight if m.weight is not None else m.running_mean
-        new = type(m)(
+        new = construct(
+            m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
             len(kout), eps=m.eps, momentum=m.momentum, affine=m.affine,  # type: ignore[arg-type]
             track_running_stats=m.track_running_stats,  # type: ignore[arg-type]
             device=None if ref is None else ref.device,  # type: ignore[union-attr]
@@ -168,15 +171,30 @@ class LayerNorm2dRule(LayerNormRule):
 
 
 @register_rule(nn.GroupNorm)
+@register_rule_by_name("timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1")
 class GroupNormRule(ModuleRule):
     """GroupNorm normalises each group of ``C / G`` channels on its own: dropping a whole group
     is exact (the others' statistics do not change), dropping part of one is not. So the
     channels of each group are tied into one group channel, and the rebuilt layer has fewer
-    groups of the same width."""
+    groups of the same width.
+
+    One group (timm's ``GroupNorm1``, MobileViTv2's norm) normalises over every channel, like a
+    channels-first LayerNorm: its channels are an inexact member instead (the report gives the
+    deviation; ``exact_only=True`` keeps them)."""
 
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.args[0]
         cid = channel_ids(t, x, 1)
+        if int(m.num_groups) == 1 and int(m.num_channels) > 1:  # type: ignore[arg-type]
+            t.member(fqn, Side.OUT, cid)
+            why = (f"{fqn} ({type(m).__name__}) at {call.where} normalises over all channels: "
+                   "pruning them changes its statistics")
+            if t.exact_only:
+                t.pin(cid, why + " (exact_only=True keeps them)")
+            else:
+                t.mark_inexact(cid, why + ", so the pruned model differs from the masked "
+                               "original by the deviation the report gives")
+            return x
         for block in np.split(cid, int(m.num_groups)):  # type: ignore[arg-type]
             t.union_all(block)
         t.member(fqn, Side.OUT, cid)
@@ -185,9 +203,35 @@ class GroupNormRule(ModuleRule):
     def extent(self, m: nn.Module, side: Side) -> int | None:
         return int(m.num_channels) if side is Side.OUT else None  # type: ignore[arg-type]
 
+    def exact_for(self, m: nn.Module) -> bool:
+        return int(m.num_groups) != 1  # type: ignore[arg-type]
+
+    def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
+        if int(m.num_groups) != 1:  # type: ignore[arg-type]
+            super().mask_(m, side, dropped)
+            return
+        # one group: the oracle normalises over the kept channels only, as the pruned layer does
+        gone = set(dropped)
+        kept = torch.as_tensor([i for i in range(int(m.num_channels))  # type: ignore[arg-type]
+                                if i not in gone], dtype=torch.long)
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            x, k = args[0], kept.to(args[0].device)
+            weight, bias = mod.weight, mod.bias
+            w = weight.index_select(0, k) if isinstance(weight, torch.Tensor) else None
+            b = bias.index_select(0, k) if isinstance(bias, torch.Tensor) else None
+            y = F.group_norm(x.index_select(1, k), 1, w, b, mod.eps)  # type: ignore[arg-type]
+            return torch.zeros_like(out).index_copy(1, k, y)
+
+        m.register_forward_hook(hook)
+
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         c, g = int(m.num_channels), int(m.num_groups)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, c)
+        if g == 1:
+            new = sliced_copy(narrow(m, nn.GroupNorm), ("weight", "bias"), 0, kout)
+            new.num_channels = len(kout)
+            return finish(new, m)
         width = c // g
         if len(kout) % width or any(k // width != kout[i - i % width] // width
                                     for i, k in enumerate(kout)):

@@ -103,11 +103,18 @@ def _split_like(t: Tracker, call: Call, dim: int, equal_ok: bool, why: str) -> A
     if not x.varies(dim):
         return pieces
     sizes = {int(o.shape[dim]) for o in outs}
-    if equal_ok and len(sizes) == 1:
+    attr = _size_attribute(call, next(iter(sizes))) if len(sizes) == 1 else None
+    if (equal_ok or attr is not None) and len(sizes) == 1:
         # after pruning every piece must keep the same count: tie piece k's i-th channel to
         # piece 0's
         for p in pieces[1:]:
             t.union(pieces[0].a, p.a)
+        if attr is not None:
+            # the piece size is an int attribute of the module splitting (Ultralytics' C2f and
+            # C2PSA: ``split((self.c, self.c), 1)``): it is rewritten to the kept count
+            line = pieces[0].a[tuple(slice(None) if k == dim else 0
+                                     for k in range(pieces[0].a.ndim))]
+            t.member(attr, Side.ATTR, line.ravel())
         return pieces
     reason = f"{call.name} at {call.where} {why}"
     t.pin_if_channel_axis(x.a, dim, reason)

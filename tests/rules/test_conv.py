@@ -140,3 +140,54 @@ def test_ln_scores_match_ln_structured_choice() -> None:
         ref.load_state_dict(model[0].state_dict())
         tprune.ln_structured(ref, "weight", amount=0.5, n=n, dim=0)
         assert keep == tuple(int(i) for i in ref.weight_mask.flatten(1).any(1).nonzero().flatten())
+
+
+class Conv3x3(nn.Conv2d):
+    """A subclass whose constructor takes other arguments than Conv2d's (like torchvision's
+    video ``Conv3DSimple(in_planes, out_planes, midplanes, stride, padding)``)."""
+
+    def __init__(self, planes_in: int, planes_out: int, tags: list[str]) -> None:
+        super().__init__(planes_in, planes_out, kernel_size=3, padding=1, bias=False)
+        self.tags = tags
+
+
+def test_issue11_subclass_with_its_own_constructor_keeps_its_class_and_attributes() -> None:
+    tags = ["keep me"]
+    model = nn.Sequential(Conv3x3(3, 16, tags), nn.BatchNorm2d(16), nn.ReLU(),
+                          Conv3x3(16, 8, tags), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    res = prune_checked(model, torch.randn(2, 3, 8, 8), 0.5)
+    for i in (0, 3):
+        old, new = model[i], res.model[i]
+        assert type(new) is Conv3x3
+        assert new.tags == tags
+        assert new.tags is not old.tags  # a copy: the pruned model shares nothing mutable
+        assert new.kernel_size == old.kernel_size
+        assert new.padding == old.padding
+        assert new.bias is None
+    assert res.model[0].out_channels == kept(res, "0:out") < 16
+    assert res.model[3].in_channels == kept(res, "0:out")
+    assert res.model[3].out_channels == kept(res, "3:out") < 8
+
+
+def test_issue11_torchvision_conv3dsimple_compresses() -> None:
+    video = pytest.importorskip("torchvision.models.video.resnet")
+    model = nn.Sequential(video.Conv3DSimple(3, 16, 0), nn.BatchNorm3d(16), nn.ReLU(),
+                          video.Conv3DSimple(16, 8, 0, stride=2), nn.ReLU(),
+                          nn.Conv3d(8, 4, 1))
+    x = torch.randn(1, 3, 4, 8, 8)
+    res = prune_checked(model, x, 0.5)
+    assert type(res.model[0]) is video.Conv3DSimple
+    assert type(res.model[3]) is video.Conv3DSimple
+    assert res.model[3].stride == model[3].stride
+    assert res.model[0].out_channels < 16
+    small = shrink.compress(model.eval(), 0.5, (x,), round_to=1)  # verify=True
+    assert type(small[3]) is video.Conv3DSimple
+
+
+def test_subclass_shrink_copies_the_kept_slices() -> None:
+    conv = Conv3x3(4, 6, [])
+    new = rule_for(conv).shrink(conv, Keep(in_=(0, 2), out=(1, 4, 5)))
+    assert type(new) is Conv3x3
+    torch.testing.assert_close(new.weight, conv.weight[[1, 4, 5]][:, [0, 2]])
+    assert (new.in_channels, new.out_channels) == (2, 3)
+    assert new.weight is not conv.weight

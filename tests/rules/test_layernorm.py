@@ -101,6 +101,25 @@ def test_layernorm2d_channels_first_prunes_with_kept_channel_statistics() -> Non
     assert res.report.deviation is not None
 
 
+@pytest.mark.parametrize("kind", ["torch", "timm"])
+def test_one_group_groupnorm_is_an_inexact_member(kind: str) -> None:
+    """GroupNorm(1, C) (MobileViTv2's norm) normalises over all channels: they are pruned as an
+    inexact group, the oracle normalising over the kept ones; exact_only keeps them."""
+    if kind == "timm":
+        norm = pytest.importorskip("timm").layers.norm.GroupNorm1(16)
+    else:
+        norm = nn.GroupNorm(1, 16)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), norm, nn.GELU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    res = prune_checked(model, x, 0.5, round_to=1)
+    assert type(res.model[1]) is type(norm)
+    assert res.model[1].num_channels == res.model[0].out_channels == 8
+    assert res.model[1].num_groups == 1 and res.model[1].weight.shape == (8,)
+    assert res.report.deviation is not None and res.report.deviation > 0
+    exact = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1, exact_only=True))
+    assert exact.model[0].out_channels == 16
+
+
 def test_plan_with_tensor_members_round_trips_as_json_and_applies() -> None:
     model = Tokens()
     x = torch.randn(2, 5, 3)

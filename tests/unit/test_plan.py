@@ -90,3 +90,17 @@ def test_decision_must_be_ascending_subset() -> None:
     pinned = ChannelGroup("g", 4, g.members, pinned="model output")
     with pytest.raises(shrink.PlanError, match="pinned"):
         Plan("fp", (pinned,), (Decision("g", (1,)),))
+
+
+def test_with_decisions_keeps_the_groups_and_checks_the_decisions() -> None:
+    plan = _plan(_model())
+    assert plan.decisions
+    empty = plan.with_decisions(())
+    assert empty.groups is plan.groups
+    assert empty.drops() == {}
+    assert empty.with_decisions(plan.decisions) == plan
+    (d, *_) = plan.decisions
+    with pytest.raises(shrink.PlanError, match="unknown group"):
+        plan.with_decisions([Decision("no such group", d.keep)])
+    with pytest.raises(shrink.PlanError, match="strictly ascending"):
+        plan.with_decisions([Decision(d.group, tuple(reversed(d.keep)))])

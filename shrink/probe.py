@@ -1,0 +1,336 @@
+"""The shape probe: run the pruned architecture on the meta device before the numeric oracle.
+
+A size that ``forward`` computes from a tensor's shape (``b, c, h, w = x.shape; y.view(b, c // 2,
+-1)``) is a plain int to the analysis, which cannot see that it changes when ``x`` loses channels.
+:class:`ShapeProbe` applies a plan to a weightless (meta-device) copy of the model and runs it
+once. The plan passes when that run returns outputs of the dense model's structure, shapes and
+dtypes. Otherwise the groups to blame are found by bisection over the plan's decisions: with a
+passing prefix ``P`` (at first, nothing pruned) and the failing ``P + D``, the shortest failing
+``P + D[:k]`` takes log2(len(D)) meta forwards to find, ``D[k-1]`` is a culprit, and the search
+goes on from ``P + D[:k-1]`` over ``D[k:]`` until what is left passes. A layer that cannot be
+rebuilt smaller (:class:`~shrink.errors.RewriteError` naming it) blames every group that resizes
+it, without bisection.
+
+Each culprit gets a reason naming the op that broke and the user's source line (the innermost
+frame outside torch and shrink), found by one more run that records every torch call. The caller
+(:func:`shrink.prune`) pins those groups and selects again, so after the probe a
+:class:`~shrink.errors.VerificationError` only ever means that numbers differ.
+
+Models with an op that cannot run on meta are probed on a real copy instead (one real forward
+per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import linecache
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from shrink.capture import meta_copy, to_meta
+from shrink.errors import CaptureError, InvariantError, RewriteError
+from shrink.plan import ChannelGroup, Decision, Plan
+from shrink.rewrite import apply
+
+log = logging.getLogger(__name__)
+
+# frames in these folders are not the user's code
+_SKIP = tuple(os.path.realpath(os.path.dirname(p)) + os.sep for p in (torch.__file__, __file__))
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a pruned architecture does not fit: ``what`` failed, ``where`` (the user's source line
+    of an exception), or ``layer`` (FQN of a layer that could not be rebuilt)."""
+
+    what: str
+    where: str | None = None
+    layer: str | None = None
+
+
+class ShapeProbe:
+    """Runs pruned architectures of one model on the meta device (see the module docstring).
+
+    Example:
+        >>> probe = ShapeProbe(model, (x,))
+        >>> probe.culprits(plan)   # {group id: reason} of the groups to pin; {} when it fits
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+        self._model = model
+        self._real_inputs = example_inputs
+        self._base: nn.Module = meta_copy(model).eval()
+        self._inputs = to_meta(example_inputs)
+        self.runs = 0
+        self._dense_calls: list[_Call] | None = None
+        try:
+            out = self._forward(self._base)
+        except Exception as e:  # an op without a meta kernel: probe real copies
+            log.info("shape probe: the model does not run on meta (%s); probing on real "
+                     "tensors", _first_line(e))
+            self._on_real()
+            try:
+                out = self._forward(self._base)
+            except Exception as e2:
+                where = _user_frame(e2.__traceback__)
+                raise CaptureError(
+                    f"the model fails in eval mode on its example inputs ({_first_line(e2)}"
+                    f"{'' if where is None else ' at ' + where}); pass inputs of the shape and "
+                    "dtype it takes in inference"
+                ) from e2
+        self._dense = list(_leaves(out))
+
+    def _on_real(self) -> None:
+        self._base, self._inputs, self._dense_calls = self._model, self._real_inputs, None
+
+    def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None) -> Any:
+        with torch.no_grad():
+            if mode is None:
+                return model.eval()(*self._inputs)
+            with mode:
+                return model.eval()(*self._inputs)
+
+    def check(self, plan: Plan) -> Failure | None:
+        """Apply ``plan`` to the probe's copy and run it once; None when it fits."""
+        self.runs += 1
+        try:
+            pruned = apply(self._base, plan)
+        except RewriteError as e:
+            if self._base is not self._model:  # confirm on real tensors: meta may be to blame
+                try:
+                    apply(self._model, plan)
+                except RewriteError:
+                    return Failure(str(e), layer=e.module)
+                self._on_real()
+                return self.check(plan)
+            return Failure(str(e), layer=e.module)
+        try:
+            out = self._forward(pruned)
+        except Exception as e:
+            return Failure(_first_line(e), where=_user_frame(e.__traceback__))
+        return _compare(list(_leaves(out)), self._dense)
+
+    def culprits(self, plan: Plan) -> dict[str, str]:
+        """The decided groups whose pruning breaks the architecture, with the reason for each.
+
+        Returns:
+            ``{group id: reason}``, in plan order; empty when the pruned architecture fits.
+        """
+        found: dict[str, str] = {}
+        base: list[Decision] = []  # known to fit
+        rest = list(plan.decisions)
+        failure = self.check(_with(plan, rest))
+        while failure is not None:
+            if failure.layer is None:
+                lo, hi, failure = 0, len(rest), failure  # base + rest[:lo] fits, [:hi] does not
+                while hi - lo > 1 and failure.layer is None:
+                    mid = (lo + hi) // 2
+                    f = self.check(_with(plan, base + rest[:mid]))
+                    if f is None:
+                        lo = mid
+                    else:
+                        hi, failure = mid, f
+                if failure.layer is None:
+                    found[rest[hi - 1].group] = self._explain(_with(plan, base + rest[:hi]),
+                                                              failure)
+                    base, rest = base + rest[: hi - 1], rest[hi:]
+            if failure.layer is not None:  # every group that resizes the layer
+                layer = failure.layer
+                hit = {d.group for d in base + rest
+                       if any(m.module == layer for m in plan.group(d.group).members)}
+                if not hit:
+                    raise InvariantError(f"rebuilding {layer!r} failed, but no decided group "
+                                         f"resizes it: {failure.what}")
+                found.update(dict.fromkeys(sorted(hit), failure.what))
+                rest = [d for d in base + rest if d.group not in hit]
+                base = []  # what fitted may not fit without those groups
+            failure = self.check(_with(plan, base + rest)) if rest else None
+        if found:
+            log.info("shape probe: %d run(s) pinned %s", self.runs, sorted(found))
+        return found
+
+    def _explain(self, plan: Plan, failure: Failure) -> str:
+        """The reason for pinning the last decided group of ``plan``, which ``failure`` broke."""
+        op, where = None, failure.where
+        try:
+            pruned = apply(self._base, plan)
+            recorder = _Recorder()
+            try:
+                self._forward(pruned, recorder)
+            except Exception:
+                in_flight = recorder.calls[-1] if recorder.calls else None
+                if in_flight is not None and in_flight.out is None:
+                    op = in_flight.op
+            else:
+                first = _first_change(self._dense_record(), recorder.calls)
+                if first is not None:
+                    op, where = first.op, first.where
+        except Exception as e:  # the explanation is best effort; the failure stands
+            log.info("shape probe: could not record the failing run (%s)", e)
+        at = "" if where is None else f" at {where}"
+        return (
+            f"pruning it breaks {op or 'the model'}{at}: {failure.what} (found by the shape "
+            "probe: forward computes a size from these channels that the analysis cannot follow)"
+        )
+
+    def _dense_record(self) -> list[_Call]:
+        if self._dense_calls is None:
+            recorder = _Recorder()
+            self._forward(self._base, recorder)
+            self._dense_calls = recorder.calls
+        return self._dense_calls
+
+
+def pin(groups: Sequence[ChannelGroup], reasons: Mapping[str, str]) -> tuple[ChannelGroup, ...]:
+    """``groups`` with those named in ``reasons`` pinned for that reason."""
+    return tuple(dataclasses.replace(g, pinned=reasons[g.id]) if g.id in reasons else g
+                 for g in groups)
+
+
+def _with(plan: Plan, decisions: Sequence[Decision]) -> Plan:
+    return plan if tuple(decisions) == plan.decisions else plan.with_decisions(decisions)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _leaves(value: Any, path: str = "output") -> Iterator[tuple[str, object]]:
+    """(path, signature) of every part of a model output: tensors by shape and dtype, containers
+    by type and length (dicts by keys), anything else by type."""
+    if isinstance(value, torch.Tensor):
+        yield path, f"shape {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    elif isinstance(value, (tuple, list)):
+        yield path, f"{type(value).__name__} of {len(value)}"
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        keys = sorted(value, key=str)
+        yield path, f"{type(value).__name__} with keys {[str(k) for k in keys]}"
+        for k in keys:
+            yield from _leaves(value[k], f"{path}[{k!r}]")
+    else:  # plain values by type: verify compares tensors only, and data may differ
+        yield path, type(value).__name__
+
+
+def _compare(pruned: list[tuple[str, object]], dense: list[tuple[str, object]]) -> Failure | None:
+    for (path, got), (_, want) in zip(pruned, dense, strict=False):
+        if got != want:
+            return Failure(f"{path} is {got} instead of {want}")
+    if len(pruned) != len(dense):
+        return Failure(f"the output has {len(pruned)} parts instead of {len(dense)}")
+    return None
+
+
+# ----------------------------------------------------------------------------- where and what
+
+
+@cache
+def _is_internal(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_SKIP)
+
+
+def _where(filename: str, line: int, fn: str) -> str:
+    code = linecache.getline(filename, line).strip()
+    if len(code) > 90:
+        code = code[:87] + "..."
+    return f"{os.path.basename(filename)}:{line} in {fn}" + (f" (`{code}`)" if code else "")
+
+
+def _user_frame(tb: TracebackType | None) -> str | None:
+    """The innermost frame of a traceback outside torch and shrink, as ``file.py:LINE in fn``."""
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not _is_internal(code.co_filename):
+            found = _where(code.co_filename, tb.tb_lineno, code.co_name)
+        tb = tb.tb_next
+    return found
+
+
+def _caller(frame: FrameType | None) -> str | None:
+    while frame is not None:
+        code = frame.f_code
+        if not _is_internal(code.co_filename):
+            return _where(code.co_filename, frame.f_lineno, code.co_name)
+        frame = frame.f_back
+    return None
+
+
+@dataclass(slots=True)
+class _Call:
+    op: str
+    where: str | None
+    inputs: tuple[tuple[int, ...], ...]
+    out: tuple[tuple[int, ...], ...] | None = None  # None while running (or when it raised)
+
+
+def _shapes(value: Any) -> tuple[tuple[int, ...], ...]:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape),)
+    if isinstance(value, (tuple, list)):
+        return tuple(s for v in value for s in _shapes(v))
+    if isinstance(value, dict):
+        return tuple(s for v in value.values() for s in _shapes(v))
+    return ()
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    qual = getattr(func, "__qualname__", "") or name
+    if name == "__get__" and hasattr(func, "__self__"):  # a Tensor attribute such as .shape
+        return f"Tensor.{getattr(func.__self__, '__name__', 'attribute')}"
+    if qual.startswith(("TensorBase.", "_TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None) or ""
+    if module in ("torch._C._nn", "torch.nn.functional"):
+        return f"F.{name}"
+    if qual.startswith("_VariableFunctionsClass.") or module == "torch":
+        return f"torch.{name}"
+    return f"{module}.{qual}".lstrip(".")
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every torch call of a run: op, user source line, input and output shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[_Call] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        call = _Call(_op_name(func), _caller(sys._getframe(1)), _shapes((args, kwargs)))
+        self.calls.append(call)
+        out = func(*args, **kwargs)
+        call.out = _shapes(out)
+        return out
+
+
+def _first_change(dense: list[_Call], pruned: list[_Call]) -> _Call | None:
+    """The first call of the pruned run whose tensor inputs have the dense run's shapes but whose
+    outputs do not: a size computed elsewhere reached it. Calls with tensor inputs come first
+    (``torch.zeros(b, c)`` changes legitimately when ``c`` is a pruned channel count)."""
+    without_inputs = None
+    for d, p in zip(dense, pruned, strict=False):
+        if d.op != p.op:
+            break  # the runs took different paths
+        if p.inputs == d.inputs and p.out != d.out:
+            if p.inputs:
+                return p
+            without_inputs = without_inputs or p
+    return without_inputs

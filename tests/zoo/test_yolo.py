@@ -9,7 +9,6 @@ agrees with the fused PyTorch module in onnxruntime.
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,6 @@ pytest.importorskip("ultralytics")
 pytest.importorskip("onnxruntime")
 
 IMGSZ = 320
-
-
-def _has_export_capture() -> bool:
-    """True once ``compress`` takes ``capture=`` (the torch.export front-end of issue 11)."""
-    fields = getattr(shrink.PruneConfig, "__dataclass_fields__", {})
-    return "capture" in fields or "capture" in inspect.signature(shrink.compress).parameters
 
 
 @pytest.mark.slow
@@ -74,11 +67,6 @@ def test_stale_hidden_width_breaks_ultralytics_export(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=True,
-    reason="no capture='export' yet" if not _has_export_capture() else
-    "C2f/C3k2.c does not follow the pruned chunk (Ultralytics' exporter splits by it) and "
-    "C2PSA's split by c stays literal (yolo11: VerificationError): docs/yolo_modules.md")
 @pytest.mark.parametrize("name", yh.ALL)
 def test_yolo_compresses_and_works_in_ultralytics(name: str, tmp_path: Path) -> None:
     yolo = yh.build(name, imgsz=IMGSZ)

@@ -128,7 +128,8 @@ def export_onnx(
     start = time.perf_counter()
     with _eval_mode(model), _temp_path(target) as tmp:
         with stage("export"):
-            exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
+            with _tensor_attributes_kept(model):
+                exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
             opset = rewrite_file(tmp)
             if optimize:
                 ort_optimize(tmp)
@@ -186,6 +187,26 @@ def _temp_path(target: Path) -> Iterator[Path]:
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Plain tensor attributes (not parameters or buffers) as they were before export.
+
+    A forward that caches tensors on its module (Ultralytics' Detect stores ``anchors`` and
+    ``strides``) leaves the exporter's fake tensors there, which breaks the parity run, any
+    later forward and ``deepcopy``: the caller's model must come out as it went in."""
+    saved = {(m, k): v for m in model.modules() for k, v in vars(m).items()
+             if isinstance(v, torch.Tensor)}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            for k, v in list(vars(m).items()):
+                if isinstance(v, torch.Tensor) and (m, k) not in saved:
+                    delattr(m, k)
+        for (m, k), v in saved.items():
+            object.__setattr__(m, k, v)
 
 
 @contextlib.contextmanager
@@ -256,6 +277,24 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: 
         if program is None:
             raise ExportError("torch.onnx.export(dynamo=True) returned no program")
         program.save(str(tmp), external_data=False)
+    if dynamic_batch and not _batch_is_dynamic(tmp):
+        # a forward that compares its input's shape with a cached one (Ultralytics' Detect)
+        # makes torch.export specialise the batch; the TorchScript path keeps it dynamic
+        raise ExportError("the dynamo exporter fixed the batch dimension (forward compares "
+                          "the input's shape with a constant)")
+
+
+def _batch_is_dynamic(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    for i in inputs:
+        dims = i.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_param:
+            return False
+    return True
 
 
 def _export_torchscript(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: int,

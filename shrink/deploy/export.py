@@ -191,22 +191,26 @@ def _temp_path(target: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Plain tensor attributes (not parameters or buffers) as they were before export.
+    """Every module's plain attributes (not parameters, buffers or submodules) as they were.
 
-    A forward that caches tensors on its module (Ultralytics' Detect stores ``anchors`` and
-    ``strides``) leaves the exporter's fake tensors there, which breaks the parity run, any
-    later forward and ``deepcopy``: the caller's model must come out as it went in."""
-    saved = {(m, k): v for m in model.modules() for k, v in vars(m).items()
-             if isinstance(v, torch.Tensor)}
+    A forward that caches values on its module (Ultralytics' Detect stores ``anchors``,
+    ``strides`` and the input ``shape``) would keep the exporter's fake tensors and symbolic
+    sizes, which break the parity run, later forwards and ``deepcopy``: the caller's model must
+    come out of export as it went in."""
+    skip = {"_parameters", "_buffers", "_modules", "training"}
+    saved = {m: {k: v for k, v in vars(m).items() if k not in skip} for m in model.modules()}
     try:
         yield
     finally:
-        for m in model.modules():
-            for k, v in list(vars(m).items()):
-                if isinstance(v, torch.Tensor) and (m, k) not in saved:
-                    delattr(m, k)
-        for (m, k), v in saved.items():
-            object.__setattr__(m, k, v)
+        for m, before in saved.items():
+            for k in [k for k in vars(m) if k not in skip and k not in before]:
+                delattr(m, k)
+            for k, v in before.items():
+                if vars(m).get(k, _MISSING) is not v:
+                    object.__setattr__(m, k, v)
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager

@@ -63,9 +63,9 @@ with tempfile.TemporaryDirectory() as d:
 
     for m in (model, small):
         m.model[-1].export = True  # deploy outputs, as in Ultralytics' ONNX file
-    # the TorchScript-based exporter, as Ultralytics uses: the head caches its anchors as plain
-    # tensor attributes in forward, which the dynamo exporter leaves behind as fake tensors
-    files = {label: shrink.export_onnx(m, x, Path(d) / f"{label}.onnx", dynamo=False)
+    # the head compares the input shape with a cached one, which fixes torch.export's batch:
+    # shrink.export_onnx then falls back to the TorchScript path (as Ultralytics exports)
+    files = {label: shrink.export_onnx(m, x, Path(d) / f"{label}.onnx")
              for label, m in (("dense", model), ("pruned", small))}  # onnxruntime parity checked
     bench = shrink.compare(files["dense"], files["pruned"], x, clock="thread", seconds=10.0,
                            name=f"{name} {imgsz}x{imgsz}")

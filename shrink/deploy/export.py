@@ -128,7 +128,8 @@ def export_onnx(
     start = time.perf_counter()
     with _eval_mode(model), _temp_path(target) as tmp:
         with stage("export"):
-            exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
+            with _tensor_attributes_kept(model):
+                exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
             opset = rewrite_file(tmp)
             if optimize:
                 ort_optimize(tmp)
@@ -186,6 +187,30 @@ def _temp_path(target: Path) -> Iterator[Path]:
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's plain attributes (not parameters, buffers or submodules) as they were.
+
+    A forward that caches values on its module (Ultralytics' Detect stores ``anchors``,
+    ``strides`` and the input ``shape``) would keep the exporter's fake tensors and symbolic
+    sizes, which break the parity run, later forwards and ``deepcopy``: the caller's model must
+    come out of export as it went in."""
+    skip = {"_parameters", "_buffers", "_modules", "training"}
+    saved = {m: {k: v for k, v in vars(m).items() if k not in skip} for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, before in saved.items():
+            for k in [k for k in vars(m) if k not in skip and k not in before]:
+                delattr(m, k)
+            for k, v in before.items():
+                if vars(m).get(k, _MISSING) is not v:
+                    object.__setattr__(m, k, v)
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -256,6 +281,24 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: 
         if program is None:
             raise ExportError("torch.onnx.export(dynamo=True) returned no program")
         program.save(str(tmp), external_data=False)
+    if dynamic_batch and not _batch_is_dynamic(tmp):
+        # a forward that compares its input's shape with a cached one (Ultralytics' Detect)
+        # makes torch.export specialise the batch; the TorchScript path keeps it dynamic
+        raise ExportError("the dynamo exporter fixed the batch dimension (forward compares "
+                          "the input's shape with a constant)")
+
+
+def _batch_is_dynamic(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    for i in inputs:
+        dims = i.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_param:
+            return False
+    return True
 
 
 def _export_torchscript(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: int,

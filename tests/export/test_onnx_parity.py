@@ -7,11 +7,13 @@ and 4 against the pruned PyTorch model.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import shrink
 from shrink.testing import calibrate_bn_, randomize_
@@ -69,3 +71,32 @@ def test_pruned_model_runs_in_onnxruntime_like_torch_at_batch_1_and_4(
         assert got.shape == tuple(want.shape) == (batch, 1000)
         assert _rel(got, want) < 1e-4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+class CachesOnItself(nn.Module):
+    """Like Ultralytics' Detect: forward caches the input shape and a tensor on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.shape: object = None
+        self.anchors = torch.empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape != x.shape:
+            self.anchors = torch.arange(x.shape[-1], dtype=x.dtype)
+            self.shape = x.shape
+        return self.conv(x) + self.anchors
+
+
+def test_export_leaves_a_self_caching_model_as_it_was(tmp_path: Path) -> None:
+    model, x = CachesOnItself().eval(), torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        model(x)
+    anchors, shape = model.anchors, model.shape
+    out = shrink.export_onnx(model, x, tmp_path / "c.onnx", check=False)
+    assert model.anchors is anchors and model.shape is shape  # no fake tensors left behind
+    # torch.export fixed the batch (shape comparison): the TorchScript path keeps it dynamic
+    assert out.exporter == "torchscript" and "batch" in (out.fallback_reason or "")
+    checked = shrink.export_onnx(copy.deepcopy(model), x, tmp_path / "d.onnx")
+    assert checked.parity is not None and checked.parity.batches == (2, 4)  # x, and batch 4

@@ -51,12 +51,14 @@ def _flat(v: object) -> list[torch.Tensor]:
 
 
 def _check(model: torch.nn.Module, x: tuple[torch.Tensor, ...], tmp_path: Path,
-           name: str) -> shrink.Result:
+           name: str, double: bool = True) -> shrink.Result:
     res = shrink.prune(model, x, shrink.PruneConfig(0.5, verify=False))
     with torch.no_grad():
         out, ref = _flat(res.model(*x)), _flat(model(*x))
     assert [o.shape for o in out] == [r.shape for r in ref]
-    assert_matches_masked_original(model, res.model, res.plan, x, rtol=1e-6, double=True)
+    # RAFT builds float32 coordinate grids inside forward: its oracle runs in float32
+    assert_matches_masked_original(model, res.model, res.plan, x, rtol=1e-6 if double else 1e-4,
+                                   double=double)
     assert_pinned_groups_kept(model, res)
     assert count_macs(res.model, x) <= 0.8 * count_macs(model, x)
     path = tmp_path / f"{name}.onnx"
@@ -97,4 +99,4 @@ def test_optical_flow_model_compresses(name: str, tmp_path: Path) -> None:
     randomize_(model, seed=4)
     images = (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128))
     calibrate_bn_(model, lambda: images, steps=1)
-    _check(model.eval(), images, tmp_path, name)
+    _check(model.eval(), images, tmp_path, name, double=False)

@@ -266,8 +266,19 @@ def trace_part(module: nn.Module, inputs: tuple[torch.Tensor, ...],
                leaf_types: Sequence[type[nn.Module]], name: str) -> fx.GraphModule:
     """Trace one part of a model captured in parts: ``module`` is a
     :class:`~shrink.capture_parts.FlatCall` whose forward takes ``inputs`` positionally; the
-    graph's targets are relative to it. The one call to swap for another front-end."""
-    return _trace(module, leaf_types, name)
+    graph's targets are relative to it. torch.fx first, then torch.export (a part whose Python
+    checks a tensor's ``dim()``, like torchvision's box predictor, exports)."""
+    try:
+        return _trace(module, leaf_types, name)
+    except CaptureError as fx_error:
+        from shrink.capture_export import trace_export
+
+        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
+        try:  # the recorded inputs may be meta tensors: export a weightless copy then
+            return trace_export(meta_copy(module) if on_meta else module, inputs, leaf_types,
+                                name)
+        except CaptureError:
+            raise fx_error from None
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

@@ -357,7 +357,7 @@ def rebase(flat_gm: fx.GraphModule, prefix: str, root: nn.Module, part: str,
                 for k, v in stack.items()
             }
     gm = fx.GraphModule(objects, graph, type(root.get_submodule(prefix)).__name__)
-    for attr in ("_shrink_leaf_types",):
+    for attr in ("_shrink_leaf_types", "_shrink_frontend"):
         if hasattr(flat_gm, attr):
             object.__setattr__(gm, attr, getattr(flat_gm, attr))
     object.__setattr__(gm, "_shrink_source", root)

@@ -130,7 +130,8 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     if not pinned:
         return plan, analysis
     notes = tuple(Diagnostic("pinned", f"{gid}: {why}") for gid, why in pinned.items())
-    return plan, Analysis(analysis.model, groups, (*analysis.diagnostics, *notes))
+    return plan, Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
+                          frontend=analysis.frontend)
 
 
 def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,

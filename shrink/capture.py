@@ -55,6 +55,13 @@ class Captured:
     def graph_module(self) -> fx.GraphModule:
         return self.graph_modules[0]
 
+    @property
+    def frontend(self) -> str:
+        """How the model was captured: ``"fx"``, ``"export"`` or ``"parts"``."""
+        if self.parts is not None:
+            return "parts"
+        return str(getattr(self.graph_module, "_shrink_frontend", "fx"))
+
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: Sequence[type[nn.Module]]) -> None:

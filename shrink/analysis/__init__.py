@@ -35,6 +35,8 @@ class Analysis:
     model: str
     groups: tuple[ChannelGroup, ...]
     diagnostics: tuple[Diagnostic, ...] = ()
+    frontend: str = "fx"
+    """How the model was captured: ``"fx"``, ``"export"`` or ``"parts"``."""
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +138,7 @@ def analyze(
     if check:
         _check_partition(groups)
     diags = tuple(Diagnostic(sev, msg) for sev, msg in dict.fromkeys(t.diagnostics))
-    return Analysis(captured.fingerprint, groups, diags)
+    return Analysis(captured.fingerprint, groups, diags, frontend=captured.frontend)
 
 
 def _tensor_members(t: Tracker) -> None:

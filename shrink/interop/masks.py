@@ -123,7 +123,8 @@ def from_masks(
         decisions = [d for d in decisions if d.group not in unfit]
         notes.extend(f"kept the dead channels of {gid}: {why}" for gid, why in unfit.items())
         analysis = Analysis(analysis.model, groups, (*analysis.diagnostics, *(
-            Diagnostic("pinned", f"{gid}: {why}") for gid, why in unfit.items())))
+            Diagnostic("pinned", f"{gid}: {why}") for gid, why in unfit.items())),
+            frontend=analysis.frontend)
     plan = Plan(model=fingerprint(folded), groups=groups, decisions=tuple(decisions))
     if not decisions:
         notes.insert(0, "nothing structural to remove: the masks zero no whole channel of a "

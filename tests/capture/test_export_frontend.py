@@ -89,6 +89,7 @@ def test_auto_falls_back_to_export_when_fx_cannot_trace() -> None:
     captured = shrink.capture(model, x)  # auto
     assert captured.graph_module._shrink_frontend == "export"  # type: ignore[attr-defined]
     res = prune_checked(model, x, 0.5)  # default capture="auto"
+    assert res.analysis.frontend == "export" and captured.frontend == "export"
     assert res.model.conv1.out_channels == 8 and res.model.conv2.out_channels == 8
     assert n_params(res.model) < n_params(model)
 

@@ -35,6 +35,7 @@ import io
 import json
 import math
 import shlex
+import signal
 import sys
 import sysconfig
 import time
@@ -72,14 +73,15 @@ class Setup:
     data_bytes: int
     eval_windows: int
     calib_batches: int
+    prune_timeout: int
     lr: float = 2e-3
     finetune_lr: float = 1e-3
 
 
 FULL = Setup(hidden=128, layers=4, heads=8, kv_heads=2, intermediate=352, seq=128, batch=16,
-             data_bytes=4_000_000, eval_windows=256, calib_batches=8)
-QUICK = Setup(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, seq=64, batch=8,
-              data_bytes=300_000, eval_windows=16, calib_batches=2)
+             data_bytes=4_000_000, eval_windows=256, calib_batches=8, prune_timeout=600)
+QUICK = Setup(hidden=64, layers=2, heads=8, kv_heads=2, intermediate=176, seq=64, batch=8,
+              data_bytes=300_000, eval_windows=16, calib_batches=2, prune_timeout=60)
 
 
 # ---------------------------------------------------------------- data
@@ -347,6 +349,26 @@ def failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}"
 
 
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Any:
+    """Raise TimeoutError in the main thread after ``seconds`` (a pruner that hangs becomes a
+    row that says so; torch-pruning 1.6.1 loops in ``get_all_groups`` on Llama with 4 query
+    and 2 KV heads)."""
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"gave up after {seconds} s")
+
+    if not hasattr(signal, "SIGALRM"):  # Windows: no limit
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup = QUICK if args.quick else FULL
     started = time.perf_counter()
@@ -382,7 +404,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for ratio in args.ratios:
         for method in args.methods:
             try:
-                with contextlib.redirect_stderr(io.StringIO()):  # torch.export's warnings
+                with time_limit(setup.prune_timeout), \
+                        contextlib.redirect_stderr(io.StringIO()):  # torch.export's warnings
                     small, note = PRUNERS[method](dense, ratio, calib)
                 rows.append(finish(method, ratio, small, note))
             except Exception as e:  # the experiment records any failure and carries on

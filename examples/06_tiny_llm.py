@@ -216,6 +216,9 @@ class Calibration:
     example: torch.Tensor
 
 
+PINNED: dict[str, str] = {}  # group id -> why shrink kept it, over every shrink run
+
+
 def shrink_method(importance: str) -> Callable[..., tuple[nn.Module, str]]:
     """shrink's public API: ratio = fraction of parameters removed, torch.export capture."""
 
@@ -229,10 +232,11 @@ def shrink_method(importance: str) -> Callable[..., tuple[nn.Module, str]]:
         cfg = shrink.PruneConfig(ratio, capture="export", target="params", **options)
         res = shrink.prune(model, (calib.example,), cfg)
         assert res.report is not None
-        pinned = [g for g in res.report.groups if g.pinned is not None]
-        note = f"{len(pinned)} groups pinned"
+        pinned = {g.id: g.pinned for g in res.report.groups if g.pinned is not None}
+        PINNED.update(pinned)
+        note = f"{len(pinned)} groups pinned: " + ", ".join(sorted(pinned))
         if res.report.deviation is not None:
-            note += f", deviation from masked original {res.report.deviation:.1e}"
+            note += f"; deviation from the masked original {res.report.deviation:.1e}"
         return res.model, note
 
     return prune
@@ -393,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "note": note}
         row["loss_pruned"] = held_out_loss(model, windows, setup.batch)
         torch.manual_seed(args.seed)
-        model = train(model, ft_data, setup.finetune_lr)
+        model = train(model, ft_data, args.finetune_lr or setup.finetune_lr)
         row["loss_finetuned"] = held_out_loss(model, windows, setup.batch)
         print(f"  {method:>10} {ratio:.2f}: {row['kept']:.3f} of params, "
               f"ppl {math.exp(row['loss_pruned']):.3f} -> {math.exp(row['loss_finetuned']):.3f}"
@@ -417,7 +421,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": {"train": trained_at - started, "total": time.perf_counter() - started},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "shrink": shrink.__version__, "python": sys.version.split()[0]},
-            "threads": torch.get_num_threads(), "seed": args.seed}
+            "threads": torch.get_num_threads(), "seed": args.seed, "pinned_by_shrink": PINNED}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -459,7 +463,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         table(result), "",
         "`shape`: layers, hidden size, query/KV heads and MLP width per layer (`a/b/...` when "
         "layers differ). Params removed is the target; params kept is what the method reached.",
-        "", "Notes:", *notes, ""])
+        "", "Notes:", *notes, "",
+        "Groups shrink pinned (kept whole), and why:", "",
+        *(f"- `{g}`: {why[:400]}" for g, why in sorted(result["pinned_by_shrink"].items())),
+        ""])
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -472,6 +479,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--finetune-fraction", type=float, default=0.2,
                    help="fine-tune steps as a fraction of the training steps")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="peak learning rate of the fine-tune (default 1e-3)")
     p.add_argument("--quick", action="store_true", help="tiny model and data: a ~20 s smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,

@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["loss_finetuned"] = held_out_loss(model, windows, setup.batch)
         print(f"  {method:>10} {ratio:.2f}: {row['kept']:.3f} of params, "
               f"ppl {math.exp(row['loss_pruned']):.3f} -> {math.exp(row['loss_finetuned']):.3f}"
-              f"  ({row['shape']}; {note})", flush=True)
+              f"  ({row['shape']}; {note[:80]})", flush=True)
         return row
 
     rows = [finish("dense", 0.0, copy.deepcopy(dense), "")]

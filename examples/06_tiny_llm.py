@@ -120,9 +120,10 @@ def batches(data: torch.Tensor, n: int, setup: Setup, seed: int) -> list[torch.T
 
 
 def eval_windows(data: torch.Tensor, setup: Setup) -> torch.Tensor:
-    """Up to ``setup.eval_windows`` consecutive non-overlapping windows of ``data``."""
+    """Up to ``setup.eval_windows`` non-overlapping windows spread evenly over ``data``."""
     n = min(setup.eval_windows, len(data) // setup.seq)
-    return data[: n * setup.seq].view(n, setup.seq)
+    stride = len(data) // n
+    return torch.stack([data[i * stride:i * stride + setup.seq] for i in range(n)])
 
 
 # ---------------------------------------------------------------- model, training, evaluation
@@ -459,7 +460,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{s['batch']} x {s['seq']} bytes on {result['train_bytes']:,} bytes of the standard "
         f"library; every pruned model (and the dense one, as a reference) then fine-tuned "
         f"{result['finetune_steps']} steps on the same batches. Perplexity per byte and bits per "
-        f"byte on {result['eval_bytes']:,} bytes of held-out files (every 10th file).", "",
+        f"byte on {result['eval_bytes']:,} bytes spread over the held-out files (every 10th "
+        "file).", "",
         table(result), "",
         "`shape`: layers, hidden size, query/KV heads and MLP width per layer (`a/b/...` when "
         "layers differ). Params removed is the target; params kept is what the method reached.",

@@ -235,7 +235,7 @@ def shrink_method(importance: str) -> Callable[..., tuple[nn.Module, str]]:
         assert res.report is not None
         pinned = {g.id: g.pinned for g in res.report.groups if g.pinned is not None}
         PINNED.update(pinned)
-        note = f"{len(pinned)} groups pinned: " + ", ".join(sorted(pinned))
+        note = f"{len(pinned)} groups pinned (listed below)"
         if res.report.deviation is not None:
             note += f"; deviation from the masked original {res.report.deviation:.1e}"
         return res.model, note

@@ -1,0 +1,520 @@
+"""Prune a tiny Llama trained on Python's own standard library: held-out perplexity, side by side.
+
+    python examples/06_tiny_llm.py                      # ~3 min training, ~15 min in all
+    python examples/06_tiny_llm.py --quick              # ~20 s smoke run (tests use it)
+
+1. Data: the standard library's ``*.py`` files (``sysconfig.get_paths()["stdlib"]``, test
+   folders and site-packages left out), sorted, read as bytes (vocabulary 256; NUL, absent from
+   the sources, separates files). Every 10th file is held out; perplexity and bits per byte are
+   measured on fixed windows of the held-out files.
+2. Model: ``transformers.LlamaForCausalLM`` from a small ``LlamaConfig`` (random init, GQA),
+   trained with AdamW and a cosine schedule for ``--minutes`` (the step count is fixed before
+   training from the measured step time and printed, so ``--steps N`` replays the run exactly).
+3. Pruning at each ``--ratios`` (fraction of *parameters* removed) by every ``--methods``:
+   ``ln``, ``activation``, ``taylor``: :func:`shrink.prune` with ``capture="export"``,
+   ``target="params"`` and that importance; ``depth``: whole decoder layers removed, scored by
+   block influence (1 - cos(input, output) on calibration batches), a plain function of this
+   example since shrink has no depth option yet; ``tp``: torch-pruning's LLM recipe
+   (examples/LLMs/prune_llm.py: group L2 magnitude, query heads pruned evenly inside each KV
+   group, hidden size, MLP width, ``round_to=4``, lm_head kept, config patched afterwards), its
+   channel ratio searched so that it removes the same fraction of parameters.
+4. Each pruned model is measured, fine-tuned for ``--finetune-fraction`` of the training steps
+   (same batches, same schedule for every row; the dense model gets the same fine-tune as a
+   reference) and measured again. A method that fails is recorded as ``n/a (reason)``.
+
+The table goes to stdout and, with ``--out`` (default ``docs/tiny_llm.md`` unless ``--quick``),
+to a markdown file with the command at the top, plus the same data as JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import shlex
+import signal
+import sys
+import sysconfig
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+import transformers
+from torch import nn
+
+import shrink
+
+METHODS = ("ln", "activation", "taylor", "depth", "tp")
+LABELS = {"dense": "dense (no pruning)", "ln": "shrink ln (L2)",
+          "activation": "shrink activation", "taylor": "shrink taylor",
+          "depth": "depth, block influence (example code)", "tp": "torch-pruning LLM recipe"}
+SEP = 0  # NUL: separates files in the byte stream
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sizes of one run: the full experiment or the ``--quick`` smoke run."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    seq: int
+    batch: int
+    data_bytes: int
+    eval_windows: int
+    calib_batches: int
+    prune_timeout: int
+    lr: float = 2e-3
+    finetune_lr: float = 1e-3
+
+
+FULL = Setup(hidden=128, layers=4, heads=8, kv_heads=2, intermediate=352, seq=128, batch=16,
+             data_bytes=4_000_000, eval_windows=256, calib_batches=8, prune_timeout=600)
+QUICK = Setup(hidden=64, layers=2, heads=8, kv_heads=2, intermediate=176, seq=64, batch=8,
+              data_bytes=300_000, eval_windows=16, calib_batches=2, prune_timeout=60)
+
+
+# ---------------------------------------------------------------- data
+
+def stdlib_bytes(cap: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(train, held-out) byte streams of the standard library, and the number of files read.
+
+    Files are taken with a fixed stride through the sorted list so that about ``cap`` bytes
+    are read from all over the library; every 10th file taken is held out.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(f for f in root.rglob("*.py")
+                   if not skip & set(f.relative_to(root).parts) and f.is_file())
+    if not files:
+        raise SystemExit(f"no *.py files under {root}: is this a full Python install?")
+    total = sum(f.stat().st_size for f in files)
+    files = files[::max(1, math.ceil(total / cap))]
+    train: list[bytes] = []
+    held: list[bytes] = []
+    for i, f in enumerate(files):
+        (held if i % 10 == 0 else train).append(f.read_bytes().replace(b"\0", b""))
+
+    def stream(parts: list[bytes]) -> torch.Tensor:
+        data = bytes([SEP]).join(parts)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+    return stream(train), stream(held), len(files)
+
+
+def batches(data: torch.Tensor, n: int, setup: Setup, seed: int) -> list[torch.Tensor]:
+    """``n`` batches of random windows of ``data`` (the same for the same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - setup.seq, (n, setup.batch), generator=gen)
+    return [torch.stack([data[s:s + setup.seq] for s in row.tolist()]) for row in starts]
+
+
+def eval_windows(data: torch.Tensor, setup: Setup) -> torch.Tensor:
+    """Up to ``setup.eval_windows`` non-overlapping windows spread evenly over ``data``."""
+    n = min(setup.eval_windows, len(data) // setup.seq)
+    stride = len(data) // n
+    return torch.stack([data[i * stride:i * stride + setup.seq] for i in range(n)])
+
+
+# ---------------------------------------------------------------- model, training, evaluation
+
+def build_model(setup: Setup, seed: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=setup.hidden, num_hidden_layers=setup.layers,
+        num_attention_heads=setup.heads, num_key_value_heads=setup.kv_heads,
+        intermediate_size=setup.intermediate, max_position_embeddings=setup.seq,
+        tie_word_embeddings=False, use_cache=False, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None)
+    return transformers.LlamaForCausalLM(config)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train(model: nn.Module, data: list[torch.Tensor], lr: float) -> nn.Module:
+    """AdamW over ``data`` once: linear warmup (5%), cosine decay to 10% of ``lr``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    steps = len(data)
+    warm = max(1, steps // 20)
+
+    def at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, at)
+    model.train()
+    for ids in data:
+        loss = lm_loss(model(input_ids=ids).logits, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def steps_for(minutes: float, setup: Setup, train_data: torch.Tensor, seed: int) -> int:
+    """How many training steps fit in ``minutes``, timed on a throwaway model."""
+    probe = build_model(setup, seed)
+    data = batches(train_data, 4, setup, seed)
+    train(probe, data[:1], 1e-4)  # warm-up: allocator, first-call overheads
+    start = time.perf_counter()
+    train(probe, data[1:], 1e-4)
+    return max(10, int(minutes * 60 / ((time.perf_counter() - start) / 3)))
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, windows: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for ids in windows.split(batch):
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(lm_loss(model(input_ids=ids).logits, ids)) * n
+        count += n
+    return total / count
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def shape_of(model: transformers.LlamaForCausalLM) -> str:
+    """Layers, hidden size, query/KV heads and MLP widths, e.g. ``4L h128 q8/kv2 mlp352``."""
+    layers = model.model.layers
+    hidden = model.model.embed_tokens.embedding_dim
+
+    def spread(values: list[int]) -> str:
+        return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
+
+    q = [a.self_attn.q_proj.out_features // a.self_attn.head_dim for a in layers]
+    kv = [a.self_attn.k_proj.out_features // a.self_attn.head_dim for a in layers]
+    mlp = [a.mlp.gate_proj.out_features for a in layers]
+    return f"{len(layers)}L h{hidden} q{spread(q)}/kv{spread(kv)} mlp{spread(mlp)}"
+
+
+# ---------------------------------------------------------------- pruning methods
+
+@dataclass
+class Calibration:
+    """What the pruning methods may look at: training batches and one example input."""
+
+    batches: list[torch.Tensor]
+    example: torch.Tensor
+
+
+PINNED: dict[str, str] = {}  # group id -> why shrink kept it, over every shrink run
+
+
+def shrink_method(importance: str) -> Callable[..., tuple[nn.Module, str]]:
+    """shrink's public API: ratio = fraction of parameters removed, torch.export capture."""
+
+    def prune(model: nn.Module, ratio: float, calib: Calibration) -> tuple[nn.Module, str]:
+        options: dict[str, Any] = {"importance": importance}
+        if importance == "activation":
+            options["data"] = [(ids,) for ids in calib.batches]
+        if importance == "taylor":
+            options["data"] = [(ids, ids) for ids in calib.batches]
+            options["loss_fn"] = lambda out, ids: lm_loss(out.logits, ids)
+        cfg = shrink.PruneConfig(ratio, capture="export", target="params", **options)
+        res = shrink.prune(model, (calib.example,), cfg)
+        assert res.report is not None
+        pinned = {g.id: g.pinned for g in res.report.groups if g.pinned is not None}
+        PINNED.update(pinned)
+        note = f"{len(pinned)} groups pinned (listed below)"
+        if res.report.deviation is not None:
+            note += f"; deviation from the masked original {res.report.deviation:.1e}"
+        return res.model, note
+
+    return prune
+
+
+@torch.no_grad()
+def block_influence(model: transformers.LlamaForCausalLM, data: list[torch.Tensor]) -> list[float]:
+    """Per decoder layer: 1 - mean over tokens of cos(layer input, layer output) (ShortGPT)."""
+    layers = model.model.layers
+    sums = [0.0] * len(layers)
+    count = 0
+
+    def hook(i: int) -> Callable[..., None]:
+        def record(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   out: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            sums[i] += float(F.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1).sum())
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    try:
+        for ids in data:
+            model(input_ids=ids)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - s / count for s in sums]
+
+
+def prune_depth(model: nn.Module, ratio: float, calib: Calibration) -> tuple[nn.Module, str]:
+    """Remove the decoder layers with the least block influence; as many as come closest to
+    ``ratio`` of the parameters (at least one, never all)."""
+    model = copy.deepcopy(model)
+    layers = model.model.layers
+    per_layer = params(layers[0])
+    n = min(len(layers) - 1, max(1, round(ratio * params(model) / per_layer)))
+    scores = block_influence(model, calib.batches)
+    drop = sorted(sorted(range(len(layers)), key=lambda i: (scores[i], i))[:n])
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    for i, layer in enumerate(kept):
+        layer.self_attn.layer_idx = i
+    model.model.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i]
+                                    for i in range(len(layers)) if i not in drop]
+    bi = ", ".join(f"{s:.3f}" for s in scores)
+    return model, f"removed layers {drop}; block influence [{bi}]"
+
+
+def tp_prune(model: nn.Module, channel_ratio: float, example: torch.Tensor) -> nn.Module:
+    """torch-pruning's examples/LLMs/prune_llm.py, on a copy of ``model``."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    config = model.config
+    num_heads = {}
+    for name, m in model.named_modules():
+        if name.endswith("self_attn"):
+            num_heads[m.q_proj] = config.num_attention_heads
+            num_heads[m.k_proj] = config.num_key_value_heads
+            num_heads[m.v_proj] = config.num_key_value_heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "will prune the last dimension" of the RMSNorm weights
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs=example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+            global_pruning=False, pruning_ratio=channel_ratio, ignored_layers=[model.lm_head],
+            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+            head_pruning_ratio=channel_ratio, round_to=4)
+        for group in pruner.step(interactive=True):
+            group.prune()
+    # the recipe's config patch, for transformers 5 attention (which reads head_dim and
+    # num_key_value_groups from the module, the sizes from the weights)
+    config.hidden_size = model.lm_head.in_features
+    for name, m in model.named_modules():
+        if name.endswith("self_attn"):
+            q, kv = (p.out_features // m.head_dim for p in (m.q_proj, m.k_proj))
+            m.num_key_value_groups = q // kv
+            config.num_attention_heads, config.num_key_value_heads = q, kv
+        elif name.endswith("mlp"):
+            config.intermediate_size = m.gate_proj.out_features
+    return model
+
+
+def prune_tp(model: nn.Module, ratio: float, calib: Calibration) -> tuple[nn.Module, str]:
+    """torch-pruning's recipe, with its channel ratio bisected to remove ``ratio`` of params."""
+    goal = (1 - ratio) * params(model)
+    lo, hi = 0.0, 0.95
+    best: tuple[float, float] | None = None  # (|params - goal|, channel ratio)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        kept = params(tp_prune(model, mid, calib.example))
+        if best is None or abs(kept - goal) < best[0]:
+            best = (abs(kept - goal), mid)
+        lo, hi = (mid, hi) if kept > goal else (lo, mid)
+    assert best is not None
+    return tp_prune(model, best[1], calib.example), f"channel/head ratio {best[1]:.3f}"
+
+
+PRUNERS: dict[str, Callable[[nn.Module, float, Calibration], tuple[nn.Module, str]]] = {
+    "ln": shrink_method("ln"), "activation": shrink_method("activation"),
+    "taylor": shrink_method("taylor"), "depth": prune_depth, "tp": prune_tp,
+}
+
+
+# ---------------------------------------------------------------- experiment
+
+def failure(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Any:
+    """Raise TimeoutError in the main thread after ``seconds`` (a pruner that hangs becomes a
+    row that says so; torch-pruning 1.6.1 loops in ``get_all_groups`` on Llama with 4 query
+    and 2 KV heads)."""
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"gave up after {seconds} s")
+
+    if not hasattr(signal, "SIGALRM"):  # Windows: no limit
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    setup = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    train_data, held, n_files = stdlib_bytes(setup.data_bytes)
+    windows = eval_windows(held, setup)
+    steps = args.steps or steps_for(args.minutes, setup, train_data, args.seed)
+    ft_steps = max(1, round(args.finetune_fraction * steps))
+    print(f"data: {n_files} files, {len(train_data):,} train / {len(held):,} held-out bytes; "
+          f"training {steps} steps, fine-tune {ft_steps}", flush=True)
+
+    dense = train(build_model(setup, args.seed), batches(train_data, steps, setup, args.seed),
+                  setup.lr)
+    trained_at = time.perf_counter()
+    ft_data = batches(train_data, ft_steps, setup, args.seed + 1)
+    calib_data = batches(train_data, setup.calib_batches, setup, args.seed + 2)
+    calib = Calibration(calib_data, calib_data[0][:1])
+    dense_params = params(dense)
+
+    def finish(method: str, ratio: float, model: nn.Module, note: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"method": method, "ratio": ratio, "params": params(model),
+                               "kept": params(model) / dense_params, "shape": shape_of(model),
+                               "note": note}
+        row["loss_pruned"] = held_out_loss(model, windows, setup.batch)
+        torch.manual_seed(args.seed)
+        model = train(model, ft_data, args.finetune_lr or setup.finetune_lr)
+        row["loss_finetuned"] = held_out_loss(model, windows, setup.batch)
+        print(f"  {method:>10} {ratio:.2f}: {row['kept']:.3f} of params, "
+              f"ppl {math.exp(row['loss_pruned']):.3f} -> {math.exp(row['loss_finetuned']):.3f}"
+              f"  ({row['shape']}; {note[:80]})", flush=True)
+        return row
+
+    rows = [finish("dense", 0.0, copy.deepcopy(dense), "")]
+    for ratio in args.ratios:
+        for method in args.methods:
+            try:
+                with time_limit(setup.prune_timeout), \
+                        contextlib.redirect_stderr(io.StringIO()):  # torch.export's warnings
+                    small, note = PRUNERS[method](dense, ratio, calib)
+                rows.append(finish(method, ratio, small, note))
+            except Exception as e:  # the experiment records any failure and carries on
+                rows.append({"method": method, "ratio": ratio, "error": failure(e)})
+                print(f"  {method:>10} {ratio:.2f}: n/a ({rows[-1]['error']})", flush=True)
+    return {"setup": setup.__dict__, "steps": steps, "finetune_steps": ft_steps,
+            "files": n_files, "train_bytes": len(train_data), "held_out_bytes": len(held),
+            "eval_bytes": windows.numel(), "dense_params": dense_params, "rows": rows,
+            "seconds": {"train": trained_at - started, "total": time.perf_counter() - started},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "shrink": shrink.__version__, "python": sys.version.split()[0]},
+            "threads": torch.get_num_threads(), "seed": args.seed, "pinned_by_shrink": PINNED}
+
+
+def table(result: dict[str, Any]) -> str:
+    def ppl(loss: float) -> str:
+        return f"{math.exp(loss):.3f} ({loss / math.log(2):.3f})"
+
+    lines = ["| method | params removed (target) | params kept | shape | ppl (bpb) after prune "
+             "| ppl (bpb) after fine-tune |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        target = "-" if r["method"] == "dense" else f"{r['ratio']:.0%}"
+        if "error" in r:
+            lines.append(f"| {LABELS[r['method']]} | {target} | n/a ({r['error']}) | | | |")
+            continue
+        lines.append(f"| {LABELS[r['method']]} | {target} | {r['params']:,} ({r['kept']:.1%}) "
+                     f"| {r['shape']} | {ppl(r['loss_pruned'])} | {ppl(r['loss_finetuned'])} |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    s = result["setup"]
+    notes = [f"- {LABELS[r['method']]} at {r['ratio']:.0%}: {r['note']}"
+             for r in result["rows"] if r.get("note")]
+    return "\n".join([
+        "# Tiny Llama on the Python standard library: pruning and held-out perplexity", "",
+        "```bash", command, "```", "",
+        f"Deterministic replay: add `--steps {result['steps']}` (the step count the time budget "
+        f"gave on this machine). {result['threads']} thread(s), "
+        f"{result['seconds']['total'] / 60:.1f} min in all "
+        f"({result['seconds']['train'] / 60:.1f} min data and training); "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+        f"Model: `LlamaForCausalLM`, {s['layers']} layers, hidden {s['hidden']}, "
+        f"{s['heads']} query / {s['kv_heads']} KV heads, MLP {s['intermediate']}, vocabulary 256 "
+        f"bytes, {result['dense_params']:,} parameters. Trained {result['steps']} steps of "
+        f"{s['batch']} x {s['seq']} bytes on {result['train_bytes']:,} bytes of the standard "
+        f"library; every pruned model (and the dense one, as a reference) then fine-tuned "
+        f"{result['finetune_steps']} steps on the same batches. Perplexity per byte and bits per "
+        f"byte on {result['eval_bytes']:,} bytes spread over the held-out files (every 10th "
+        "file).", "",
+        table(result), "",
+        "`shape`: layers, hidden size, query/KV heads and MLP width per layer (`a/b/...` when "
+        "layers differ). Params removed is the target; params kept is what the method reached.",
+        "", "Notes:", *notes, "",
+        "Groups shrink pinned (kept whole), and why:", "",
+        *(f"- `{g}`: {why[:400]}" for g, why in sorted(result["pinned_by_shrink"].items())),
+        ""])
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    p.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
+    p.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=None,
+                   help="fractions of parameters removed, e.g. 0.2,0.3,0.5")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--finetune-fraction", type=float, default=0.2,
+                   help="fine-tune steps as a fraction of the training steps")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="peak learning rate of the fine-tune (default 1e-3)")
+    p.add_argument("--quick", action="store_true", help="tiny model and data: a ~20 s smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="markdown table path (JSON beside it); default docs/tiny_llm.md, "
+                        "none with --quick")
+    args = p.parse_args(argv)
+    if args.ratios is None:
+        args.ratios = [0.3] if args.quick else [0.2, 0.3, 0.5]
+    if args.quick and args.steps is None:
+        args.steps = 30
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; choose from {','.join(METHODS)}")
+    if args.out is None and not args.quick:
+        args.out = Path(__file__).resolve().parents[1] / "docs" / "tiny_llm.md"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    args = parse(argv)
+    command = "python examples/06_tiny_llm.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    result = run(args)
+    print(table(result))
+    print(f"total {result['seconds']['total']:.0f} s")
+    if args.out is not None:
+        args.out.write_text(markdown(result, command.strip()))
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,7 @@ ctx = None
 if kind == "yolo":
     from tests import yolo_helpers as yh
     yh.offline()
-    model = yh.build(arch)
+    model = yh.build(arch).model
     x = yh.example_inputs(320)
     ctx = yh.deploy_outputs(model)
     ctx.__enter__()

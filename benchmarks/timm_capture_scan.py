@@ -9,7 +9,8 @@ smallest variant: the four best names by a size heuristic (``atto`` < ``nano`` <
 the one with the fewest parameters wins. Each model is then captured with
 ``shrink.capture(model, x, frontend="fx", on_meta=True)``, ``x = randn(1, 3, S, S)`` at the
 model's default input side capped at 224 (a model whose default is larger is built with
-``img_size=S`` where it takes one); where fx fails, with ``frontend="export"``. Each capture
+``img_size=S`` where it takes one; where the model itself rejects S, at its default side);
+where fx fails, with ``frontend="export"``. Each capture
 runs in its own subprocess with a timeout, so a hang cannot stall the scan. Models above 150M
 parameters are built on the meta device (no weights); for export that means the meta attempt
 only. Prints a markdown table; writes every row as JSON.
@@ -33,7 +34,8 @@ import logging
 logging.disable(logging.WARNING)
 import torch, timm
 torch.set_num_threads(1)
-name, frontends, side, limit = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
+name, frontends = sys.argv[1], sys.argv[2].split(",")
+side, limit = int(sys.argv[3]), int(sys.argv[4])
 import shrink
 
 def build(device):
@@ -132,7 +134,7 @@ def pick_models(families: list[str] | None, n_candidates: int = 5) -> dict[str, 
             try:
                 with torch.device("meta"):
                     m = timm.create_model(n, pretrained=False)
-            except Exception:  # noqa: BLE001, S112 - a variant that does not build is skipped
+            except Exception:  # a variant that does not build is skipped
                 continue
             p = sum(t.numel() for t in m.parameters())
             if best is None or p < best[0]:
@@ -182,8 +184,13 @@ def scan(families: list[str] | None, timeout: float, export_all: bool) -> list[d
         side = min(int(cfg.input_size[-1]) if cfg is not None else 224, 224)
         row: dict[str, Any] = {"family": family, "model": name, "side": side}
         row.update(run_child(name, ["fx", "export"], side, timeout))
+        default = int(cfg.input_size[-1]) if cfg is not None else side
+        if row.get("export", {}).get("eager") is False and default != side:
+            # the model itself rejects the capped side (crossvit needs 240): its default then
+            row = {"family": family, "model": name, "side": default, "capped_side_failed": True}
+            row.update(run_child(name, ["fx", "export"], default, timeout))
         if "export" not in row and (export_all or not row["fx"]["ok"]):
-            row.update(run_child(name, ["export"], side, timeout))
+            row.update(run_child(name, ["export"], row["side"], timeout))
         row["params"] = row["fx"].get("params")
         rows.append(row)
         print(_line(row), file=sys.stderr, flush=True)
@@ -224,7 +231,8 @@ def table(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"{len(rows)} families: **fx ok {counts['fx']}**, **export only "
         f"{counts['export only']}**, **neither {counts['neither']}**. Capture on the meta "
-        "device (`on_meta=True`), batch 1, input side = default capped at 224; times are "
+        "device (`on_meta=True`), batch 1, input side = default capped at 224 (the default "
+        "where the model rejects the capped side); times are "
         "wall seconds of `shrink.capture` on a shared 2-core machine (1 thread).",
         "",
         "| family | model | params | side | fx | export | verdict |",

@@ -8,9 +8,10 @@ original, cost at most 0.8 of the dense MACs, keep every pinned group whole, and
 with onnxruntime parity. Marked ``slow`` and ``zoo`` like the other zoo files; 2 to 4
 minutes on 2 cores (2 min 8 s unloaded; each case 7-21 s).
 
-Left out: giants (vgg11 133M, nasnet/pnasnet, naflexvit, qwen3/samvit ~87M, mobilenetv5 83M,
-gemma4_vit 167M) and models that need 224 px and 4-5 GMACs (hiera_tiny, mvitv2_tiny; both
-compress to under 0.5 of their MACs, measured by hand).
+Left out: giants (vgg11 133M, nasnet/pnasnet, naflexvit, qwen3/samvit ~87M, mobilenetv5 83M;
+gemma4_vit 167M, which export cannot capture either: its ``torch.no_grad()`` rotary code becomes
+a higher-order op whose body the front-end does not copy) and models that need 224 px and
+4-5 GMACs (hiera_tiny, mvitv2_tiny; both compress to under 0.5 of their MACs, measured by hand).
 """
 
 from __future__ import annotations

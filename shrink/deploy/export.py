@@ -18,6 +18,7 @@ so shrink does not fold BN itself.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -199,6 +200,9 @@ def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
     come out of export as it went in."""
     skip = {"_parameters", "_buffers", "_modules", "training"}
     saved = {m: {k: v for k, v in vars(m).items() if k not in skip} for m in model.modules()}
+    # a cache filled in place (timm's ``attention_bias_cache`` dict): its contents too
+    contents = {id(v): (v, copy.copy(v)) for attrs in saved.values() for v in attrs.values()
+                if type(v) in (dict, list)}
     try:
         yield
     finally:
@@ -208,6 +212,12 @@ def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
             for k, v in before.items():
                 if vars(m).get(k, _MISSING) is not v:
                     object.__setattr__(m, k, v)
+        for container, items in contents.values():
+            container.clear()
+            if isinstance(container, dict):
+                container.update(items)
+            else:
+                container.extend(items)
 
 
 _MISSING = object()

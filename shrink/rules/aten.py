@@ -15,6 +15,7 @@ is wrong, the pruned model does not fit and the shape probe pins those channels.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -43,18 +44,22 @@ register_function(*_packets(
     "_to_copy", "to", "type_as", "dropout", "feature_dropout", "alpha_dropout", "nan_to_num",
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
     "logical_not", "bitwise_not", "log_sigmoid", "erfc", "expm1", "log1p", "sin", "cos",
+    "clip", "clip_", "exp_", "log_", "sqrt_", "rsqrt_", "abs_", "neg_", "erf_", "sign_",
+    "floor_", "ceil_", "round_", "reciprocal_", "square_", "nan_to_num_", "sin_", "cos_",
+    "selu_", "celu_", "feature_alpha_dropout",
 ))(pointwise.unary)
 
 register_function(*_packets(
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "maximum", "minimum",
     "pow", "pow_", "where", "lerp", "addcmul", "eq", "ne", "gt", "ge", "lt", "le",
     "logical_and", "logical_or", "bitwise_and", "bitwise_or", "remainder", "fmod",
-    "floor_divide", "masked_fill", "masked_fill_", "copysign", "atan2",
+    "floor_divide", "masked_fill", "masked_fill_", "copysign", "atan2", "multiply", "multiply_",
+    "subtract", "subtract_", "true_divide", "true_divide_",
 ))(pointwise.broadcast)
 
 register_function(*_packets("view", "reshape", "_unsafe_view"))(structural.view)
 register_function(*_packets("flatten", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_",
-                            "ravel"))(structural.reshape_free)
+                            "ravel", "view_as", "reshape_as"))(structural.reshape_free)
 register_function(*_packets("permute"))(structural.permute)
 register_function(*_packets("transpose", "transpose_", "swapaxes"))(structural.transpose)
 register_function(*_packets("t", "numpy_T"))(structural.t_)
@@ -63,13 +68,14 @@ register_function(*_packets("cat", "concat", "concatenate"))(structural.cat)
 register_function(*_packets("stack"))(structural.stack)
 register_function(*_packets("unbind"))(structural.unbind)
 register_function(*_packets(
-    "mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "logsumexp", "nansum",
+    "mean", "sum", "amax", "amin", "max", "min", "prod", "logsumexp", "nansum",
 ))(axes.reduce)
 register_function(*_packets("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum"))(
     axes.alongnorm_dim
 )
 register_function(*_packets(
-    "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
+    "max_pool1d", "max_pool1d_with_indices", "avg_pool1d", "adaptive_avg_pool1d",
+    "adaptive_max_pool1d",
 ))(axes._spatial_rule(1))
 register_function(*_packets(
     "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
@@ -102,14 +108,36 @@ def chunk(t: Tracker, call: Call) -> Any:
 
 
 @register_function(*_packets("split", "split_with_sizes", "unsafe_split",
-                             "unsafe_split_with_sizes"))
+                             "unsafe_split_with_sizes", "tensor_split"))
 def split(t: Tracker, call: Call) -> Any:
     """Pieces of equal size shrink together, as a chunk's do (export cannot say whether the
-    size was a literal or computed from the tensor's shape; a literal one fails the probe)."""
+    size was a literal or computed from the tensor's shape; a literal one fails the probe).
+    ``tensor_split(x, n, dim)`` is a chunk; its split-index overload, a split."""
     return structural._split_like(
         t, call, call.arg(2, "dim", 0), True,
         "splits channels into pieces of unequal sizes, which cannot follow pruning",
     )
+
+
+@register_function(*_packets("std", "var"))
+def std_var(t: Tracker, call: Call) -> Any:
+    """``aten.std``/``aten.var``: the ``.dim`` overloads take ``unbiased`` before ``keepdim``
+    (``var.dim(x, dim, unbiased, keepdim)``) and ``.default`` takes only ``unbiased`` (every
+    axis), where :func:`~shrink.rules.axes.reduce` reads ``(x, dim, keepdim)``."""
+    overload = getattr(call.node.target, "_overloadname", "")
+    x, rest = call.args[0], call.args[1:]
+    if overload == "default":
+        rest = ()
+    elif overload == "dim":
+        rest = rest[:1] + rest[2:3]
+    return axes.reduce(t, dataclasses.replace(call, args=(x, *rest)))
+
+
+@register_function(*_packets("linalg_vector_norm", "norm"))
+def vector_norm(t: Tracker, call: Call) -> Any:
+    """``aten.linalg_vector_norm(x, ord, dim, keepdim)`` and ``aten.norm(x, p, dim, keepdim)``
+    (``F.normalize``, ``x.norm(dim=1)``): a reduction whose order comes before its axes."""
+    return axes.reduce(t, dataclasses.replace(call, args=(call.args[0], *call.args[2:])))
 
 
 @register_function(*_packets("unflatten"))

@@ -100,3 +100,35 @@ def test_export_leaves_a_self_caching_model_as_it_was(tmp_path: Path) -> None:
     assert out.exporter == "torchscript" and "batch" in (out.fallback_reason or "")
     checked = shrink.export_onnx(copy.deepcopy(model), x, tmp_path / "d.onnx")
     assert checked.parity is not None and checked.parity.batches == (2, 4)  # x, and batch 4
+
+
+class CachesInADict(nn.Module):
+    """Like timm's TinyViT/EfficientViT attention: in eval, forward fills a dict cache only when
+    the device's entry is missing, and ``train()``/``eval()`` replace the cache by an empty one
+    (so the one export sees is empty, and export fills it with a fake tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> CachesInADict:
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.conv(x) + self.cache[key]
+
+
+def test_export_leaves_no_fake_tensor_in_a_dict_cache_filled_in_place(tmp_path: Path) -> None:
+    model, x = CachesInADict().eval(), torch.randn(2, 3, 5, 5)
+    out = shrink.export_onnx(model, x, tmp_path / "c.onnx")  # parity runs the model again
+    assert out.parity is not None
+    assert all(type(t) is torch.Tensor for t in model.cache.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.conv(x) + model.bias * 2)

@@ -190,6 +190,14 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
         if n in frozen and n.users:  # where forward uses it, for the reasons that name it
             env[n].meta["stack_trace"] = next(iter(n.users)).meta.get("stack_trace")
 
+    for n in old:
+        if n.op == "get_attr":  # a higher-order op's body (``torch.no_grad()`` in forward)
+            attr = f"{CONSTANT_PREFIX}{n_const}"
+            n_const += 1
+            setattr(root, attr, getattr(ep.graph_module, str(n.target)))
+            env[n] = g.get_attr(attr)
+            frozen.add(n)
+
     # runs of nodes that one call of a unit module recorded
     runs: list[tuple[tuple[str, str] | None, list[fx.Node]]] = []
     for n in old:

@@ -191,3 +191,29 @@ def test_split_sizes_held_in_an_attribute_follow_pruning(frontend: str) -> None:
     res = prune_checked(model, x, 0.5, capture=frontend)
     assert res.model.c == 4 and res.model.cv1.out_channels == 8
     assert res.model.cv2.in_channels == 8 and model.c == 8
+
+
+class NoGradInside(nn.Module):
+    """``torch.no_grad()`` in forward: export makes it a higher-order op with a graph body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 8)
+        self.c = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(F.relu(self.a(x)))
+        with torch.no_grad():
+            scale = h.abs().mean(-1, keepdim=True) + 1
+        if x.shape[0] > 0:  # keeps fx out
+            h = h / scale
+        return self.c(h)
+
+
+def test_a_no_grad_block_in_forward_is_captured_and_pinned_not_a_crash() -> None:
+    model, x = NoGradInside().eval(), torch.randn(3, 8)
+    analysis = shrink.analyze(shrink.capture(model, x, frontend="export"))
+    assert any(g.id == "a:out" for g in analysis.prunable)  # before the block: free
+    res = prune_checked(model, x, 0.5, capture="export")
+    assert res.model.a.out_features == 8 and res.model.b.out_features == 8

@@ -6,6 +6,7 @@ the last axis and the same ids at every position (tokens, batch).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,4 +52,43 @@ class LinearRule(ModuleRule):
         if lin.bias is not None:
             copy_param_(new.bias, index(lin.bias, 0, kout))
             new.bias.requires_grad_(lin.bias.requires_grad)
+        return finish(new, m)
+
+
+@register_rule_by_name("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT): a Linear whose weight is stored transposed,
+    ``(in, out)``, with ``nx`` inputs and ``nf`` outputs. transformers is never imported: the
+    rule is matched by name, and the rebuilt layer is a copy of the same class."""
+
+    def example_input_shape(self, m: nn.Module) -> tuple[int, ...] | None:
+        return (1, int(m.nx))  # type: ignore[arg-type]
+
+    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
+        x = call.args[0]
+        t.member(fqn, Side.IN, channel_ids(t, x, -1))
+        out_ids = t.fresh(int(m.nf), f"{fqn}:out")  # type: ignore[arg-type]
+        t.member(fqn, Side.OUT, out_ids)
+        return ids_on_axis(out_ids, tuple(call.out.shape), -1)
+
+    def extent(self, m: nn.Module, side: Side) -> int | None:
+        return int(m.nx if side is Side.IN else m.nf)  # type: ignore[arg-type]
+
+    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
+        return ((m.weight, 1 if side is Side.OUT else 0),)  # type: ignore[return-value]
+
+    def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
+        weight, bias = m.weight, m.bias
+        if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{type(m).__name__} without a weight and bias tensor")
+        kin = keep.resolve(Side.IN, int(m.nx))  # type: ignore[arg-type]
+        kout = keep.resolve(Side.OUT, int(m.nf))  # type: ignore[arg-type]
+        new = copy.copy(m)  # same class and attributes; fresh parameter tables below
+        new._parameters = {}
+        new._buffers = dict(m._buffers)
+        new._modules = dict(m._modules)
+        new.weight = nn.Parameter(index(index(weight.detach(), 0, kin), 1, kout).clone(),
+                                  weight.requires_grad)
+        new.bias = nn.Parameter(index(bias.detach(), 0, kout).clone(), bias.requires_grad)
+        new.__dict__["nx"], new.__dict__["nf"] = len(kin), len(kout)
         return finish(new, m)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 import torch
 
-from shrink.ids import Call, Ids, Tracker, make_ids
+from shrink.ids import Call, Ids, Tracker
 from shrink.rules import axes, pointwise, structural
 from shrink.rules.registry import register_function
-from shrink.rules.structural import norm_dim, reshape_ids, shape_of
+from shrink.rules.structural import norm_dim, reshape_ids
 
 aten = torch.ops.aten
 
@@ -151,22 +150,12 @@ def unflatten(t: Tracker, call: Call) -> Any:
 
 
 def _along(t: Tracker, call: Call, dim: int, index: int | slice) -> Any:
-    """Index one axis (``aten.slice``/``aten.select``) the way ``x[..., index]`` does."""
+    """Index one axis (``aten.slice``/``aten.select``): the getitem rule on ``x[..., index]``."""
     x = call.args[0]
     if not isinstance(x, Ids):
         return structural.pin_all(t, call, "indexes a value shrink cannot follow")
-    dim = norm_dim(dim, x.ndim)
-    size = x.shape[dim]
-    if x.varies(dim):
-        whole = isinstance(index, slice) and range(size)[index] == range(size)
-        if not whole:
-            t.pin_if_channel_axis(x.a, dim, f"{call.name} at {call.where} slices a channel "
-                                  "axis with fixed bounds")
-        sel: Any = index
-    else:
-        sel = 0 if isinstance(index, int) else slice(None)
-    idx = tuple(sel if d == dim else slice(None) for d in range(x.ndim))
-    return make_ids(np.asarray(x.a[idx]), shape_of(call.out))
+    idx = (slice(None),) * norm_dim(dim, x.ndim) + (index,)
+    return structural.getitem(t, dataclasses.replace(call, args=(x, idx)))
 
 
 @register_function(*_packets("slice"))

@@ -119,6 +119,18 @@ def _buffer_size(m: nn.Module) -> int:
     return int(weight.shape[0])
 
 
+def inexact_member(t: Tracker, fqn: str, cid: Any, what: str) -> None:
+    """The OUT channels of a layer that normalises over them: an inexact member (pruning
+    changes its statistics), or pinned with ``exact_only``."""
+    t.member(fqn, Side.OUT, cid)
+    why = f"{what}: pruning them changes its statistics"
+    if t.exact_only:
+        t.pin(cid, why + " (exact_only=True keeps them)")
+    else:
+        t.mark_inexact(cid, why + ", so the pruned model differs from the masked original "
+                       "by the deviation the report gives (exact_only=True keeps them)")
+
+
 @register_rule(nn.LayerNorm, nn.RMSNorm)
 @register_rule_by_name("timm.layers.norm.LayerNorm", "timm.layers.norm.LayerNormFp32",
                        "timm.layers.norm.RmsNorm", "timm.layers.norm.RmsNormFp32")
@@ -136,16 +148,8 @@ class LayerNormRule(ModuleRule):
         if len(m.normalized_shape) != 1 or len(call.args) > 1:  # type: ignore[arg-type]
             return ChannelMixingNormRule().propagate(t, fqn, m, call)
         cid = channel_ids(t, x, self._axis(x.ndim))
-        t.member(fqn, Side.OUT, cid)
-        why = (
-            f"{fqn} ({type(m).__name__}) at {call.where} normalises over channels: pruning them "
-            "changes its statistics"
-        )
-        if t.exact_only:
-            t.pin(cid, why + " (exact_only=True keeps them)")
-        else:
-            t.mark_inexact(cid, why + ", so the pruned model differs from the masked original "
-                           "by the deviation the report gives (exact_only=True keeps them)")
+        inexact_member(t, fqn, cid, f"{fqn} ({type(m).__name__}) at {call.where} normalises "
+                       "over channels")
         return x
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
@@ -206,14 +210,8 @@ class GroupNormRule(ModuleRule):
         x = call.args[0]
         cid = channel_ids(t, x, 1)
         if int(m.num_groups) == 1 and int(m.num_channels) > 1:  # type: ignore[arg-type]
-            t.member(fqn, Side.OUT, cid)
-            why = (f"{fqn} ({type(m).__name__}) at {call.where} normalises over all channels: "
-                   "pruning them changes its statistics")
-            if t.exact_only:
-                t.pin(cid, why + " (exact_only=True keeps them)")
-            else:
-                t.mark_inexact(cid, why + ", so the pruned model differs from the masked "
-                               "original by the deviation the report gives")
+            inexact_member(t, fqn, cid, f"{fqn} ({type(m).__name__}) at {call.where} "
+                           "normalises over all channels")
             return x
         for block in np.split(cid, int(m.num_groups)):  # type: ignore[arg-type]
             t.union_all(block)

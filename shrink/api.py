@@ -146,7 +146,7 @@ def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: Prun
     try:
         with stage("analyze"):
             return captured, analyze(captured, ignore=config.ignore, source=model,
-                                     grouped_convs=config.grouped_convs,
+                                     grouped_convs=config.grouped_convs, gqa=config.gqa,
                                      exact_only=config.exact_only)
     except CaptureError as fx_error:
         if frontend != "auto" or used != "fx":
@@ -183,7 +183,7 @@ def compress(
             ``max_batches``, ``seed``, ``scope`` ('local' or 'global'), ``target``
             ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
-            ``min_ratio``, ``exact_only``, ``grouped_convs``, ``verify`` (default True),
+            ``min_ratio``, ``exact_only``, ``grouped_convs``, ``gqa`` ('groups' or 'query'), ``verify`` (default True),
             ``rtol``, ``leaf_types``, ``capture`` (``"auto"``, ``"fx"`` or ``"export"``).
 
     Returns:

@@ -81,6 +81,13 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     # outputs export cannot flatten (a transformers DynamicCache) are left out: the analysis
     # pins every output tensor anyway, and only tensors can be checked
     model.forward = tensors_only  # type: ignore[method-assign]
+    # a Hugging Face model hands its KV cache object to every attention layer, and a call
+    # signature can only be preserved over tensors: capture without the cache (the layers and
+    # their channels are the same)
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    if use_cache:
+        cfg.use_cache = False  # type: ignore[union-attr]
     try:
         with _quiet():
             try:
@@ -92,6 +99,8 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
             return torch.export.export(model, inputs, strict=False)
     finally:
         del model.forward
+        if use_cache:
+            cfg.use_cache = use_cache  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
@@ -232,6 +241,10 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
                 if a not in inside and a not in frozen and a not in acts:
                     acts.append(a)
         outs = [n for n in nodes if any(u not in inside for u in n.users)]
+        # ``x.to(dtype)`` with x already that dtype returns x itself, and export then hands
+        # the module's *input* on through that node (RMSNorm's residual): it is the input
+        aliases = [n for n in outs if _is_noop_to(n) and n.args[0] in acts]
+        outs = [n for n in outs if n not in aliases]
         signature = calls.get(fqn) if n_runs[fqn] == 1 else None
         call: fx.Node | None = None
         if signature is not None:
@@ -257,6 +270,8 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
             for n in nodes:
                 copy_node(n)
             continue
+        for n in aliases:
+            env[n] = env[n.args[0]]
         call.meta["nn_module_stack"] = dict(nodes[0].meta.get("nn_module_stack") or {})
         call.meta["stack_trace"] = nodes[0].meta.get("stack_trace")
         if any(o not in env for o in outs):
@@ -273,6 +288,17 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
             g.erase_node(n)
     g.lint()
     return g
+
+
+def _is_noop_to(n: fx.Node) -> bool:
+    """``aten.to``/``aten._to_copy`` that keeps its input's dtype and device: the same tensor."""
+    if getattr(n.target, "_opname", "") not in ("to", "_to_copy") or not n.args:
+        return False
+    src = n.args[0]
+    a = src.meta.get("val") if isinstance(src, fx.Node) else None
+    b = n.meta.get("val")
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape)
 
 
 def _leaf_paths(spec: Any) -> list[tuple[Any, ...]]:

@@ -64,6 +64,9 @@ class PruneConfig:
             inexact groups and the report gives the measured deviation.
         grouped_convs: ``"channels"`` (every conv group loses the same number of channels) or
             ``"groups"`` (whole conv groups go).
+        gqa: grouped-query attention (Hugging Face Llama, Qwen, Mistral, ...): ``"groups"``
+            (default: whole KV groups go, so the KV cache shrinks too) or ``"query"`` (every KV
+            group loses the same query heads; key/value heads stay).
         verify: check the result against the masked oracle (raises on mismatch).
         rtol: tolerance of that check.
         leaf_types: module types kept opaque during capture.
@@ -98,6 +101,7 @@ class PruneConfig:
     ignore: Any = ()
     exact_only: bool = False
     grouped_convs: str = "channels"
+    gqa: str = "groups"
     verify: bool = True
     rtol: float = 1e-5
     leaf_types: Any = ()
@@ -121,6 +125,9 @@ class PruneConfig:
             raise ConfigError(f"scope must be 'local' or 'global', got {self.scope!r}")
         if self.min_ratio and self.resolved_scope != "global":
             raise ConfigError("min_ratio (per-group floor) applies to scope='global' only")
+        if self.gqa not in ("groups", "query"):
+            raise ConfigError(f"gqa must be 'groups' (whole KV groups) or 'query' (query heads "
+                              f"inside every KV group), got {self.gqa!r}")
         if self.grouped_convs not in ("groups", "channels"):
             raise ConfigError(
                 f"grouped_convs must be 'groups' or 'channels', got {self.grouped_convs!r}"

@@ -76,7 +76,8 @@ class MemberRecord:
 class Tracker:
     """Union-find over channel ids plus what analysis records about them."""
 
-    def __init__(self, *, grouped_convs: str = "channels", exact_only: bool = False) -> None:
+    def __init__(self, *, grouped_convs: str = "channels", exact_only: bool = False,
+                 gqa: str = "groups") -> None:
         #: pin channels whose pruning cannot be exact (LayerNorm statistics) instead of pruning
         #: them as inexact groups
         self.exact_only = exact_only
@@ -88,6 +89,9 @@ class Tracker:
         #: input and output channels are one group channel, the layer keeps its group width);
         #: "channels" drops the same number of channels inside every conv group
         self.grouped_convs = grouped_convs
+        #: grouped-query attention: "groups" drops whole KV groups, "query" drops the same
+        #: query heads of every KV group (shrink.rules.hf)
+        self.gqa = gqa
         self._parent = np.arange(4096, dtype=np.int64)
         self.n = 0
         self.batches: list[Batch] = []

@@ -67,6 +67,7 @@ def analyze(
     source: nn.Module | None = None,
     grouped_convs: str = "channels",
     exact_only: bool = False,
+    gqa: str = "groups",
 ) -> Analysis:
     """Find every group of channels that must be removed together.
 
@@ -82,6 +83,10 @@ def analyze(
             onnxruntime's CPU provider this measured slower, see ``shrink/rules/conv.py``).
         exact_only: pin channels that cannot be pruned exactly (normalised by a LayerNorm or
             RMSNorm) instead of making them inexact groups.
+        gqa: grouped-query attention (Hugging Face Llama, Qwen, Mistral, ...): ``"groups"``
+            (default) removes whole KV groups (a key/value head with its query heads; the KV
+            cache shrinks too); ``"query"`` removes the same query heads from every KV group
+            and keeps every key/value head.
 
     Returns:
         The groups (sorted in graph order) and diagnostics.
@@ -95,7 +100,10 @@ def analyze(
     """
     if grouped_convs not in ("groups", "channels"):
         raise ConfigError(f"grouped_convs must be 'groups' or 'channels', got {grouped_convs!r}")
-    t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only)
+    if gqa not in ("groups", "query"):
+        raise ConfigError(f"gqa must be 'groups' (whole KV groups) or 'query' (query heads "
+                          f"inside every KV group), got {gqa!r}")
+    t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only, gqa=gqa)
     try:
         propagate(captured, t)
     except MetaUnsupportedError as e:
@@ -107,7 +115,7 @@ def analyze(
         frontend = getattr(captured.graph_module, "_shrink_frontend", "fx")
         captured = capture(source, captured.example_inputs, leaf_types=_leaf_types(captured),
                            frontend=frontend)
-        t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only)
+        t = Tracker(grouped_convs=grouped_convs, exact_only=exact_only, gqa=gqa)
         propagate(captured, t)
     t.resolve_deferred()
     _tensor_members(t)

@@ -11,6 +11,7 @@ from shrink.rules import (
     axes,
     conv,
     heads,
+    hf,
     layers,
     linear,
     norm,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shrink.bind import describe_gaps, describe_mismatch
-from shrink.errors import PlanError, RewriteError
+from shrink.errors import InvariantError, PlanError, RewriteError
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
 from shrink.rules import rule_for
@@ -40,6 +40,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     for fqn, new_t in _rebuild_tensors(model, plan).items():
         memo[id(_tensor(model, fqn))] = new_t
     out = copy.deepcopy(model, memo)
+    _retie(model, out)
     _set_attributes(out, plan)
     record(out, (*plans_of(model), plan))
     return out
@@ -67,6 +68,7 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """Prune ``model`` in place (its layers are replaced) and return it."""
     check_plan(model, plan)
     before = plans_of(model)
+    owners = _shared_parameters(model)
     tensors = _rebuild_tensors(model, plan)
     replaced = {id(model.get_submodule(f)): new for f, new in _rebuild(model, plan).items()}
     for fqn, new_t in tensors.items():
@@ -80,9 +82,44 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
         for name, child in list(mod._modules.items()):
             if child is not None and id(child) in replaced:
                 mod._modules[name] = replaced[id(child)]  # every alias of a shared layer
+    _retie(model, model, owners)
     _set_attributes(model, plan)
     record(model, (*before, plan))
     return model
+
+
+def _shared_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """``(module fqn, attribute)`` of every parameter that more than one module holds."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        for name, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((fqn, name))
+    return [o for o in owners.values() if len(o) > 1]
+
+
+def _retie(model: nn.Module, out: nn.Module,
+           owners: list[list[tuple[str, str]]] | None = None) -> None:
+    """Parameters ``model`` shares between modules (tied embeddings) are shared again in
+    ``out``: each owner was rebuilt on its own, from the same kept positions.
+
+    Raises:
+        InvariantError: the rebuilt copies differ (the analysis did not tie their axes).
+    """
+    for group in _shared_parameters(model) if owners is None else owners:
+        mods = [out.get_submodule(f) for f, _ in group]
+        params = [m._parameters[a] for m, (_, a) in zip(mods, group, strict=True)]
+        first = params[0]
+        if all(p is first for p in params):
+            continue
+        if first is None or any(p is None or p.shape != first.shape or (
+                not p.is_meta and not torch.equal(p, first)) for p in params[1:]):
+            raise InvariantError(
+                f"tied parameter {[f'{f}.{a}' for f, a in group]} was rebuilt differently by "
+                "its owners; this is a shrink bug, please report it"
+            )
+        for m, (_, a) in zip(mods[1:], group[1:], strict=True):
+            m._parameters[a] = first
 
 
 def _set_attributes(model: nn.Module, plan: Plan) -> None:

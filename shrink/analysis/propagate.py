@@ -15,6 +15,7 @@ from torch import fx, nn
 from shrink.capture import Captured, describe, source_location, to_meta
 from shrink.errors import CaptureError
 from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values
+from shrink.plan import Side
 from shrink.rules import function_rule, rule_for
 
 
@@ -210,8 +211,45 @@ def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:
         if len(fqns) > 1:
             for f in fqns:
                 shared.setdefault(f, []).extend(o for o in fqns if o != f)
-    for (fqn, _side), rec in tracker.members.items():
-        if fqn in shared:
+    tied = _tie_members(gm, tracker, owners)
+    for (fqn, side), rec in tracker.members.items():
+        if fqn in shared and (fqn, side) not in tied:
             tracker.pin(rec.ids, f"{fqn} shares a parameter with {shared[fqn]}: tied weights stay")
         if any(fqn == h or fqn.startswith(h + ".") or not h for h in hooked):
             tracker.pin(rec.ids, f"{fqn} has forward hooks shrink cannot see through")
+
+
+def _tie_members(gm: nn.Module, tracker: Tracker, owners: dict[int, list[str]]) -> set[Any]:
+    """Tied weights (a language model's input embedding and ``lm_head``): module axes that
+    slice one shared parameter along the same dim are one channel per position, so they shrink
+    together and :func:`shrink.apply` ties the sliced copies again. Returns the ``(fqn, side)``
+    members that touch shared parameters only that way; any other member of a layer that
+    shares a parameter is pinned by the caller."""
+    modules = dict(gm.named_modules())
+    uses: dict[int, list[tuple[tuple[str, Side], int]]] = {}
+    touching: dict[tuple[str, Side], set[int]] = {}
+    for key in tracker.members:
+        fqn, side = key
+        mod = modules.get(fqn)
+        rule = None if mod is None else rule_for(mod)
+        if rule is None or mod is None:
+            continue
+        for t, dim in rule.score_params(mod, side):
+            if id(t) in owners and len(owners[id(t)]) > 1:
+                uses.setdefault(id(t), []).append((key, dim))
+                touching.setdefault(key, set()).add(id(t))
+    tied_on: dict[tuple[str, Side], set[int]] = {}
+    for pid, found in uses.items():
+        owners_here = {k[0] for k, _ in found}
+        for dim in {d for _, d in found}:
+            keys = [k for k, d in found if d == dim]
+            if {k[0] for k in keys} != set(owners[pid]) or len(owners_here) < 2:
+                continue  # one owner slices it on an axis the other does not have
+            first = tracker.members[keys[0]].ids
+            if any(len(tracker.members[k].ids) != len(first) for k in keys):
+                continue
+            for k in keys[1:]:
+                tracker.union(first, tracker.members[k].ids)
+            for k in keys:
+                tied_on.setdefault(k, set()).add(pid)
+    return {k for k, pids in tied_on.items() if pids == touching[k]}

@@ -17,6 +17,7 @@ from shrink.capture_parts import part_calls
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
 from shrink.errors import CaptureError, ConfigError
+from shrink.interop import hf
 from shrink.plan import Plan
 from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
@@ -86,6 +87,9 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         parts = () if captured.parts is None else captured.parts.captured
         with stage("verify"):
             report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts)
+        note = pruned.__dict__.get(hf.NOTE_ATTR)
+        if note:
+            report = dataclasses.replace(report, diagnostics=(note, *report.diagnostics))
         if captured.parts is not None:
             report = dataclasses.replace(report, diagnostics=(
                 f"partial capture: {captured.parts.describe()}", *report.diagnostics))

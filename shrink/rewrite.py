@@ -9,16 +9,20 @@ on its parent. Nothing else of the model changes: other attributes, hooks, mode 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 
 from shrink.bind import describe_gaps, describe_mismatch
+from shrink.interop import hf
 from shrink.errors import InvariantError, PlanError, RewriteError
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
 from shrink.rules import rule_for
 from shrink.rules.base import Keep
+
+log = logging.getLogger(__name__)
 
 
 def apply(model: nn.Module, plan: Plan) -> nn.Module:
@@ -42,6 +46,11 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     out = copy.deepcopy(model, memo)
     _retie(model, out)
     _set_attributes(out, plan)
+    # (the shape probe applies plans to meta copies many times: nothing to describe there)
+    meta = any(p.is_meta for p in model.parameters())
+    note = None if meta else hf.settle_config(model, out)
+    if note:
+        log.info("shrink: %s", note)
     record(out, (*plans_of(model), plan))
     return out
 

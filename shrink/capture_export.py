@@ -84,10 +84,10 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     # a Hugging Face model hands its KV cache object to every attention layer, and a call
     # signature can only be preserved over tensors: capture without the cache (the layers and
     # their channels are the same)
-    cfg = getattr(model, "config", None)
-    use_cache = getattr(cfg, "use_cache", None)
-    if use_cache:
-        cfg.use_cache = False  # type: ignore[union-attr]
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "use_cache", None) is True}  # T5's stacks have their own copies
+    for c in configs.values():
+        c.use_cache = False
     try:
         with _quiet():
             try:
@@ -99,8 +99,8 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
             return torch.export.export(model, inputs, strict=False)
     finally:
         del model.forward
-        if use_cache:
-            cfg.use_cache = use_cache  # type: ignore[union-attr]
+        for c in configs.values():
+            c.use_cache = True
 
 
 @contextlib.contextmanager

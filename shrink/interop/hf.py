@@ -145,10 +145,11 @@ def _measure(original: nn.Module, pruned: nn.Module) -> tuple[dict[str, int], st
             if scope and scope not in fqn + ".":
                 continue
             dims = _linear_dims(mod)
-            if dims == (old_hidden, old) and any(layout_of(p) is None for p in [mod]):
-                new = _linear_dims(mods[fqn]) if fqn in mods else None
-                if new is not None:
-                    found.append(new[1])
+            new = _linear_dims(mods[fqn]) if fqn in mods else None
+            if new is not None and dims == (old_hidden, old):
+                found.append(new[1])
+            elif new is not None and dims == (old_hidden, 2 * old):  # fused gate and up (Phi-3)
+                found.append(new[1] // 2)
         u = _uniform(found)
         if isinstance(u, str):
             return {}, f"MLP layers differ in width ({f}): {u}"
@@ -166,7 +167,9 @@ def _embedding_width(model: nn.Module) -> int | None:
     w = getattr(emb, "weight", None)
     if isinstance(emb, nn.Embedding) and isinstance(w, torch.Tensor):
         return int(w.shape[1])
-    return None
+    conv = next((c for c in emb.modules() if isinstance(c, nn.Conv2d)), None) \
+        if isinstance(emb, nn.Module) else None  # a vision model's patch embedding
+    return None if conv is None else int(conv.out_channels)
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int] | None:

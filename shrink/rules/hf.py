@@ -52,6 +52,7 @@ from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis, iter_ids
 from shrink.plan import Side
 from shrink.rules.attention_base import head_rows
 from shrink.rules.base import Keep, ModuleRule, finish, index, sliced_copy
+from shrink.rules.layers import EmbeddingRule
 from shrink.rules.norm import LayerNormRule, inexact_member
 from shrink.rules.registry import register_rule_by_name
 
@@ -104,6 +105,9 @@ ATTENTION: dict[str, Layout] = {
     f"{TF}.phi3.modeling_phi3.Phi3Attention": Layout(
         qkv="qkv_proj", config_counts=True,
         counts=(("num_key_value_groups", "groups"), ("num_key_value_heads", "kv_heads"))),
+    **{f"{TF}.{m}.modeling_{m}.{c}Attention": Layout(counts=(("num_attention_heads", "heads"),))
+       for m, c in (("vit", "ViT"), ("deit", "DeiT"), ("vit_mae", "ViTMAE"),
+                    ("dinov2", "Dinov2"))},
     **{f"{TF}.{m}.modeling_{m}.{c}SelfAttention": _BERT for m, c in (
         ("bert", "Bert"), ("roberta", "Roberta"), ("vit", "ViT"), ("deit", "DeiT"),
         ("electra", "Electra"), ("camembert", "Camembert"), ("xlm_roberta", "XLMRoberta"),
@@ -119,6 +123,9 @@ ATTENTION: dict[str, Layout] = {
         o="out_proj", counts=(("num_heads", "heads"), ("embed_dim", "width")))
        for m, c in (("bart", "Bart"), ("mbart", "MBart"), ("marian", "Marian"),
                     ("pegasus", "Pegasus"), ("whisper", "Whisper"))},
+    f"{TF}.swin.modeling_swin.SwinAttention": Layout(
+        counts=(("num_attention_heads", "heads"),),
+        per_head=(("relative_position_bias.relative_position_bias_table", 1),)),
     f"{TF}.t5.modeling_t5.T5Attention": Layout(
         q="q", k="k", v="v", o="o", head_dim=("key_value_proj_dim",),
         counts=(("n_heads", "heads"), ("inner_dim", "width")),
@@ -469,3 +476,23 @@ class HFRMSNormRule(LayerNormRule):
         kout = keep.resolve(Side.OUT, int(m.weight.shape[0]))  # type: ignore[index]
         return finish(sliced_copy(m, ("weight",), 0, kout), m)
 
+
+
+#: nn.Embedding subclasses whose forward scales the rows (by a constant) or looks up positions:
+#: their output features are the embedding's columns all the same
+register_rule_by_name(*(f"{TF}.{m}.modeling_{m}.{c}" for m, c in (
+    ("bart", "BartScaledWordEmbedding"), ("bart", "BartLearnedPositionalEmbedding"),
+    ("mbart", "MBartScaledWordEmbedding"), ("mbart", "MBartLearnedPositionalEmbedding"),
+    ("gemma", "GemmaTextScaledWordEmbedding"), ("gemma2", "Gemma2TextScaledWordEmbedding"),
+    ("gemma3", "Gemma3TextScaledWordEmbedding"),
+)))(EmbeddingRule)
+
+
+@register_rule_by_name(f"{TF}.convnext.modeling_convnext.ConvNextLayerNorm",
+                       f"{TF}.convnextv2.modeling_convnextv2.ConvNextV2LayerNorm")
+class HFConvNextLayerNormRule(LayerNormRule):
+    """ConvNeXt's LayerNorm: channels last, or channels first (``data_format``)."""
+
+    def _axis(self, ndim: int, m: nn.Module | None = None) -> int:
+        first = getattr(m, "data_format", "channels_last") == "channels_first"
+        return 1 if first else ndim - 1

@@ -140,14 +140,15 @@ class LayerNormRule(ModuleRule):
     exact = False
     channel_axis = -1
 
-    def _axis(self, ndim: int) -> int:
+    def _axis(self, ndim: int, m: nn.Module | None = None) -> int:
+        """The normalised (channel) axis of an ``ndim`` input of ``m``."""
         return self.channel_axis % ndim
 
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.args[0]
         if len(m.normalized_shape) != 1 or len(call.args) > 1:  # type: ignore[arg-type]
             return ChannelMixingNormRule().propagate(t, fqn, m, call)
-        cid = channel_ids(t, x, self._axis(x.ndim))
+        cid = channel_ids(t, x, self._axis(x.ndim, m))
         inexact_member(t, fqn, cid, f"{fqn} ({type(m).__name__}) at {call.where} normalises "
                        "over channels")
         return x
@@ -156,7 +157,7 @@ class LayerNormRule(ModuleRule):
         return int(m.normalized_shape[0]) if side is Side.OUT else None  # type: ignore[index]
 
     def in_axis(self, m: nn.Module, ndim: int) -> int:
-        return self._axis(ndim)
+        return self._axis(ndim, m)
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
         """The oracle normalises over the kept channels only, as the pruned layer does."""
@@ -168,7 +169,7 @@ class LayerNormRule(ModuleRule):
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             x = args[0]
-            axis = rule._axis(x.ndim)
+            axis = rule._axis(x.ndim, mod)
             k = kept.to(x.device)
             # follow the oracle's dtype/device: verify re-runs it in float64 on a converted
             # copy, and `small` is not a submodule that .to() would reach

@@ -119,6 +119,7 @@ class Taylor:
                 "needs inputs only."
             )
         out = batch.run(work)
+        loss: Any
         if self.loss_fn is not None:
             loss = self.loss_fn(out, batch.target)
         else:

@@ -264,3 +264,27 @@ def test_taylor_uses_the_models_loss_for_dict_batches_with_labels() -> None:
     with pytest.raises(shrink.ConfigError, match=r"has no \.loss"):
         shrink.score(groups, model, Taylor([{"input_ids": ids}]))
 
+
+
+def test_activation_weighted_reads_the_transposed_conv1d_weight_of_gpt2() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=32)).eval()
+    batches = [torch.randint(0, 32, (2, 8)) for _ in range(2)]
+    mlp = model.transformer.h[0].mlp
+    seen: dict[str, list[torch.Tensor]] = {"c_fc": [], "c_proj": []}
+    hooks = [getattr(mlp, n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in seen]
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    for h in hooks:
+        h.remove()
+    n_fc, n_proj = (_rms(torch.cat(seen[n]), -1) for n in ("c_fc", "c_proj"))
+    w_fc, w_proj = mlp.c_fc.weight.detach().double(), mlp.c_proj.weight.detach().double()
+    # Conv1D stores (in, out): c_fc's channel c is its column, c_proj's its row
+    expected = (w_fc.abs() * n_fc[:, None]).sum(dim=0) + (w_proj.abs() * n_proj[:, None]).sum(1)
+    groups = shrink.analyze(shrink.capture(model, (batches[0],), frontend="export")).groups
+    scores = shrink.score(groups, model, ActivationWeighted(batches))
+    _close(scores["transformer.h.0.mlp.c_fc:out"], expected)

@@ -183,7 +183,8 @@ def compress(
         example_inputs: a tensor or tuple of inputs; inferred for image models when omitted.
         **options: any field of :class:`~shrink.config.PruneConfig`: ``amount``, ``norm``
             (1, 2 or inf; default 2), ``importance`` ('ln', 'random', 'bn_scale', 'taylor',
-            'activation', {module: scores} or a callable), ``data``, ``loss_fn``,
+            'activation_weighted' (or 'wanda'), 'activation', {module: scores} or a callable),
+            ``data``, ``loss_fn``,
             ``max_batches``, ``seed``, ``scope`` ('local' or 'global'), ``target``
             ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,

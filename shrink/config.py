@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from shrink.criteria.data import Activation, Taylor
+from shrink.criteria.data import Activation, ActivationWeighted, Taylor
 from shrink.criteria.weight import BNScale, Criterion, LnNorm, Random, UserScores
 from shrink.errors import ConfigError
 from shrink.select import Global, Metric, Policy, Target, Uniform
@@ -40,13 +40,17 @@ class PruneConfig:
         amount: instead of ``ratio``, a number of channels: removed from every group
             (``scope="local"``), or in total, ranked across groups (``scope="global"``).
         importance: ``"ln"`` (with ``norm``), ``"random"`` (with ``seed``), ``"bn_scale"``,
-            ``"taylor"`` (with ``data`` and ``loss_fn``), ``"activation"`` (with ``data``), a
+            ``"taylor"`` (with ``data`` and ``loss_fn``, or dict batches with ``labels`` for a
+            model that returns ``.loss``), ``"activation_weighted"`` (Wanda: ``|W| * ||X||``;
+            aliases ``"wanda"``, ``"aw"``; with ``data``), ``"activation"`` (with ``data``), a
             ``{module name: scores}`` mapping, a callable ``fn(group, modules) -> scores``, or a
             criterion object from :mod:`shrink.criteria`.
         norm: the Ln norm of ``importance="ln"``: 1, 2 or ``math.inf`` (as ``ln_structured``).
         seed: seed of ``importance="random"``.
-        data: re-iterable batches for ``"taylor"``/``"activation"`` (a DataLoader or a list).
-        loss_fn: ``loss_fn(output, target)`` for ``"taylor"``.
+        data: re-iterable batches for ``"taylor"``, ``"activation_weighted"`` and
+            ``"activation"`` (a DataLoader or a list): tensors, ``(*inputs, target)`` tuples or
+            dicts of keyword arguments.
+        loss_fn: ``loss_fn(output, target)`` for ``"taylor"``; None uses ``output.loss``.
         max_batches: at most this many batches of ``data``.
         scope: ``"local"`` (every group loses ``ratio``) or ``"global"`` (channels ranked
             across groups); default ``"local"``, or ``"global"`` for a MACs/params target.
@@ -138,9 +142,11 @@ class PruneConfig:
             )
         if not self.rtol > 0:
             raise ConfigError(f"rtol must be > 0, got {self.rtol}")
-        if self.data is not None and self.importance not in ("taylor", "activation", "act") \
-                and not isinstance(self.importance, (Taylor, Activation)):
-            raise ConfigError("data= is used only by importance='taylor' or 'activation'")
+        if self.data is not None and not _uses_data(self.importance):
+            raise ConfigError(
+                "data= is used only by importance='taylor', 'activation_weighted' or "
+                f"'activation', got importance={self.importance!r}"
+            )
         self.criterion  # noqa: B018  # validates importance/norm now, not at prune time
         self.policy  # noqa: B018
 
@@ -213,6 +219,15 @@ def _check_amounts(ratio: Any, amount: Any, target: str) -> None:
                               "(the fraction of the metric removed)")
 
 
+_DATA_IMPORTANCE = ("taylor", "activation", "act", "activation_weighted", "wanda", "aw")
+
+
+def _uses_data(importance: Any) -> bool:
+    if isinstance(importance, str):
+        return importance.lower() in _DATA_IMPORTANCE
+    return isinstance(importance, (Taylor, ActivationWeighted, Activation))
+
+
 def _criterion(cfg: PruneConfig) -> Criterion:
     importance = cfg.importance
     data_options: dict[str, Any] = {"data": cfg.data, "loss_fn": cfg.loss_fn,
@@ -224,6 +239,9 @@ def _criterion(cfg: PruneConfig) -> Criterion:
         if key in ("activation", "act"):
             data_options.pop("loss_fn")
             return Activation(**{k: v for k, v in data_options.items() if v is not None})
+        if key in ("activation_weighted", "wanda", "aw"):
+            data_options.pop("loss_fn")
+            return ActivationWeighted(**{k: v for k, v in data_options.items() if v is not None})
         if key in ("ln", "l1", "l2", "linf", "magnitude"):
             p = _NORMS.get(key, cfg.norm)
             if p not in (1, 2, math.inf):
@@ -237,7 +255,8 @@ def _criterion(cfg: PruneConfig) -> Criterion:
             return BNScale()
         raise ConfigError(
             f"importance={importance!r} is unknown. Use 'ln' (with norm=1, 2 or inf), 'random' "
-            "(with seed=), 'bn_scale', 'taylor' (with data= and loss_fn=), 'activation' (with "
+            "(with seed=), 'bn_scale', 'taylor' (with data= and loss_fn=), "
+            "'activation_weighted' (aliases 'wanda', 'aw'; with data=), 'activation' (with "
             "data=), a {module_name: scores} mapping, or a callable fn(group, modules) -> scores."
         )
     if isinstance(importance, Mapping) or callable(importance):

@@ -3,10 +3,12 @@
 * :mod:`shrink.criteria.weight`: from the weights alone (Ln norm, random, BN scale, user scores)
   and :func:`~shrink.criteria.weight.score`, which every criterion goes through;
 * :mod:`shrink.criteria.data`: from the model's behaviour on the user's batches (Taylor,
-  activation).
+  activation-weighted magnitude, activation), scored through
+  :mod:`shrink.criteria.saliency` where a per-weight saliency exists.
 """
 
-from shrink.criteria.data import Activation, Taylor
+from shrink.criteria.data import Activation, ActivationWeighted, Taylor
+from shrink.criteria.saliency import SaliencyScores
 from shrink.criteria.weight import (
     AxisScores,
     BNScale,
@@ -20,12 +22,14 @@ from shrink.criteria.weight import (
 
 __all__ = [
     "Activation",
+    "ActivationWeighted",
     "AxisScores",
     "BNScale",
     "Criterion",
     "DataCriterion",
     "LnNorm",
     "Random",
+    "SaliencyScores",
     "Taylor",
     "UserScores",
     "score",

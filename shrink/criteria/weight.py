@@ -12,13 +12,14 @@ Every criterion is group-aware: a channel's score gathers every module axis that
 * :class:`UserScores` takes per-module scores (``{fqn: tensor[out_channels]}`` or a tensor shaped
   like the module's weight, as ``importance_scores`` in ``torch.nn.utils.prune``), or a callable
   ``fn(group, modules) -> tensor[group.size]``. Groups without a user score keep every channel.
-* :class:`~shrink.criteria.data.Taylor` and :class:`~shrink.criteria.data.Activation` need data;
-  they live in :mod:`shrink.criteria.data`.
+* :class:`~shrink.criteria.data.Taylor`, :class:`~shrink.criteria.data.ActivationWeighted` and
+  :class:`~shrink.criteria.data.Activation` need data; they live in :mod:`shrink.criteria.data`.
 
 Group reduction. A channel's score combines its member slices as documented per criterion:
-``sum`` for norms, Taylor and BN scale (more coupled weights mean more removed), ``amax`` for
-``LnNorm(p=inf)`` and ``mean`` for Activation (an average activation magnitude over every
-consumer position that reads the channel, e.g. the ``H*W`` columns of a flatten into a Linear).
+``sum`` for norms, Taylor, activation-weighted magnitude and BN scale (more coupled weights
+mean more removed), ``amax`` for ``LnNorm(p=inf)`` and ``mean`` for Activation (an average
+activation magnitude over every consumer position that reads the channel, e.g. the ``H*W``
+columns of a flatten into a Linear).
 
 Normalisation. Criteria return raw, non-negative scores. Local selection only compares channels
 within a group, so no normalisation is needed; :class:`~shrink.select.Global` divides each
@@ -26,7 +27,9 @@ group's scores by their mean before ranking across groups.
 
 Data-driven criteria implement ``prepare(model, groups)``: :func:`score` calls it once per model
 to run the user's batches on a deep copy (the user's model, its gradients and BN statistics are
-never touched) and gets back a pure per-axis criterion (:class:`AxisScores`).
+never touched) and gets back a pure criterion: :class:`AxisScores` (per-axis statistics) or
+:class:`~shrink.criteria.saliency.SaliencyScores` (per-weight saliencies read through the
+rules, as :class:`LnNorm` reads weights).
 """
 
 from __future__ import annotations
@@ -213,8 +216,8 @@ def score(
 ) -> dict[str, torch.Tensor]:
     """Score every prunable group. Groups the criterion has no opinion on are left out.
 
-    A :class:`DataCriterion` (``Taylor``, ``Activation``) is first prepared on
-    ``model``: its data runs through a deep copy, so ``model`` is never modified.
+    A :class:`DataCriterion` (``Taylor``, ``ActivationWeighted``, ``Activation``) is first
+    prepared on ``model``: its data runs through a deep copy, so ``model`` is never modified.
 
     Example:
         >>> scores = shrink.score(analysis.prunable, model, LnNorm(p=1))

@@ -64,6 +64,13 @@ class ModuleRule:
         """(tensor, dim) pairs whose slice ``i`` along ``dim`` belongs to axis position ``i``."""
         return ()
 
+    def input_weights(self, m: nn.Module) -> Sequence[tuple[torch.Tensor, int]]:
+        """(parameter, dim) pairs of a layer that is a linear map of its first input: slice ``j``
+        along ``dim`` multiplies input channel ``j`` (on :meth:`in_axis`) and nothing else
+        (Linear, Conv1D, a dense conv; not a grouped conv, not attention). Activation-weighted
+        magnitude scales these slices by the input channels' norms. Empty for other layers."""
+        return ()
+
     def scale_params(self, m: nn.Module) -> Sequence[torch.Tensor]:
         """Per-channel scale factors on the OUT axis (BN gamma), for the BN-scale criterion."""
         return ()

@@ -88,6 +88,9 @@ class ConvRule(ModuleRule):
             return ((m.weight, 0),)  # type: ignore[return-value]
         return ((m.weight, 1),) if _kind(m) == "dense" else ()  # type: ignore[return-value]
 
+    def input_weights(self, m: nn.Module) -> Sequence[tuple[torch.Tensor, int]]:
+        return ((m.weight, 1),) if _kind(m) == "dense" else ()  # type: ignore[return-value]
+
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return _channel_dim(m, ndim)
 

@@ -38,6 +38,9 @@ class LinearRule(ModuleRule):
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
         return ((m.weight, 0 if side is Side.OUT else 1),)  # type: ignore[return-value]
 
+    def input_weights(self, m: nn.Module) -> Sequence[tuple[torch.Tensor, int]]:
+        return ((m.weight, 1),)  # type: ignore[return-value]
+
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return ndim - 1
 
@@ -76,6 +79,9 @@ class TransposedLinearRule(LinearRule):
 
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
         return ((m.weight, 1 if side is Side.OUT else 0),)  # type: ignore[return-value]
+
+    def input_weights(self, m: nn.Module) -> Sequence[tuple[torch.Tensor, int]]:
+        return ((m.weight, 0),)  # type: ignore[return-value]
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         weight, bias = m.weight, m.bias

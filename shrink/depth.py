@@ -198,11 +198,7 @@ def remove_layers(
     lengths = {s: len(_blocks(model, s)) for s in stacks}
     counts = {s: _drop_count(amount, s, n) for s, n in lengths.items()}
     scores = _scores(model, stacks, lengths, criterion, data, example_inputs, max_batches)
-    removed = {
-        s: tuple(sorted(sorted(range(lengths[s]), key=lambda i, s=s: (scores[s][i], i))
-                        [: counts[s]]))
-        for s in stacks
-    }
+    removed = {s: _lowest(scores[s], counts[s]) for s in stacks}
     pruned = _without(model, removed, find_layer_stacks(model))
     error = None
     batch = (_normalize(example_inputs) if example_inputs is not None
@@ -221,6 +217,12 @@ def remove_layers(
     elif verify:
         log.info("depth: no example_inputs or data; the result is not checked")
     return DepthResult(pruned, removed, {s: tuple(scores[s]) for s in stacks}, error)
+
+
+def _lowest(scores: Sequence[float], n: int) -> tuple[int, ...]:
+    """The indices of the ``n`` lowest scores, ascending; ties go to the lower index."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    return tuple(sorted(order[:n]))
 
 
 def _resolve_stacks(model: nn.Module, stack: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -300,7 +302,7 @@ def _scores(model: nn.Module, stacks: tuple[str, ...], lengths: Mapping[str, int
         batches = (_batches(data, max_batches) if data is not None
                    else iter([_normalize(example_inputs)]))
         bi = _influences(model, stacks, batches)
-        raw: dict[str, Sequence[Any]] = {s: bi[s].tolist() for s in stacks}
+        raw: dict[str, Any] = {s: bi[s].tolist() for s in stacks}
     elif callable(criterion):
         raw = {s: [criterion(model, s, i) for i in range(lengths[s])] for s in stacks}
     elif isinstance(criterion, Mapping):
@@ -445,9 +447,9 @@ def _without(model: nn.Module, removed: Mapping[str, tuple[int, ...]],
         kept = [b for i, b in enumerate(old) if i not in drop]
         for j, block in enumerate(kept):
             for m in block.modules():
-                idx = m.__dict__.get("layer_idx")
+                idx = vars(m).get("layer_idx")
                 if isinstance(idx, int) and not isinstance(idx, bool):
-                    m.layer_idx = j
+                    vars(m)["layer_idx"] = j
         new.set_submodule(s, nn.Sequential(*kept) if isinstance(old, nn.Sequential)
                           else nn.ModuleList(kept))
     update_configs(new, {s: (before[s], d) for s, d in removed.items()},

@@ -86,7 +86,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         return _prune_width(model, inputs, config)
     with stage("depth"):
         depth = remove_layers(model, config.depth, data=config.data, example_inputs=inputs,
-                              max_batches=config.max_batches, verify=config.verify)
+                              max_batches=config.max_batches, verify=config.verify,
+                              rtol=config.rtol)
     note = Diagnostic("depth", depth.describe())
     log.info("shrink: %s", note.message)
     if config.ratio is None and config.amount is None:

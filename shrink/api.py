@@ -75,7 +75,9 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     against its own oracle) and the channels of the result are pruned only when ``ratio`` or
     ``amount`` is given; without them the plan is empty and nothing is captured. The report
     and the analysis carry the depth step as a note, and the report's "before" columns are the
-    original model's.
+    original model's. The plan describes only the channel step (on the depth-pruned model), so
+    :func:`shrink.load` cannot rebuild such a model from the original architecture: save a
+    Hugging Face model with ``save_pretrained``, or run ``remove_layers`` again before loading.
 
     Example:
         >>> res = shrink.prune(model, (x,), shrink.PruneConfig(0.3, norm=1))

@@ -344,3 +344,14 @@ def test_prune_with_depth_and_ratio_removes_layers_then_channels() -> None:
     assert "depth: model.layers" in str(res.report)
     with torch.no_grad():
         assert res.model.eval()(x).logits.shape == (1, 16, VOCAB)
+
+
+def test_block_influence_reads_dataloader_style_batches_up_to_max_batches() -> None:
+    model = llama()
+    first = block_influence(model, "model.layers", [ids(1)])
+    pairs = [(ids(1), ids(7)), (ids(2), ids(8))]  # (input, target): the target is not an input
+    assert torch.equal(block_influence(model, "model.layers", pairs, max_batches=1), first)
+    both = block_influence(model, "model.layers", pairs)
+    assert not torch.equal(both, first)
+    assert both.shape == (4,)
+    assert both.dtype == torch.float64

@@ -90,7 +90,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
         depth = remove_layers(model, config.depth, data=config.data, example_inputs=inputs,
                               max_batches=config.max_batches, verify=config.verify,
                               rtol=config.rtol)
-    note = Diagnostic("depth", depth.describe())
+    note = Diagnostic("note", depth.describe())
     log.info("shrink: %s", note.message)
     if config.ratio is None and config.amount is None:
         return _depth_only(model, inputs, depth, note, config.verify)

@@ -340,7 +340,7 @@ def test_prune_with_depth_and_ratio_removes_layers_then_channels() -> None:
     assert res.report.max_rel_error is not None
     assert res.report.max_rel_error <= 1e-5
     assert res.report.diagnostics[0].startswith("depth: model.layers 4 -> 3")
-    assert res.analysis.diagnostics[0].severity == "depth"
+    assert res.analysis.diagnostics[0].message.startswith("depth: model.layers 4 -> 3")
     assert "depth: model.layers" in str(res.report)
     with torch.no_grad():
         assert res.model.eval()(x).logits.shape == (1, 16, VOCAB)

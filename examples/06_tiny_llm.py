@@ -13,8 +13,8 @@
 3. Pruning at each ``--ratios`` (fraction of *parameters* removed) by every ``--methods``:
    ``ln``, ``activation``, ``taylor``: :func:`shrink.prune` with ``capture="export"``,
    ``target="params"`` and that importance; ``depth``: whole decoder layers removed, scored by
-   block influence (1 - cos(input, output) on calibration batches), a plain function of this
-   example since shrink has no depth option yet; ``tp``: torch-pruning's LLM recipe
+   block influence (1 - cos(input, output) on calibration batches), written out in this
+   example (``shrink.remove_layers`` is the library's version); ``tp``: torch-pruning's LLM recipe
    (examples/LLMs/prune_llm.py: group L2 magnitude, query heads pruned evenly inside each KV
    group, hidden size, MLP width, ``round_to=4``, lm_head kept, config patched afterwards), its
    channel ratio searched so that it removes the same fraction of parameters.

@@ -19,6 +19,7 @@ from shrink.config import PruneConfig
 from shrink.criteria.weight import score
 from shrink.deploy.bench import BenchResult, compare
 from shrink.deploy.export import ExportResult, export_onnx
+from shrink.depth import DepthResult, remove_layers
 from shrink.errors import (
     CaptureError,
     ConfigError,
@@ -43,6 +44,7 @@ __all__ = [
     "BenchResult",
     "CaptureError",
     "ConfigError",
+    "DepthResult",
     "ExportError",
     "ExportResult",
     "ModuleRule",
@@ -69,6 +71,7 @@ __all__ = [
     "prune_iteratively",
     "register_function",
     "register_rule",
+    "remove_layers",
     "save",
     "score",
     "select",

@@ -16,12 +16,13 @@ from shrink.capture import Captured, capture, normalize_inputs
 from shrink.capture_parts import part_calls
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
+from shrink.depth import DepthResult, remove_layers
 from shrink.errors import CaptureError, ConfigError
 from shrink.interop import hf
-from shrink.plan import Plan
+from shrink.plan import Plan, fingerprint
 from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
-from shrink.report import Report
+from shrink.report import Report, count_macs, count_params
 from shrink.rewrite import apply
 from shrink.rules import rule_for
 from shrink.select import Global, Policy, Target, Uniform, select
@@ -71,11 +72,57 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Result:
     forward from a tensor's shape) are pinned with the reason, and the plan is made again.
     The caller's model is never modified.
 
+    With ``config.depth``, whole blocks are removed first (:func:`shrink.remove_layers`, checked
+    against its own oracle) and the channels of the result are pruned only when ``ratio`` or
+    ``amount`` is given; without them the plan is empty and nothing is captured. The report
+    and the analysis carry the depth step as a note, and the report's "before" columns are the
+    original model's. The plan describes only the channel step (on the depth-pruned model), so
+    :func:`shrink.load` cannot rebuild such a model from the original architecture: save a
+    Hugging Face model with ``save_pretrained``, or run ``remove_layers`` again before loading.
+
     Example:
         >>> res = shrink.prune(model, (x,), shrink.PruneConfig(0.3, norm=1))
         >>> print(res.report)
     """
     inputs = normalize_inputs(example_inputs)
+    if config.depth is None:
+        return _prune_width(model, inputs, config)
+    with stage("depth"):
+        depth = remove_layers(model, config.depth, data=config.data, example_inputs=inputs,
+                              max_batches=config.max_batches, verify=config.verify,
+                              rtol=config.rtol)
+    note = Diagnostic("note", depth.describe())
+    log.info("shrink: %s", note.message)
+    if config.ratio is None and config.amount is None:
+        return _depth_only(model, inputs, depth, note, config.verify)
+    res = _prune_width(depth.model, inputs, config)
+    analysis = Analysis(res.analysis.model, res.analysis.groups,
+                        (note, *res.analysis.diagnostics), frontend=res.analysis.frontend)
+    report = res.report
+    if report is not None:
+        report = dataclasses.replace(
+            report, params_before=count_params(model), macs_before=count_macs(model, inputs),
+            diagnostics=(note.message, *report.diagnostics))
+    return Result(res.model, res.plan, analysis, report)
+
+
+def _depth_only(model: nn.Module, inputs: tuple[Any, ...], depth: DepthResult,
+                note: Diagnostic, with_report: bool) -> Result:
+    """The result of depth pruning alone: an empty plan for the depth-pruned model."""
+    fp = fingerprint(depth.model)
+    report = None
+    if with_report:
+        dtype = next((str(p.dtype).replace("torch.", "") for p in model.parameters()
+                      if p.is_floating_point()), None)
+        report = Report(count_params(model), count_params(depth.model),
+                        count_macs(model, inputs), count_macs(depth.model, inputs),
+                        max_rel_error=depth.max_rel_error, oracle_dtype=dtype,
+                        diagnostics=(note.message,))
+    return Result(depth.model, Plan(fp, (), ()), Analysis(fp, (), (note,), frontend="none"),
+                  report)
+
+
+def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig) -> Result:
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
@@ -188,8 +235,11 @@ def compress(
             ``max_batches``, ``seed``, ``scope`` ('local' or 'global'), ``target``
             ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
-            ``min_ratio``, ``exact_only``, ``grouped_convs``, ``gqa`` ('groups' or 'query'), ``verify`` (default True),
-            ``rtol``, ``leaf_types``, ``capture`` (``"auto"``, ``"fx"`` or ``"export"``).
+            ``min_ratio``, ``exact_only``, ``grouped_convs``, ``gqa`` ('groups' or
+            'query'), ``verify`` (default True), ``rtol``, ``leaf_types``, ``capture``
+            (``"auto"``, ``"fx"`` or ``"export"``), ``depth`` (whole layers removed from
+            every stack of blocks first: a count or a fraction; with ``ratio=None`` only
+            layers go).
 
     Returns:
         The pruned model, in the same mode, dtype and device as ``model``. It remembers the

@@ -77,6 +77,11 @@ class PruneConfig:
         capture: the capture front-end: ``"auto"`` (torch.fx, then torch.export when fx cannot
             trace the model, then the model in parts when neither can), ``"fx"`` or
             ``"export"``.
+        depth: whole blocks (encoder/decoder layers) removed from every stack of blocks before
+            the channels are pruned, by :func:`shrink.remove_layers` scored by block influence
+            on ``data`` (or the example inputs): an int count, or a fraction in [0, 1) of each
+            stack. With ``depth`` set, ``ratio``/``amount`` may be omitted (depth only); the
+            width options then apply to the depth-pruned model.
 
     Raises:
         ConfigError: an option is out of range or options contradict each other; the message
@@ -110,6 +115,7 @@ class PruneConfig:
     rtol: float = 1e-5
     leaf_types: Any = ()
     capture: str = "auto"
+    depth: int | float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalising inputs of a frozen dataclass
@@ -118,7 +124,8 @@ class PruneConfig:
         set_(self, "overrides", _overrides(self.overrides))
         if self.norm in ("inf", "fro"):
             set_(self, "norm", math.inf if self.norm == "inf" else 2.0)
-        _check_amounts(self.ratio, self.amount, self.target)
+        _check_depth(self.depth)
+        _check_amounts(self.ratio, self.amount, self.target, self.depth is not None)
         if self.target not in _TARGETS:
             raise ConfigError(
                 f"target must be 'channels' (ratio = fraction of channels removed per group), "
@@ -142,10 +149,11 @@ class PruneConfig:
             )
         if not self.rtol > 0:
             raise ConfigError(f"rtol must be > 0, got {self.rtol}")
-        if self.data is not None and not _uses_data(self.importance):
+        if self.data is not None and self.depth is None and not _uses_data(self.importance):
             raise ConfigError(
                 "data= is used only by importance='taylor', 'activation_weighted' or "
-                f"'activation', got importance={self.importance!r}"
+                f"'activation', and by depth= (block influence); got importance="
+                f"{self.importance!r}"
             )
         self.criterion  # noqa: B018  # validates importance/norm now, not at prune time
         self.policy  # noqa: B018
@@ -186,11 +194,23 @@ def option_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(PruneConfig))
 
 
-def _check_amounts(ratio: Any, amount: Any, target: str) -> None:
-    if ratio is None and amount is None:
+def _check_depth(depth: Any) -> None:
+    if depth is None:
+        return
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) \
+            or (isinstance(depth, int) and depth < 0) \
+            or (isinstance(depth, float) and not 0.0 <= depth < 1.0):
         raise ConfigError(
-            "say how much to remove: ratio= (a fraction in [0, 1), e.g. 0.5) or amount= (a "
-            "number of channels removed from every group)"
+            f"depth must be an int >= 0 (blocks removed from every stack of blocks) or a "
+            f"fraction in [0, 1) of each stack's blocks, got {depth!r}"
+        )
+
+
+def _check_amounts(ratio: Any, amount: Any, target: str, depth: bool = False) -> None:
+    if ratio is None and amount is None and not depth:
+        raise ConfigError(
+            "say how much to remove: ratio= (a fraction in [0, 1), e.g. 0.5), amount= (a "
+            "number of channels removed from every group) or depth= (whole layers)"
         )
     if ratio is not None and amount is not None:
         raise ConfigError(f"give ratio= or amount=, not both (got ratio={ratio!r}, "

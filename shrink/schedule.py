@@ -60,6 +60,11 @@ def step_ratios(ratio: float | int, steps: int) -> tuple[float, ...]:
 
 def _per_step(config: PruneConfig, steps: int) -> PruneConfig:
     """``config`` with every fraction (ratio, overrides, global floor) spread over ``steps``."""
+    if config.depth is not None:
+        raise ConfigError(
+            f"depth={config.depth} would remove layers at every step; remove them once with "
+            "shrink.remove_layers, then prune the result iteratively"
+        )
     if config.ratio is None:
         raise ConfigError(
             f"an iterative schedule needs ratio= (a fraction of what remains); amount="

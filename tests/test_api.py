@@ -90,7 +90,8 @@ def test_report_prints_params_macs_and_groups() -> None:
 
 def test_import_shrink_is_lean() -> None:
     code = ("import sys, shrink; bad = [m for m in ('onnx', 'onnxruntime', 'torchvision', "
-            "'safetensors', 'matplotlib', 'torch_pruning') if m in sys.modules]; print(bad)")
+            "'safetensors', 'matplotlib', 'torch_pruning', 'transformers') "
+            "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

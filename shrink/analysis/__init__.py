@@ -36,7 +36,8 @@ class Analysis:
     groups: tuple[ChannelGroup, ...]
     diagnostics: tuple[Diagnostic, ...] = ()
     frontend: str = "fx"
-    """How the model was captured: ``"fx"``, ``"export"`` or ``"parts"``."""
+    """How the model was captured: ``"fx"``, ``"export"``, ``"parts"``, or ``"none"`` when
+    nothing was (depth pruning alone)."""
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -327,15 +327,20 @@ class Activation:
         counts: dict[str, int] = {}
 
         def hook(fqn: str, rule: Any) -> Callable[..., None]:
-            def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0].detach()
+            def record(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                # the layer's first input; Hugging Face calls its layers with keywords
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                x = kwargs.get("hidden_states", first) if not args else first
+                if not isinstance(x, torch.Tensor):
+                    return
+                x = x.detach()
                 rows = x.abs().movedim(rule.in_axis(mod, x.ndim), 0)
                 v = rows.reshape(rows.shape[0], -1).double().sum(dim=1).cpu()
                 sums[fqn] = sums[fqn] + v if fqn in sums else v
                 counts[fqn] = counts.get(fqn, 0) + rows[0].numel()
             return record
 
-        handles = [mod.register_forward_pre_hook(hook(fqn, rule))
+        handles = [mod.register_forward_pre_hook(hook(fqn, rule), with_kwargs=True)
                    for fqn, mod, rule in _rules(work, consumers)]
         try:
             with torch.no_grad():

@@ -84,8 +84,9 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     # a Hugging Face model hands its KV cache object to every attention layer, and a call
     # signature can only be preserved over tensors: capture without the cache (the layers and
     # their channels are the same)
-    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
-               if getattr(c, "use_cache", None) is True}  # T5's stacks have their own copies
+    configs: dict[int, Any] = {
+        id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+        if getattr(c, "use_cache", None) is True}  # T5's stacks have their own copies
     for c in configs.values():
         c.use_cache = False
     try:
@@ -271,7 +272,7 @@ def _rebuild(ep: torch.export.ExportedProgram, root: nn.Module,
                 copy_node(n)
             continue
         for n in aliases:
-            env[n] = env[n.args[0]]
+            env[n] = env[n.args[0]]  # type: ignore[index]
         call.meta["nn_module_stack"] = dict(nodes[0].meta.get("nn_module_stack") or {})
         call.meta["stack_trace"] = nodes[0].meta.get("stack_trace")
         if any(o not in env for o in outs):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from shrink.bind import describe_gaps, describe_mismatch
-from shrink.interop import hf
 from shrink.errors import InvariantError, PlanError, RewriteError
+from shrink.interop import hf
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
 from shrink.rules import rule_for

@@ -92,7 +92,7 @@ def _share_configs(original: nn.Module, pruned: nn.Module) -> None:
             mod.config = mapping[id(cfg)]
 
 
-def _uniform(values: Iterable[int]) -> int | None | str:
+def _uniform(values: Iterable[int]) -> int | str | None:
     vals = sorted(set(values))
     if not vals:
         return None

@@ -29,7 +29,8 @@ from shrink.rules.registry import (
     supported_ops,
 )
 
-FAMILIES = (aten, attention, axes, conv, heads, layers, linear, norm, pointwise, structural, swin)
+FAMILIES = (aten, attention, axes, conv, heads, hf, layers, linear, norm, pointwise, structural,
+            swin)
 """The registered rule families (imported for their registrations)."""
 
 __all__ = [

@@ -133,14 +133,14 @@ ATTENTION: dict[str, Layout] = {
 }
 
 #: RMSNorm classes (``weight * x / rms(x)``; Gemma's ``(1 + weight)``): inexact over channels
-RMS_NORMS = tuple(
+RMS_NORMS = (*(
     f"{TF}.{m}.modeling_{m}.{c}RMSNorm" for m, c in (
         ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"),
         ("gemma", "Gemma"), ("gemma2", "Gemma2"), ("phi3", "Phi3"), ("olmo2", "Olmo2"),
         ("granite", "Granite"), ("smollm3", "SmolLM3"), ("qwen2_moe", "Qwen2Moe"),
         ("mixtral", "Mixtral"), ("glm", "Glm"), ("helium", "Helium"),
     )
-) + (f"{TF}.t5.modeling_t5.T5LayerNorm",)
+), f"{TF}.t5.modeling_t5.T5LayerNorm")
 
 
 def layout_of(m: nn.Module) -> Layout | None:
@@ -375,7 +375,7 @@ class HFAttentionRule(ModuleRule):
         if lay.o is not None:
             o = getattr(m, lay.o)
             memo[id(o)] = _slice(o, None if keep.out is None else list(keep.out), q_rows,
-                                 lay.transposed, swap=True)
+                                 lay.transposed)
         cfg = getattr(m, "config", None)
         if cfg is not None:
             memo[id(cfg)] = cfg  # shared with the model; shrink.interop.hf settles it
@@ -410,12 +410,12 @@ def _param(m: nn.Module, path: str) -> torch.Tensor | None:
     return getattr(mod, attr, None)
 
 
-def _slice(lin: nn.Module, rows: Sequence[int] | torch.Tensor | None,
-           cols: Sequence[int] | torch.Tensor | None, transposed: bool,
-           swap: bool = False) -> nn.Module:
-    """A copy of a Linear (or transposed Conv1D) with output ``rows`` and input ``cols`` kept
-    (``swap``: the arguments name the output projection's rows then its input columns)."""
-    new = copy.copy(lin)
+def _slice(src: nn.Module, rows: Sequence[int] | torch.Tensor | None,
+           cols: Sequence[int] | torch.Tensor | None, transposed: bool) -> nn.Module:
+    """A copy of a Linear (or transposed Conv1D) with output ``rows`` and input ``cols`` kept;
+    its class and other attributes stay."""
+    lin: Any = src
+    new: Any = copy.copy(lin)
     new._parameters = dict(lin._parameters)
     new._buffers = dict(lin._buffers)
     new._modules = dict(lin._modules)

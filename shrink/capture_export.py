@@ -84,13 +84,8 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
     # a Hugging Face model hands its KV cache object to every attention layer, and a call
     # signature can only be preserved over tensors: capture without the cache (the layers and
     # their channels are the same)
-    configs: dict[int, Any] = {
-        id(c): c for c in (getattr(m, "config", None) for m in model.modules())
-        if getattr(c, "use_cache", None) is True}  # T5's stacks have their own copies
-    for c in configs.values():
-        c.use_cache = False
     try:
-        with _quiet():
+        with _quiet(), without_kv_cache(model):
             try:
                 return torch.export.export(model, inputs, strict=False,
                                            preserve_module_call_signature=preserve)
@@ -100,6 +95,21 @@ def export_program(model: nn.Module, inputs: tuple[Any, ...],
             return torch.export.export(model, inputs, strict=False)
     finally:
         del model.forward
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face model without its KV cache (``config.use_cache = False`` on every
+    config it holds; T5's stacks have their own copies), restoring it afterwards. The cache is
+    an object of its own, which neither a preserved call signature nor an ONNX graph takes."""
+    configs: dict[int, Any] = {
+        id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+        if getattr(c, "use_cache", None) is True}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
         for c in configs.values():
             c.use_cache = True
 

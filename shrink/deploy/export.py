@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from shrink.capture import normalize_inputs
+from shrink.capture_export import without_kv_cache
 from shrink.deploy.onnx_passes import ort_optimize, rewrite_file
 from shrink.deploy.parity import Parity, check_parity, first_line, flatten_outputs
 from shrink.errors import ExportError
@@ -129,7 +130,7 @@ def export_onnx(
     start = time.perf_counter()
     with _eval_mode(model), _temp_path(target) as tmp:
         with stage("export"):
-            with _tensor_attributes_kept(model):
+            with _tensor_attributes_kept(model), without_kv_cache(model):
                 exporter, reason = _export(model, inputs, tmp, opset, dynamo, dynamic_batch)
             opset = rewrite_file(tmp)
             if optimize:
@@ -138,8 +139,9 @@ def export_onnx(
         if check:
             with stage("check"):
                 _check_model(tmp, target)
-                parity = check_parity(tmp, model, inputs, rtol=rtol,
-                                      dynamic_batch=dynamic_batch)
+                with without_kv_cache(model):
+                    parity = check_parity(tmp, model, inputs, rtol=rtol,
+                                          dynamic_batch=dynamic_batch and _batch_is_dynamic(tmp))
         tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, target)
     result = ExportResult(
@@ -249,6 +251,14 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: int, dy
     try:
         _export_torchscript(model, inputs, tmp, opset, dynamic_batch)
     except Exception as e:
+        if isinstance(dynamo_error, _BatchFixedError):
+            # neither keeps the batch dynamic (a Hugging Face LLM: TorchScript has no lowering
+            # for aten::diff): the dynamo export with the example's batch size is still right
+            _export_dynamo(model, inputs, tmp, opset, dynamic_batch=False)
+            log.warning("%s exported with a fixed batch size of %s (%s; the TorchScript path "
+                        "failed: %s)", type(model).__name__, _batch_of(inputs), reason,
+                        first_line(e))
+            return "dynamo", f"{reason}; exported with a fixed batch ({first_line(e)})"
         ops = _op_names(e) or (_op_names(dynamo_error) if dynamo_error else "")
         raise ExportError(
             f"torch.onnx.export could not export {type(model).__name__}: {first_line(e)}"
@@ -294,8 +304,17 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, opset: 
     if dynamic_batch and not _batch_is_dynamic(tmp):
         # a forward that compares its input's shape with a cached one (Ultralytics' Detect)
         # makes torch.export specialise the batch; the TorchScript path keeps it dynamic
-        raise ExportError("the dynamo exporter fixed the batch dimension (forward compares "
-                          "the input's shape with a constant)")
+        raise _BatchFixedError("the dynamo exporter fixed the batch dimension (forward "
+                               "compares the input's shape with a constant)")
+
+
+class _BatchFixedError(ExportError):
+    """The dynamo export is right, but only for the example inputs' batch size."""
+
+
+def _batch_of(inputs: tuple[Any, ...]) -> int | None:
+    t = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return None if t is None else int(t.shape[0])
 
 
 def _batch_is_dynamic(path: Path) -> bool:

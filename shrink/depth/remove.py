@@ -5,8 +5,9 @@ forward replaced by the identity on the hidden state: a forward hook that return
 input hidden state in the structure of its output (a tensor, or element 0 of a tuple or
 ``ModelOutput``, the rest kept). That masked original is the oracle the pruned model is checked
 against. A block that hands later blocks something besides the hidden state (T5's first block
-computes the relative position bias the others reuse) cannot be removed: the masked original
-keeps that side output, the pruned model does not, and the check raises
+computes the relative position bias the others reuse) cannot be removed: such blocks are kept
+whatever their score. Any other such block the check would catch: the masked original keeps
+that side output, the pruned model does not, and the check raises
 :class:`~shrink.errors.VerificationError`.
 """
 
@@ -129,7 +130,17 @@ def remove_layers(
     lengths = {s: len(blocks_of(model, s)) for s in stacks}
     counts = {s: _drop_count(amount, s, n) for s, n in lengths.items()}
     scores = _scores(model, stacks, lengths, criterion, data, example_inputs, max_batches)
-    removed = {s: _lowest(scores[s], counts[s]) for s in stacks}
+    kept = {s: _shared_state_blocks(model, s) for s in stacks}
+    for s in stacks:
+        if kept[s]:
+            log.info("depth: %s keeps blocks %s (they compute state later blocks reuse, e.g. "
+                     "T5's relative position bias)", s, kept[s])
+        if counts[s] > lengths[s] - max(len(kept[s]), 1):
+            raise ConfigError(
+                f"depth: cannot remove {counts[s]} of the {lengths[s]} blocks of {s}: blocks "
+                f"{kept[s]} compute state later blocks reuse and stay; ask for fewer"
+            )
+    removed = {s: _lowest(scores[s], counts[s], kept[s]) for s in stacks}
     pruned = _without(model, removed, find_layer_stacks(model))
     error = None
     batch = (as_inputs(example_inputs) if example_inputs is not None
@@ -150,10 +161,20 @@ def remove_layers(
     return DepthResult(pruned, removed, {s: tuple(scores[s]) for s in stacks}, error)
 
 
-def _lowest(scores: Sequence[float], n: int) -> tuple[int, ...]:
-    """The indices of the ``n`` lowest scores, ascending; ties go to the lower index."""
-    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+def _lowest(scores: Sequence[float], n: int, keep: Sequence[int] = ()) -> tuple[int, ...]:
+    """The indices of the ``n`` lowest scores (never one in ``keep``), ascending; ties go to
+    the lower index."""
+    order = sorted((i for i in range(len(scores)) if i not in keep),
+                   key=lambda i: (scores[i], i))
     return tuple(sorted(order[:n]))
+
+
+def _shared_state_blocks(model: nn.Module, stack: str) -> list[int]:
+    """Blocks that compute something later blocks reuse besides the hidden state: T5's first
+    block owns the relative position bias every other block of its stack adds."""
+    return [i for i, b in enumerate(blocks_of(model, stack))
+            if any(getattr(m, "has_relative_attention_bias", False) is True
+                   for m in b.modules())]
 
 
 def _drop_count(amount: Any, fqn: str, n: int) -> int:

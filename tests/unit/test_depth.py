@@ -240,12 +240,28 @@ def test_t5_loses_blocks_from_both_stacks_and_its_configs_follow() -> None:
     assert layer_idx_values(res.model, "decoder.block") == [0, 0, 1, 1]  # self + cross attn
 
 
-def test_removing_t5s_position_bias_block_fails_the_oracle_check() -> None:
-    """T5's block 0 computes the relative position bias the other blocks reuse: without it the
-    model is not the original with that block skipped, and the check says so."""
+def test_t5s_position_bias_block_stays_whatever_its_score() -> None:
+    """T5's block 0 computes the relative position bias the other blocks reuse: removing it
+    would change the model, so it is never picked, even when it scores lowest."""
+    drop_first = {"encoder.block": [0.0, 1.0, 3.0, 2.0], "decoder.block": [0.0, 2.0, 1.0]}
+    res = remove_layers(t5(), 1, criterion=drop_first, example_inputs=seq2seq_batch())
+    assert res.removed == {"encoder.block": (1,), "decoder.block": (2,)}
+    assert res.max_rel_error is not None and res.max_rel_error <= 1e-5
+    two = remove_layers(t5(), 2, criterion=drop_first, example_inputs=seq2seq_batch(),
+                        stack="decoder.block")
+    assert two.removed == {"decoder.block": (1, 2)}  # only the bias block is left
+
+
+def test_a_block_whose_removal_changes_the_model_fails_the_oracle_check() -> None:
+    """A block hands later blocks a side output the identity cannot stand in for (T5's bias
+    block, with its flag hidden from the selection): the check refuses the result."""
+    model = t5()
+    for m in model.encoder.block[0].modules():
+        if getattr(m, "has_relative_attention_bias", False):
+            m.has_relative_attention_bias = "yes"  # not True: the selection no longer sees it
     drop_first = {"encoder.block": [0.0, 1.0, 3.0, 2.0], "decoder.block": [9.0, 2.0, 1.0]}
     with pytest.raises(shrink.VerificationError, match=r"encoder.block.*identity"):
-        remove_layers(t5(), 1, criterion=drop_first, example_inputs=seq2seq_batch())
+        remove_layers(model, 1, criterion=drop_first, example_inputs=seq2seq_batch())
 
 
 def test_bart_block_influence_runs_on_dict_batches() -> None:

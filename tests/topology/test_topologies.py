@@ -293,12 +293,40 @@ class Tied(nn.Module):
         return self.head(torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], -1))
 
 
-def test_tied_weights_are_pinned_with_reason() -> None:
+def test_tied_weights_shrink_together_and_stay_tied() -> None:
+    """a and b share one weight: the rows they slice are one channel each, so both lose the
+    same rows and the pruned layers share the sliced weight again."""
     res = prune_checked(Tied(), torch.randn(2, 6))
     g = res.analysis.group("a:out")
-    assert g.pinned is not None
-    assert "shares a parameter" in g.pinned
+    assert g.pinned is None
+    assert {(m.module, m.side.value) for m in g.members} >= {("a", "out"), ("b", "out")}
     assert res.model.a.weight is res.model.b.weight
+    assert res.model.a.out_features == res.model.b.out_features < 10
+
+
+class TiedAcross(nn.Module):
+    """An embedding table reused, transposed, as a projection back to the vocabulary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 10)
+        self.proj.weight = self.emb.weight
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(torch.relu(self.emb(ids)))))
+
+
+def test_tied_weights_on_an_axis_only_one_owner_has_are_pinned_with_reason() -> None:
+    """proj's rows (its OUT) are the embedding's vocabulary rows, which the embedding cannot
+    drop: they stay, with the reason; the shared hidden axis still prunes together."""
+    res = prune_checked(TiedAcross(), torch.randint(0, 10, (2, 5)))
+    g = res.analysis.group("proj:out")
+    assert g.pinned is not None and "shares a parameter" in g.pinned
+    assert res.analysis.group("emb:out").pinned is None
+    assert res.model.proj.weight is res.model.emb.weight
+    assert res.model.emb.embedding_dim == res.model.proj.in_features < 8
 
 
 class Unknown(nn.Module):

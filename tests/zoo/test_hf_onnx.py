@@ -16,7 +16,7 @@ import torch
 import shrink
 from shrink.testing import randomize_
 
-pytestmark = pytest.mark.onnx
+pytestmark = [pytest.mark.onnx, pytest.mark.slow]  # three exporter runs: ~50 s
 
 T = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")

@@ -91,7 +91,7 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> Callable[[]
             cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             t = time.perf_counter()
             for _ in range(steps):
-                out = model(tok, past_key_values=cache, use_cache=True)
+                out = model(tok, cache=cache, use_cache=True)
                 cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             return time.perf_counter() - t
     return run
@@ -116,6 +116,8 @@ def ort_prefill(path: Path, ids: torch.Tensor, threads: int) -> Callable[[], flo
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--target", choices=("channels", "params"), default="channels",
+                   help="ratio of every group's channels (default) or of the parameters")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 32000, (1, args.prompt), generator=gen)
     t0 = time.perf_counter()
-    res = shrink.prune(dense, ids, shrink.PruneConfig(args.ratio, capture="export"))
+    res = shrink.prune(dense, ids, shrink.PruneConfig(args.ratio, capture="export",
+                                                      target=args.target))
     prune_s = time.perf_counter() - t0
     small = res.model.eval()
     n = {k: sum(q.numel() for q in m.parameters()) for k, m in (("dense", dense),
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 {k: ort_prefill(path, ids, args.threads) for k, path in paths.items()},
                 args.seconds)
         print("ort prefill", results["ort_prefill_s"], flush=True)
-    out = {"command": command, "ratio": args.ratio, "threads": args.threads,
+    out = {"command": command, "ratio": args.ratio, "target": args.target,
+           "threads": args.threads,
            "prompt": args.prompt, "new_tokens": args.new, "seconds": args.seconds,
            "params": n, "shape": {"dense": shape(dense), "pruned": shape(small)},
            "prune_seconds": prune_s, "deviation": res.report.deviation if res.report else None,
@@ -193,7 +197,8 @@ def markdown(out: dict[str, Any]) -> str:
         f"process, best-of over {out['seconds']:g} s of rounds each. Versions: "
         + ", ".join(f"{k} {v}" for k, v in out["versions"].items()) + ".",
         "",
-        f"Pruned with `shrink.prune(model, ids, PruneConfig({out['ratio']}, capture=\"export\"))`"
+        f"Pruned with `shrink.prune(model, ids, PruneConfig({out['ratio']}, capture=\"export\", "
+        f"target=\"{out['target']}\"))`"
         f" in {out['prune_seconds']:.0f} s: {out['shape']['dense']} "
         f"({out['params']['dense'] / 1e6:.1f}M params) -> {out['shape']['pruned']} "
         f"({out['params']['pruned'] / 1e6:.1f}M params, "

@@ -274,3 +274,16 @@ def test_layers_of_different_sizes_keep_the_config_and_the_report_says_why() -> 
     assert widths[0] > widths[1]
     assert any("cannot describe" in d and "MLP" in d for d in res.report.diagnostics)
     assert res.model.config.intermediate_size == 128  # not a lie about either layer
+
+
+def test_depth_and_width_together_reload_with_from_pretrained(tmp_path: Any) -> None:
+    model, x = build("llama")
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, capture="export", depth=1))
+    small = res.model
+    assert len(small.model.layers) == 1 and small.config.num_hidden_layers == 1
+    assert small.config.hidden_size < 64
+    small.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    assert relative_error(list(outputs(back, x).values()),
+                          list(outputs(small, x).values())) == 0.0
+    assert back.generate(x[0], max_new_tokens=3, do_sample=False).shape == (2, 15)

@@ -108,7 +108,8 @@ def check_data(data: Any, max_batches: int | None, who: str, example: str) -> No
     if isinstance(data, (torch.Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
         raise ConfigError(
             f"{who}: data must be an iterable of batches (a DataLoader or a list of (x, y) "
-            f"tuples or dicts), got {type(data).__name__}"
+            f"tuples or dicts), got {type(data).__name__}; wrap one batch in a list: "
+            "data=[batch]"
         )
     if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
         raise ConfigError(f"{who}: max_batches must be an int >= 1 or None, got {max_batches!r}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from shrink.criteria.batches import split_batch
+from shrink.criteria.batches import check_data, iter_batches
 from shrink.depth.stacks import blocks_of
 from shrink.errors import ConfigError
 
@@ -92,32 +92,15 @@ def influences(model: nn.Module, stacks: tuple[str, ...],
 
 def batches(data: Any, max_batches: int | None) -> Iterator[Inputs]:
     """The inputs of at most ``max_batches`` batches of ``data``: a tensor batch is the first
-    input, a tuple or list is ``(*inputs, target)`` (:func:`~shrink.criteria.batches.split_batch`),
-    a dict holds keyword inputs. ``data`` is checked now and read lazily.
+    input, a tuple or list is ``(*inputs, target)``, a dict holds keyword inputs
+    (:func:`~shrink.criteria.batches.split_batch`). ``data`` is checked now and read lazily.
 
     Raises:
         ConfigError: ``data`` is not an iterable of batches, or yields none.
     """
-    if isinstance(data, (torch.Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
-        raise ConfigError(
-            f"data must be an iterable of batches (a DataLoader or a list), got "
-            f"{type(data).__name__}; wrap one batch in a list: data=[input_ids]"
-        )
-    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-        raise ConfigError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
-
-    def gen() -> Iterator[Inputs]:
-        n = 0
-        for batch in data:
-            if max_batches is not None and n >= max_batches:
-                break
-            n += 1
-            yield batch if isinstance(batch, Mapping) else split_batch(batch).args
-        if n == 0:
-            raise ConfigError("data yielded no batches; pass a non-empty, re-iterable loader "
-                              "(a DataLoader or a list; a generator is spent after one use)")
-
-    return gen()
+    check_data(data, max_batches, "depth", "data=[input_ids, ...]")
+    return (dict(b.kwargs) if b.kwargs else b.args
+            for b in iter_batches(data, max_batches, "depth"))
 
 
 def as_inputs(example_inputs: Any) -> Inputs:

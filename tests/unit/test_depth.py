@@ -306,7 +306,7 @@ def test_a_plain_module_needs_the_stack_named() -> None:
      ({"amount": 1, "criterion": "magic"}, "criterion='magic' is unknown"),
      ({"amount": 1, "criterion": [1.0, 2.0]}, "has 4 blocks but got 2 scores"),
      ({"amount": 1}, "needs data= .*or example_inputs="),
-     ({"amount": 1, "data": ids(1)}, r"data must be an iterable of batches.*data=\[input_ids\]"),
+     ({"amount": 1, "data": ids(1)}, r"data must be an iterable of batches.*data=\[batch\]"),
      ({"amount": 1, "stack": "model.norm"}, "not an nn.ModuleList"),
      ({"amount": 1, "stack": "model.nope"}, r"no module of that name.*\['model.layers'\]")],
     ids=["too-many", "fraction-1", "negative", "bool", "criterion", "score-count", "no-data",

@@ -204,13 +204,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
 
 
-def run(name: str, timeout: float) -> dict[str, Any]:
-    """One model in a subprocess. At ``timeout`` the child dumps its stack and exits, and the
-    row names the innermost torch-pruning function it was in (where it hangs)."""
+def run(name: str, timeout: float, script: str = __file__) -> dict[str, Any]:
+    """One model in a subprocess (``script --child NAME --timeout T``, which prints its row as
+    a JSON line). At ``timeout`` the child dumps its stack and exits, and the row names the
+    innermost torch-pruning function it was in (where it hangs)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # this checkout's shrink
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--child", name, "--timeout", str(timeout)]
+    cmd = [sys.executable, script, "--child", name, "--timeout", str(timeout)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60,
                              env=env, cwd=ROOT)
@@ -298,7 +299,8 @@ def render(rows: dict[str, dict[str, Any]], command: str, env: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> str:
+def environment(pkgs: tuple[str, ...] = ("torch", "torchvision", "torch-pruning", "ultralytics",
+                                         "timm")) -> str:
     import importlib.metadata as md
 
     def v(p: str) -> str:
@@ -307,7 +309,6 @@ def environment() -> str:
         except md.PackageNotFoundError:
             return "-"
 
-    pkgs = ("torch", "torchvision", "torch-pruning", "ultralytics", "timm")
     return ", ".join(f"{p} {v(p)}" for p in pkgs) + f", {time.strftime('%Y-%m-%d')}"
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
-from shrink.ids import Call, Ids, Tracker
+from shrink.ids import Call, Ids, Tracker, make_ids
 from shrink.rules import axes, pointwise, structural
 from shrink.rules.registry import register_function
 from shrink.rules.structural import norm_dim, reshape_ids
@@ -180,3 +181,41 @@ def new_tensor(t: Tracker, call: Call) -> Any:
     free; the new tensor has a literal size, so its own channels stay."""
     return structural.fresh_like(t, call.out, call.name,
                                  f"{call.name} at {call.where} makes a tensor of literal size")
+
+
+@register_function(*_packets("roll"), torch.roll, "roll")
+def roll(t: Tracker, call: Call) -> Any:
+    """``roll(x, shifts, dims)`` along axes the channel ids do not vary on (Swin's spatial
+    shift) leaves them as they are. Rolled along a channel axis, the shift would wrap around a
+    different number of channels once some are pruned, so those channels stay."""
+    x = call.args[0]
+    if not isinstance(x, Ids):
+        return None
+    shifts, dims = call.arg(1, "shifts"), call.arg(2, "dims", ())
+    full = x.full()
+    flat = dims in (None, (), [])
+    rolled_dims = range(x.ndim) if flat else [
+        norm_dim(int(d), x.ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(x.varies(d) for d in rolled_dims):
+        t.pin(x.a, f"{call.name} at {call.where} rolls along a channel axis: its shift would "
+                   "wrap around fewer channels once some are pruned")
+    if flat:
+        rolled = np.roll(full.ravel(), int(shifts if not isinstance(shifts, (list, tuple))
+                                           else shifts[0])).reshape(full.shape)
+    else:
+        sh = tuple(int(s) for s in (shifts if isinstance(shifts, (list, tuple)) else [shifts]))
+        ds = tuple(int(d) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+        rolled = np.roll(full, sh, ds)
+    return make_ids(rolled, x.shape)
+
+
+@register_function(*_packets("flip"), torch.flip, "flip")
+def flip(t: Tracker, call: Call) -> Any:
+    """``flip(x, dims)`` reverses ``dims``: channel ids move with their elements (reversing the
+    kept channels of a pruned axis is the same reversal restricted to them, so it is exact)."""
+    x = call.args[0]
+    if not isinstance(x, Ids):
+        return None
+    dims = call.arg(1, "dims")
+    ds = tuple(int(d) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+    return make_ids(np.flip(x.full(), ds), x.shape)

@@ -48,12 +48,17 @@ KEEP_CHANNELS: dict[str, tuple[Op, str]] = {
     "var_over_hw": (lambda y: y * y.var((2, 3), True, True), "aten.var"),
     "tensor_split_halves": (lambda y: torch.cat(torch.tensor_split(y, 2, dim=1)[::-1], 1),
                             "aten.tensor_split"),
+    "roll_spatial": (lambda y: torch.roll(y, (1, -2), (2, 3)), "aten.roll"),
+    "flip_channels": (lambda y: torch.flip(y, (1, 3)), "aten.flip"),
     "max_pool1d_with_indices": (
         lambda y: F.max_pool1d(y.flatten(2), 2, return_indices=True)[0].unsqueeze(-1),
         "aten.max_pool1d_with_indices"),
 }
 
 MIX_CHANNELS: dict[str, tuple[Op, str]] = {
+    # the shift would wrap around fewer channels after pruning
+    "roll_channels": (lambda y: torch.roll(y, 3, 1), "aten.roll"),
+    "roll_flat": (lambda y: torch.roll(y, 5), "aten.roll"),
     "normalize_over_channels": (lambda y: F.normalize(y, dim=1), "aten.linalg_vector_norm"),
     "norm_over_channels": (lambda y: y / y.norm(2, 1, keepdim=True), "aten.linalg_vector_norm"),
     "var_over_channels": (lambda y: y - y.var(1, False, True), "aten.var"),

@@ -79,7 +79,7 @@ def _families() -> dict[str, tuple[Callable[[], nn.Module], str]]:
             image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
             num_attention_heads=4, intermediate_size=128, num_labels=10)), "img"),
         "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
-            image_size=32, patch_size=2, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
+            image_size=32, patch_size=2, embed_dim=32, depths=[2, 1], num_heads=[2, 4],
             window_size=4, num_labels=10)), "img"),
         "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
             num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10,

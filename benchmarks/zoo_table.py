@@ -197,7 +197,17 @@ def render(rows: dict[str, dict[str, dict[str, object]]], out: str, date: str,
         )
     tp_ok = sum(1 for r in rows.values() if r["tp"].get("ok"))
     lines += ["", f"shrink: {ok} of {len(rows)} models compressed; torch-pruning: {tp_ok}."]
-    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).write_text("\n".join(lines) + "\n" + _later_sections(Path(out)))
+
+
+def _later_sections(path: Path) -> str:
+    """The ``## `` sections other benchmarks appended to the file (the real-world zoo, the
+    transformers table), kept when this table is written again."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find("\n## ")
+    return "" if at < 0 else text[at:].lstrip("\n").join(("\n", ""))
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Prune a tiny Llama trained on Python's own standard library: held-out perplexity, side by side.
 
-    python examples/06_tiny_llm.py                      # ~3 min training, ~15 min in all
+    python examples/06_tiny_llm.py                      # ~3-4 min training, ~30 min in all
     python examples/06_tiny_llm.py --quick              # ~20 s smoke run (tests use it)
 
 1. Data: the standard library's ``*.py`` files (``sysconfig.get_paths()["stdlib"]``, test
@@ -516,7 +516,22 @@ def summary(result: dict[str, Any]) -> list[str]:
         "`activation_weighted` (|W|·‖X‖, Wanda): they choose different structures (shape "
         f"column), so it is a second data point, not a duplicate: at {ratio:.0%}, "
         f"{vs_dense('activation')} vs {vs_dense('activation_weighted')} after the fine-tune.",
+        *refused_configs(result),
     ]
+
+
+def refused_configs(result: dict[str, Any]) -> list[str]:
+    """A note on the rows whose config ``save_pretrained`` refuses, when there are any."""
+    refused = [r for r in result["rows"] if "validate_architecture" in r.get("config", "")]
+    if not refused:
+        return []
+    ours = [r for r in refused if r["method"] != "tp"]
+    return ["", f"Config `validate_architecture` errors ({len(ours)} shrink row(s), "
+            f"{len(refused) - len(ours)} torch-pruning row(s)): the config has the model's "
+            "sizes (a model built from it has the same shapes; Llama's `head_dim` is explicit), "
+            "but transformers validates a config on `save_pretrained` and refuses a hidden size "
+            "that is not a multiple of the number of query heads. shrink's config check builds "
+            "the model from the config without that validation, so its report does not warn."]
 
 
 def markdown(result: dict[str, Any], command: str) -> str:

@@ -196,13 +196,27 @@ def _scaled_embeddings(model: nn.Module, values: dict[str, int]) -> str | None:
     return None
 
 
+def first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
 def _describes(model: nn.Module, cfg: Any) -> str | None:
-    """None when a model built from ``cfg`` has ``model``'s parameter names and shapes."""
+    """None when ``cfg`` passes its class's own checks (transformers validates a config when
+    it is made and saved, e.g. Llama's hidden size a multiple of its heads) and a model built
+    from it has ``model``'s parameter names and shapes."""
+    validate = getattr(cfg, "validate", None)
+    try:
+        if callable(validate):
+            validate()
+    except Exception as e:
+        cause = e.__cause__ or e
+        return f"{type(cfg).__name__} refuses the new sizes: {first_line(str(cause))}"
     try:
         with torch.device("meta"):
             fresh = type(model)(cfg)
     except Exception as e:  # the config refuses the new sizes (e.g. hidden % heads != 0)
-        return f"{type(cfg).__name__} refuses the new sizes: {type(e).__name__}: {e}"
+        return (f"{type(cfg).__name__} refuses the new sizes: {type(e).__name__}: "
+                f"{first_line(str(e))}")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     diff = [k for k in want if got.get(k) != want[k]] + [k for k in got if k not in want]

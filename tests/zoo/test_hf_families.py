@@ -287,3 +287,15 @@ def test_depth_and_width_together_reload_with_from_pretrained(tmp_path: Any) -> 
     assert relative_error(list(outputs(back, x).values()),
                           list(outputs(small, x).values())) == 0.0
     assert back.generate(x[0], max_new_tokens=3, do_sample=False).shape == (2, 15)
+
+
+def test_a_config_transformers_would_refuse_is_not_written() -> None:
+    """Llama's config class requires the hidden size to be a multiple of the head count when
+    it is made or saved; shrink's check asks it, so save_pretrained never fails later."""
+    model, x = build("llama")
+    res = shrink.prune(model, x, shrink.PruneConfig(
+        0.5, capture="export", gqa="query", round_to=1,
+        overrides={"model.embed_tokens:out": 0.45}))  # hidden 64 -> 35: not a multiple of 8
+    assert res.model.config.hidden_size == 64
+    assert res.model.model.embed_tokens.embedding_dim % 8 != 0
+    assert any("refuses" in d and "multiple" in d for d in res.report.diagnostics)

@@ -17,7 +17,6 @@ measured on real tensors instead.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrink.capture import meta_copy
 from shrink.errors import ConfigError
 from shrink.plan import ChannelGroup, Plan
 from shrink.report import count_macs, count_params
@@ -55,7 +55,7 @@ def measurer(model: nn.Module, inputs: tuple[Any, ...], metric: Metric) -> Calla
         count = count_macs
     base_model, base_inputs = model, inputs
     try:
-        meta = copy.deepcopy(model).to("meta")
+        meta = meta_copy(model)  # keeps tied weights tied (.to("meta") would untie them)
         meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
         base = count(meta, meta_inputs)
         base_model, base_inputs = meta, meta_inputs

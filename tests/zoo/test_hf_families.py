@@ -299,3 +299,12 @@ def test_a_config_transformers_would_refuse_is_not_written() -> None:
     assert res.model.config.hidden_size == 64
     assert res.model.model.embed_tokens.embedding_dim % 8 != 0
     assert any("refuses" in d and "multiple" in d for d in res.report.diagnostics)
+
+
+def test_a_params_target_works_on_tied_embeddings() -> None:
+    model, x = build("qwen2")  # tie_word_embeddings=True
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, capture="export", target="params"))
+    kept = sum(p.numel() for p in res.model.parameters()) / sum(
+        p.numel() for p in model.parameters())
+    assert abs(kept - 0.5) < 0.05
+    assert res.model.lm_head.weight is res.model.model.embed_tokens.weight

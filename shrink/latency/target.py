@@ -1,0 +1,257 @@
+"""Solve a latency target: model, allocate, measure end to end, correct.
+
+1. **Model.** Every prunable layer call (:mod:`shrink.latency.layers`) gets a table of its time
+   against its kept channels (:mod:`shrink.latency.table`), measured on the runtime once per
+   distinct layer signature and cached (:mod:`shrink.latency.cache`). ``P(plan)`` is the sum of
+   the tables at the plan's counts and ``P_dense`` at the dense counts; everything else is a
+   constant, so with the dense model measured end to end (``M_dense``) the first prediction of
+   a plan's kept fraction is ``1 - (P_dense / M_dense) * (1 - P(plan) / P_dense)``.
+2. **Allocate** the budget on ``s = P / P_dense`` (:mod:`shrink.latency.solve`).
+3. **Measure** the pruned model end to end, interleaved with the dense one (best-of, the
+   protocol of :func:`shrink.compare`), giving its measured kept fraction ``r``.
+4. **Correct.** The measured points ``(s, r)`` and the dense point ``(1, 1)`` calibrate the
+   prediction: the next ``s`` interpolates linearly between the two points nearest the goal
+   that bracket it (or extrapolates from the dense point through the nearest one), i.e. the
+   budget is rescaled by measured/predicted savings. Stop when ``|r / goal - 1| <= tolerance``,
+   after ``max_corrections`` corrections, or when a budget gives a plan already measured; the
+   closest plan is returned and the report says whether the goal was met.
+
+The calibration points are cached per model fingerprint, so a second run on the same model
+starts calibrated and usually needs one measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.deploy.timing import rebatch
+from shrink.errors import ConfigError
+from shrink.latency.cache import LatencyCache
+from shrink.latency.layers import Term, layer_calls, terms
+from shrink.latency.measure import Bench, bench_for
+from shrink.latency.options import LatencyTarget
+from shrink.latency.solve import Choice, Cost, Problem
+from shrink.latency.table import Table
+from shrink.plan import ChannelGroup, Plan
+from shrink.progress import stage
+from shrink.report import LatencyReport
+from shrink.rewrite import apply
+from shrink.select import Uniform, candidate_counts, override_for, plan_from_counts, select
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySolution:
+    """The plan that meets (or comes closest to) a latency target, and how it was found."""
+
+    plan: Plan
+    report: LatencyReport
+
+
+def solve_latency(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    groups: tuple[ChannelGroup, ...],
+    scores: Mapping[str, torch.Tensor],
+    target: LatencyTarget,
+    fingerprint: str,
+    *,
+    bench: Bench | None = None,
+    cache_dir: Path | None = None,
+) -> LatencySolution:
+    """The plan that removes ``target.ratio`` of the measured latency (see the module doc).
+
+    Args:
+        model: the dense model (read only).
+        inputs: example inputs; their shape is the one timed (batch: ``target.batch``).
+        groups: every group of the analysis.
+        scores: channel scores per group (:func:`shrink.score`).
+        target: the latency target.
+        fingerprint: ``analysis.model``.
+        bench: the runtime to time on (default: :func:`shrink.latency.measure.bench_for`).
+        cache_dir: the cache directory (default: :func:`shrink.latency.cache.cache_root`).
+
+    Returns:
+        The plan and a :class:`~shrink.report.LatencyReport`.
+
+    Raises:
+        ConfigError: no tensor inputs, or the runtime is not available.
+
+    Example:
+        >>> sol = solve_latency(model, (x,), analysis.groups, scores, LatencyTarget(0.5),
+        ...                     analysis.model)
+        >>> sol.report.measured   # ~0.5
+    """
+    start = time.perf_counter()
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if not tensors or tensors[0].ndim == 0:
+        raise ConfigError("a latency target times the model on its example inputs: pass "
+                          "example_inputs with at least one batched tensor")
+    batch = target.batch or int(tensors[0].shape[0])
+    feed = tuple(rebatch(t, batch) for t in inputs)
+    with contextlib.ExitStack() as stack:
+        if bench is None:
+            bench = stack.enter_context(bench_for(target.runtime, target.threads))
+        key = {**bench.key(), "batch": str(batch),
+               "input": ",".join("x".join(map(str, t.shape[1:])) for t in tensors)}
+        cache = LatencyCache(key, cache_dir)
+        choices = _choices(groups, scores, target, bench.block, fingerprint)
+        with stage("latency tables"):
+            bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
+                          bench.block)
+            tables, measured = _tables(bound, bench, batch, cache)
+        problem = Problem(choices, _costs(bound, tables, choices))
+        p_dense = sum(t.call.calls * float(tables[t.signature()].at(t.in_axis.extent,
+                                                                     t.out_axis.extent))
+                      for t in bound)
+        with stage("latency dense"):
+            m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
+        loop = _Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
+        while (s_goal := loop.next_s()) is not None:
+            alloc = problem.solve(s_goal * p_dense)
+            plan = plan_from_counts(groups, scores, alloc.counts, fingerprint)
+            if not loop.new(plan):
+                break
+            with stage(f"latency measure {len(loop.history) + 1}"):
+                ms = bench.models_ms({"dense": model, "pruned": apply(model, plan)}, feed,
+                                     target.seconds)
+            loop.record(plan, alloc.latency / p_dense, ms["dense"], ms["pruned"])
+        cache.add_points(fingerprint, [(s, r) for s, r, *_ in loop.history])
+        cache.save()
+    best = loop.best()
+    s, r, dense_ms, pruned_ms, plan = best
+    report = LatencyReport(
+        runtime=target.runtime.value, threads=target.threads, batch=batch,
+        goal=1 - target.ratio, dense_ms=dense_ms, pruned_ms=pruned_ms,
+        predicted=1 - loop.f * (1 - s), corrections=len(loop.history) - 1,
+        converged=loop.met(r), layer_shapes=len(tables), measured_shapes=measured,
+        seconds=time.perf_counter() - start,
+        history=tuple((1 - loop.f * (1 - h[0]), h[1]) for h in loop.history))
+    log.info("shrink: %s", report)
+    return LatencySolution(plan, report)
+
+
+def _choices(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+             target: LatencyTarget, block: int, fingerprint: str) -> list[Choice]:
+    """One choice per scored prunable group; an overridden group has its one count."""
+    policy = target.policy
+    targets = [g for g in groups if g.prunable and g.id in scores]
+    fixed: dict[str, int] = {}
+    if policy.overrides:  # select() resolves overrides exactly as a Global policy would
+        plan = select(tuple(groups), scores, Uniform(0.0, round_to=policy.round_to,
+                                                     min_keep=policy.min_keep,
+                                                     overrides=policy.overrides), fingerprint)
+        kept = {d.group: len(d.keep) for d in plan.decisions}
+        fixed = {g.id: kept.get(g.id, g.size) for g in targets
+                 if override_for(g, policy.overrides) is not None}
+    out = []
+    for g in targets:
+        counts = (fixed[g.id],) if g.id in fixed else candidate_counts(g, policy, block)
+        out.append(Choice(g.id, counts, tuple(_value(g, scores[g.id], k) for k in counts)))
+    return out
+
+
+def _value(g: ChannelGroup, scores: torch.Tensor, k: int) -> float:
+    """Importance kept by the ``k`` best channels, scores divided by the group's mean (as the
+    Global policy ranks them); per block for grouped convs (each block keeps ``k / blocks``)."""
+    s = scores.detach().double().cpu()
+    mean = float(s.mean())
+    s = s / mean if mean > 0 else s
+    if not g.blocks:
+        return float(s.sort(descending=True).values[:k].sum())
+    labels = sorted(set(g.blocks))
+    kb = k // len(labels)
+    blocks = torch.as_tensor(g.blocks)
+    return float(sum(s[blocks == b].sort(descending=True).values[:kb].sum() for b in labels))
+
+
+def _tables(bound: Sequence[Term], bench: Bench, batch: int,
+            cache: LatencyCache) -> tuple[dict[str, Table], int]:
+    """The table of every signature: from the cache, else measured (and cached)."""
+    tables: dict[str, Table] = {}
+    measured = 0
+    for term in bound:
+        sig = term.signature()
+        if sig in tables:
+            continue
+        table = cache.get(sig)
+        if table is None:
+            ms = tuple(tuple(bench.layer_ms(term.op_at(i, o), batch)
+                             for o in term.out_axis.points())
+                       for i in term.in_axis.points())
+            table = Table(term.in_axis, term.out_axis, ms)
+            cache.put(sig, table)
+            measured += 1
+        tables[sig] = table
+    log.info("latency: %d layer signatures, %d measured now", len(tables), measured)
+    return tables, measured
+
+
+def _costs(bound: Sequence[Term], tables: Mapping[str, Table],
+           choices: Sequence[Choice]) -> list[Cost]:
+    index = {c.id: i for i, c in enumerate(choices)}
+    return [Cost(tables[t.signature()], tuple((index[g], p) for g, p in t.inp), t.in_fixed,
+                 () if t.tied else tuple((index[g], p) for g, p in t.out),
+                 t.out_fixed, t.call.calls) for t in bound]
+
+
+class _Corrections:
+    """The measured points and the next budget (see the module doc, step 4)."""
+
+    def __init__(self, target: LatencyTarget, f: float,
+                 prior: list[tuple[float, float]]) -> None:
+        self.target = target
+        self.goal = 1 - target.ratio
+        self.f = f
+        self.prior = prior
+        self.history: list[tuple[float, float, float, float, Plan]] = []
+        self._seen: set[tuple[Any, ...]] = set()
+
+    def met(self, r: float) -> bool:
+        return abs(r / self.goal - 1) <= self.target.tolerance
+
+    def next_s(self) -> float | None:
+        if self.history and (self.met(self.history[-1][1])
+                             or len(self.history) > self.target.max_corrections):
+            return None
+        own = [(s, r) for s, r, *_ in self.history]
+        points = [(1.0, 1.0), *own, *(self.prior if len(own) < 1 else [])]
+        below = [p for p in points if p[1] <= self.goal]
+        above = [p for p in points if p[1] > self.goal]
+        a = min(above, key=lambda p: p[1])
+        if below:
+            b = max(below, key=lambda p: p[1])
+        elif len(points) == 1:
+            return max(0.0, 1 - (1 - self.goal) / max(self.f, 1e-9))
+        else:
+            b, a = a, (1.0, 1.0)
+        if abs(a[1] - b[1]) < 1e-9 or abs(a[0] - b[0]) < 1e-12:
+            return max(0.0, b[0] * self.goal / max(b[1], 1e-9))
+        s = b[0] + (self.goal - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
+        return min(1.0, max(0.0, s))
+
+    def new(self, plan: Plan) -> bool:
+        key = tuple((d.group, len(d.keep)) for d in plan.decisions)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def record(self, plan: Plan, s: float, dense_ms: float, pruned_ms: float) -> None:
+        r = pruned_ms / dense_ms
+        log.info("latency: plan at predicted layer fraction %.3f measured %.3f (goal %.3f)",
+                 s, r, self.goal)
+        self.history.append((s, r, dense_ms, pruned_ms, plan))
+
+    def best(self) -> tuple[float, float, float, float, Plan]:
+        return min(self.history, key=lambda h: abs(h[1] / self.goal - 1))

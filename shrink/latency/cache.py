@@ -101,6 +101,9 @@ class LatencyCache:
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=0, sort_keys=True)
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, self.path)
             self._dirty = False
         except OSError as e:

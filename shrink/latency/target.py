@@ -37,7 +37,7 @@ from shrink.deploy.timing import rebatch
 from shrink.errors import ConfigError
 from shrink.latency.cache import LatencyCache
 from shrink.latency.layers import Term, layer_calls, terms
-from shrink.latency.measure import Bench, bench_for
+from shrink.latency.measure import Bench, bench_for, llc_bytes
 from shrink.latency.options import LatencyTarget
 from shrink.latency.solve import Choice, Cost, Problem
 from shrink.latency.table import Table
@@ -109,11 +109,11 @@ def solve_latency(
         with stage("latency tables"):
             bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
                           bench.block)
-            tables, measured = _tables(bound, bench, batch, cache)
-        problem = Problem(choices, _costs(bound, tables, choices))
-        p_dense = sum(t.call.calls * float(tables[t.signature()].at(t.in_axis.extent,
-                                                                     t.out_axis.extent))
-                      for t in bound)
+            cold = sum(p.numel() * p.element_size() for p in model.parameters()) > llc_bytes()
+            tables, measured = _tables(bound, bench, batch, cache, cold)
+        problem = Problem(choices, _costs(bound, tables, choices, cold))
+        p_dense = sum(t.call.calls * float(tables[_signature(t, cold)].at(
+            t.in_axis.extent, t.out_axis.extent)) for t in bound)
         with stage("latency dense"):
             m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
         loop = _Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
@@ -175,18 +175,20 @@ def _value(g: ChannelGroup, scores: torch.Tensor, k: int) -> float:
     return float(sum(s[blocks == b].sort(descending=True).values[:kb].sum() for b in labels))
 
 
-def _tables(bound: Sequence[Term], bench: Bench, batch: int,
-            cache: LatencyCache) -> tuple[dict[str, Table], int]:
-    """The table of every signature: from the cache, else measured (and cached)."""
+def _tables(bound: Sequence[Term], bench: Bench, batch: int, cache: LatencyCache,
+            cold: bool) -> tuple[dict[str, Table], int]:
+    """The table of every signature: from the cache, else measured (and cached). ``cold``:
+    the model's weights exceed the last-level cache, so each layer is timed with its weights
+    out of the caches (:func:`shrink.latency.measure.best_of`)."""
     tables: dict[str, Table] = {}
     measured = 0
     for term in bound:
-        sig = term.signature()
+        sig = _signature(term, cold)
         if sig in tables:
             continue
         table = cache.get(sig)
         if table is None:
-            ms = tuple(tuple(bench.layer_ms(term.op_at(i, o), batch)
+            ms = tuple(tuple(bench.layer_ms(term.op_at(i, o), batch, cold)
                              for o in term.out_axis.points())
                        for i in term.in_axis.points())
             table = Table(term.in_axis, term.out_axis, ms)
@@ -197,10 +199,14 @@ def _tables(bound: Sequence[Term], bench: Bench, batch: int,
     return tables, measured
 
 
+def _signature(term: Term, cold: bool) -> str:
+    return term.signature() + (" cold" if cold else "")
+
+
 def _costs(bound: Sequence[Term], tables: Mapping[str, Table],
-           choices: Sequence[Choice]) -> list[Cost]:
+           choices: Sequence[Choice], cold: bool) -> list[Cost]:
     index = {c.id: i for i, c in enumerate(choices)}
-    return [Cost(tables[t.signature()], tuple((index[g], p) for g, p in t.inp), t.in_fixed,
+    return [Cost(tables[_signature(t, cold)], tuple((index[g], p) for g, p in t.inp), t.in_fixed,
                  () if t.tied else tuple((index[g], p) for g, p in t.out),
                  t.out_fixed, t.call.calls) for t in bound]
 

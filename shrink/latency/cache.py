@@ -59,11 +59,11 @@ class LatencyCache:
         >>> cache.save()
     """
 
-    def __init__(self, key: Mapping[str, str], root: Path | None = None) -> None:
+    def __init__(self, key: Mapping[str, str], root: str | os.PathLike[str] | None = None) -> None:
         self.key = dict(sorted((str(k), str(v)) for k, v in key.items()))
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^a-z0-9]+", "-", self.key.get("runtime", "latency").lower()).strip("-")
-        self.path = (root or cache_root()) / f"{slug}-{digest}.json"
+        self.path = (Path(root) if root else cache_root()) / f"{slug}-{digest}.json"
         self.tables: dict[str, Table] = {}
         self.calibration: dict[str, list[tuple[float, float]]] = {}
         self._dirty = False

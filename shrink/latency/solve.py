@@ -19,8 +19,10 @@ by *coordinate ascent*: starting from every group at its largest count, each gro
 (ties keep more channels), sweep after sweep until nothing changes. Every step raises the
 objective, so this stops, at a point no single group can improve. ``L`` falls as ``lam`` grows;
 bisection on ``log(lam)`` finds the smallest ``lam`` whose point meets the budget, and the best
-feasible point seen is kept. Last, a greedy *fill* spends what the budget has left: while some
-group's next larger count fits, the one with the most importance per millisecond grows.
+feasible point seen is kept. Then a greedy *fill* spends what the budget has left: while some
+group's next larger count fits, the one with the most importance per millisecond grows. Last,
+when a floor is asked for (a latency target wants the budget met, not undercut) and the plan is
+below it, *exchanges* (one group grows a step, others shrink to fit) move it into the band.
 
 Coupled channels move together by construction: a group is one variable, whatever layers it
 spans (a residual stream is one group across every block).
@@ -156,8 +158,65 @@ class Problem:
             idx[best[1]] += 1
             lat = self.latency(idx)
 
-    def solve(self, budget: float, steps: int = 40) -> Allocation:
-        """The allocation for a latency ``budget`` (ms of the layer terms).
+    def _shed(self, idx: list[int], budget: float, keep: int) -> list[int] | None:
+        """Shrink groups other than ``keep`` (least importance lost per ms saved first) until
+        the budget holds; None when it cannot."""
+        idx = list(idx)
+        while self.latency(idx) > budget * (1 + 1e-12):
+            best: tuple[float, int] | None = None
+            for g in range(len(self.choices)):
+                if g == keep or idx[g] == 0:
+                    continue
+                costs = self._group_costs(g, idx)
+                dc = float(costs[idx[g]] - costs[idx[g] - 1])
+                if dc <= 0:
+                    continue
+                rate = float(self._v[g][idx[g]] - self._v[g][idx[g] - 1]) / dc
+                if best is None or rate < best[0]:
+                    best = (rate, g)
+            if best is None:
+                return None
+            idx[best[1]] -= 1
+        return idx
+
+    def tighten(self, idx: list[int], budget: float, lower: float) -> list[int]:
+        """Spend the budget down to ``lower``: while the latency is below it, grow one group
+        by a step and shrink others to fit (:meth:`_shed`), taking the exchange that lands in
+        ``[lower, budget]`` with the most importance (else the one that gets closest).
+
+        Near the goal the optimum of the Lagrangian can jump: a group on many layers (a
+        residual stream) changes the latency by more than the tolerance in one step, and the
+        best plan under the budget is then well below it. An exchange trades importance for
+        hitting the budget, which is what a latency target asks for.
+        """
+        for _ in range(4 * len(self.choices)):
+            lat = self.latency(idx)
+            if lat >= lower:
+                break
+            best: tuple[tuple[bool, float, float], list[int]] | None = None
+            for g in range(len(self.choices)):
+                if idx[g] + 1 >= len(self._k[g]):
+                    continue
+                grown = list(idx)
+                grown[g] += 1
+                cand = self._shed(grown, budget, g)
+                if cand is None:
+                    continue
+                c_lat = self.latency(cand)
+                if c_lat <= lat * (1 + 1e-9):
+                    continue
+                key = (c_lat >= lower, self.value(cand) if c_lat >= lower else c_lat,
+                       self.value(cand))
+                if best is None or key > best[0]:
+                    best = (key, cand)
+            if best is None:
+                break
+            idx = best[1]
+        return idx
+
+    def solve(self, budget: float, lower: float | None = None, steps: int = 40) -> Allocation:
+        """The allocation for a latency ``budget`` (ms of the layer terms); with ``lower``,
+        one whose latency is at least ``lower`` when an exchange finds it (:meth:`tighten`).
 
         Returns the smallest counts everywhere, with ``feasible=False``, when even those exceed
         the budget.
@@ -191,7 +250,10 @@ class Problem:
                 lo = mid
             if hi / lo < 1 + 1e-4:
                 break
-        return self._result(self.fill(best, budget), True, best_lam)
+        best = self.fill(best, budget)
+        if lower is not None:
+            best = self.tighten(best, budget, lower)
+        return self._result(best, True, best_lam)
 
     def _result(self, idx: Sequence[int], feasible: bool, lam: float) -> Allocation:
         counts = {c.id: int(c.counts[i]) for c, i in zip(self.choices, idx, strict=True)}

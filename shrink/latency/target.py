@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ def solve_latency(
     fingerprint: str,
     *,
     bench: Bench | None = None,
-    cache_dir: Path | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> LatencySolution:
     """The plan that removes ``target.ratio`` of the measured latency (see the module doc).
 
@@ -117,15 +117,18 @@ def solve_latency(
         with stage("latency dense"):
             m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
         loop = _Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
-        while (s_goal := loop.next_s()) is not None:
-            alloc = problem.solve(s_goal * p_dense)
+        s_goal = loop.next_s()
+        while s_goal is not None:
+            alloc = problem.solve(s_goal * p_dense, lower=s_goal * p_dense * (1 - loop.band))
             plan = plan_from_counts(groups, scores, alloc.counts, fingerprint)
-            if not loop.new(plan):
-                break
+            if loop.measured(plan):  # the budget moves on, unmeasured
+                s_goal = loop.nudge(plan, s_goal)
+                continue
             with stage(f"latency measure {len(loop.history) + 1}"):
                 ms = bench.models_ms({"dense": model, "pruned": apply(model, plan)}, feed,
                                      target.seconds)
             loop.record(plan, alloc.latency / p_dense, ms["dense"], ms["pruned"])
+            s_goal = loop.next_s()
         cache.add_points(fingerprint, [(s, r) for s, r, *_ in loop.history])
         cache.save()
     best = loop.best()
@@ -133,10 +136,10 @@ def solve_latency(
     report = LatencyReport(
         runtime=target.runtime.value, threads=target.threads, batch=batch,
         goal=1 - target.ratio, dense_ms=dense_ms, pruned_ms=pruned_ms,
-        predicted=1 - loop.f * (1 - s), corrections=len(loop.history) - 1,
+        predicted=max(0.0, 1 - loop.f * (1 - s)), corrections=len(loop.history) - 1,
         converged=loop.met(r), layer_shapes=len(tables), measured_shapes=measured,
         seconds=time.perf_counter() - start,
-        history=tuple((1 - loop.f * (1 - h[0]), h[1]) for h in loop.history))
+        history=tuple((max(0.0, 1 - loop.f * (1 - h[0])), h[1]) for h in loop.history))
     log.info("shrink: %s", report)
     return LatencySolution(plan, report)
 
@@ -211,6 +214,10 @@ def _costs(bound: Sequence[Term], tables: Mapping[str, Table],
                  t.out_fixed, t.call.calls) for t in bound]
 
 
+MAX_NUDGES = 8
+"""Budgets tried without a new plan before the correction loop gives up."""
+
+
 class _Corrections:
     """The measured points and the next budget (see the module doc, step 4)."""
 
@@ -221,7 +228,11 @@ class _Corrections:
         self.f = f
         self.prior = prior
         self.history: list[tuple[float, float, float, float, Plan]] = []
-        self._seen: set[tuple[Any, ...]] = set()
+        # the allocation aims at [1 - band, 1] of its budget: half the tolerance on the
+        # measured fraction, carried over to the budget's scale
+        self.band = target.tolerance / 2
+        self._seen: dict[tuple[tuple[str, int], ...], int] = {}
+        self.nudges = 0
 
     def met(self, r: float) -> bool:
         return abs(r / self.goal - 1) <= self.target.tolerance
@@ -246,17 +257,30 @@ class _Corrections:
         s = b[0] + (self.goal - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
         return min(1.0, max(0.0, s))
 
-    def new(self, plan: Plan) -> bool:
-        key = tuple((d.group, len(d.keep)) for d in plan.decisions)
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        return True
+    @staticmethod
+    def _key(plan: Plan) -> tuple[tuple[str, int], ...]:
+        return tuple((d.group, len(d.keep)) for d in plan.decisions)
+
+    def measured(self, plan: Plan) -> bool:
+        return self._key(plan) in self._seen
+
+    def nudge(self, plan: Plan, s_goal: float) -> float | None:
+        """The next budget after one that gave a plan measured before: ``s_goal`` rescaled by
+        goal / that plan's measured fraction. Where the model is coarse near the goal (one
+        group's next count jumps over it), a range of budgets gives the same plan; after
+        :data:`MAX_NUDGES` such budgets, or at an end of the range, None ends the loop."""
+        r = self.history[self._seen[self._key(plan)]][1]
+        if self.met(r):
+            return None
+        s = min(1.0, max(0.0, s_goal * self.goal / max(r, 1e-9)))
+        self.nudges += 1
+        return None if self.nudges > MAX_NUDGES or abs(s - s_goal) < 1e-6 else s
 
     def record(self, plan: Plan, s: float, dense_ms: float, pruned_ms: float) -> None:
         r = pruned_ms / dense_ms
         log.info("latency: plan at predicted layer fraction %.3f measured %.3f (goal %.3f)",
                  s, r, self.goal)
+        self._seen[self._key(plan)] = len(self.history)
         self.history.append((s, r, dense_ms, pruned_ms, plan))
 
     def best(self) -> tuple[float, float, float, float, Plan]:

@@ -8,13 +8,16 @@
    a plan's kept fraction is ``1 - (P_dense / M_dense) * (1 - P(plan) / P_dense)``.
 2. **Allocate** the budget on ``s = P / P_dense`` (:mod:`shrink.latency.solve`).
 3. **Measure** the pruned model end to end, interleaved with the dense one (best-of, the
-   protocol of :func:`shrink.compare`), giving its measured kept fraction ``r``.
+   protocol of :func:`shrink.compare`), giving its measured kept fraction ``r``. A plan that
+   lands near the goal is timed a second time and ``r`` is the best of both timings: a shared
+   machine moves one timing by a few percent.
 4. **Correct.** The measured points ``(s, r)`` and the dense point ``(1, 1)`` calibrate the
    prediction: the next ``s`` interpolates linearly between the two points nearest the goal
    that bracket it (or extrapolates from the dense point through the nearest one), i.e. the
-   budget is rescaled by measured/predicted savings. Stop when ``|r / goal - 1| <= tolerance``,
-   after ``max_corrections`` corrections, or when a budget gives a plan already measured; the
-   closest plan is returned and the report says whether the goal was met.
+   budget is rescaled by measured/predicted savings. Stop when ``|r / goal - 1|`` is within
+   half the tolerance (a margin for the noise of a later timing), after ``max_corrections``
+   corrections, or when budgets keep giving plans already measured; the closest plan is
+   returned and the report says whether it is within the tolerance.
 
 The calibration points are cached per model fingerprint, so a second run on the same model
 starts calibrated and usually needs one measurement.
@@ -125,8 +128,11 @@ def solve_latency(
                 s_goal = loop.nudge(plan, s_goal)
                 continue
             with stage(f"latency measure {len(loop.history) + 1}"):
-                ms = bench.models_ms({"dense": model, "pruned": apply(model, plan)}, feed,
-                                     target.seconds)
+                pair = {"dense": model, "pruned": apply(model, plan)}
+                ms = bench.models_ms(pair, feed, target.seconds)
+                if loop.close(ms["pruned"] / ms["dense"]):  # confirm it: best of both timings
+                    again = bench.models_ms(pair, feed, target.seconds)
+                    ms = {k: min(v, again[k]) for k, v in ms.items()}
             loop.record(plan, alloc.latency / p_dense, ms["dense"], ms["pruned"])
             s_goal = loop.next_s()
         cache.add_points(fingerprint, [(s, r) for s, r, *_ in loop.history])
@@ -228,17 +234,23 @@ class _Corrections:
         self.f = f
         self.prior = prior
         self.history: list[tuple[float, float, float, float, Plan]] = []
-        # the allocation aims at [1 - band, 1] of its budget: half the tolerance on the
+        # the allocation aims at [1 - band, 1] of its budget: a quarter of the tolerance on the
         # measured fraction, carried over to the budget's scale
-        self.band = target.tolerance / 2
+        self.band = target.tolerance / 4
         self._seen: dict[tuple[tuple[str, int], ...], int] = {}
         self.nudges = 0
 
     def met(self, r: float) -> bool:
         return abs(r / self.goal - 1) <= self.target.tolerance
 
+    def close(self, r: float) -> bool:
+        """Within half the tolerance: corrections stop here. A plan between half and the whole
+        tolerance is accepted only when the corrections run out, so that a later timing of
+        the plan, with the noise of a shared machine, still meets the target."""
+        return abs(r / self.goal - 1) <= self.target.tolerance / 2
+
     def next_s(self) -> float | None:
-        if self.history and (self.met(self.history[-1][1])
+        if self.history and (self.close(self.history[-1][1])
                              or len(self.history) > self.target.max_corrections):
             return None
         own = [(s, r) for s, r, *_ in self.history]
@@ -270,7 +282,7 @@ class _Corrections:
         group's next count jumps over it), a range of budgets gives the same plan; after
         :data:`MAX_NUDGES` such budgets, or at an end of the range, None ends the loop."""
         r = self.history[self._seen[self._key(plan)]][1]
-        if self.met(r):
+        if self.close(r):
             return None
         s = min(1.0, max(0.0, s_goal * self.goal / max(r, 1e-9)))
         self.nudges += 1

@@ -56,7 +56,7 @@ class LatencyTarget:
     policy: Global = field(default_factory=lambda: Global(0.0, round_to=AUTO))
     tolerance: float = 0.05
     max_corrections: int = 4
-    seconds: float = 2.0
+    seconds: float = 3.0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, float) or not (

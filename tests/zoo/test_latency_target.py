@@ -1,12 +1,16 @@
 """A latency target, measured: resnet18 at 64x64 pruned to half its onnxruntime latency.
 
-The plan is checked by a timing of its own (``shrink.compare``: dense and pruned interleaved,
-best-of, one thread on the thread clock), not by the allocation's report. A noisy machine can
-spoil one timing, so the timing (never the assertion) is repeated up to three times.
+The plan is checked by timings of its own (``shrink.compare``: dense and pruned interleaved,
+best-of, one thread on the thread clock), not by the allocation's report. On a shared machine
+one timing of this model moves by several percent (its pruned weights are about the size of
+the last-level cache, so other processes' memory traffic shows), so the check is on the median
+of three timings, and up to three rounds of timings are taken (the retry is in the timing;
+the assertion, within 5% of the goal, stays).
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,10 @@ GOAL = 0.5
 TOLERANCE = 0.05
 
 
+def _off(kept: float) -> float:
+    return abs(kept / (1 - GOAL) - 1)
+
+
 @pytest.mark.slow
 def test_resnet18_pruned_to_half_its_measured_latency(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,16 +41,17 @@ def test_resnet18_pruned_to_half_its_measured_latency(tmp_path: Path,
     x = (torch.randn(1, 3, 64, 64),)
     res = shrink.prune(model, x, shrink.PruneConfig(GOAL, target="latency"))
     assert res.report is not None
+    assert res.report.max_rel_error is not None  # verified against the masked original
     lat = res.report.latency
     assert lat is not None
     assert lat.converged, lat
-    assert abs(lat.measured / (1 - GOAL) - 1) <= TOLERANCE
-    assert res.report.max_rel_error is not None  # verified against the masked original
-    kept = []
+    assert _off(lat.measured) <= TOLERANCE
+    kept: list[float] = []
     for _ in range(3):
-        bench = shrink.compare(model, res.model, x, seconds=3.0, clock="auto", dynamo=False,
-                               flush_denormals=True, workdir=tmp_path)
-        kept.append(1 / bench.row("pruned").speedup)
-        if abs(kept[-1] / (1 - GOAL) - 1) <= TOLERANCE:
+        for _ in range(3):
+            bench = shrink.compare(model, res.model, x, seconds=3.0, clock="auto",
+                                   dynamo=False, flush_denormals=True, workdir=tmp_path)
+            kept.append(1 / bench.row("pruned").speedup)
+        if _off(statistics.median(kept)) <= TOLERANCE:
             break
-    assert abs(kept[-1] / (1 - GOAL) - 1) <= TOLERANCE, kept
+    assert _off(statistics.median(kept)) <= TOLERANCE, (kept, lat)

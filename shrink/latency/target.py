@@ -105,9 +105,8 @@ def solve_latency(
     with contextlib.ExitStack() as stack:
         if bench is None:
             bench = stack.enter_context(bench_for(target.runtime, target.threads))
-        key = {**bench.key(), "batch": str(batch),
-               "input": ",".join("x".join(map(str, t.shape[1:])) for t in tensors)}
-        cache = LatencyCache(key, cache_dir)
+        cache = LatencyCache({**bench.key(), "batch": str(batch), "input": ",".join(
+            "x".join(map(str, t.shape[1:])) for t in tensors)}, cache_dir)
         choices = _choices(groups, scores, target, bench.block, fingerprint)
         with stage("latency tables"):
             bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
@@ -120,6 +119,10 @@ def solve_latency(
         with stage("latency dense"):
             m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
         loop = _Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
+
+        def measure(plan: Plan) -> tuple[float, float]:
+            return _measure(bench, model, apply(model, plan), feed, loop)
+
         s_goal = loop.next_s()
         while s_goal is not None:
             alloc = problem.solve(s_goal * p_dense, lower=s_goal * p_dense * (1 - loop.band))
@@ -128,27 +131,33 @@ def solve_latency(
                 s_goal = loop.nudge(plan, s_goal)
                 continue
             with stage(f"latency measure {len(loop.history) + 1}"):
-                pair = {"dense": model, "pruned": apply(model, plan)}
-                ms = bench.models_ms(pair, feed, target.seconds)
-                if loop.close(ms["pruned"] / ms["dense"]):  # confirm it: the mean of two
-                    again = bench.models_ms(pair, feed, target.seconds)
-                    ms["pruned"] = (ms["pruned"] / ms["dense"] + again["pruned"] / again[
-                        "dense"]) / 2 * ms["dense"]
-            loop.record(plan, alloc.latency / p_dense, ms["dense"], ms["pruned"])
+                loop.record(plan, alloc.latency / p_dense, *measure(plan))
             s_goal = loop.next_s()
         cache.add_points(fingerprint, [(s, r) for s, r, *_ in loop.history])
         cache.save()
-    best = loop.best()
-    s, r, dense_ms, pruned_ms, plan = best
+    s, r, dense_ms, pruned_ms, plan = loop.best()
     report = LatencyReport(
         runtime=target.runtime.value, threads=target.threads, batch=batch,
         goal=1 - target.ratio, dense_ms=dense_ms, pruned_ms=pruned_ms,
-        predicted=max(0.0, 1 - loop.f * (1 - s)), corrections=len(loop.history) - 1,
+        predicted=loop.predicted(s), corrections=len(loop.history) - 1,
         converged=loop.met(r), layer_shapes=len(tables), measured_shapes=measured,
         seconds=time.perf_counter() - start,
-        history=tuple((max(0.0, 1 - loop.f * (1 - h[0])), h[1]) for h in loop.history))
+        history=tuple((loop.predicted(h[0]), h[1]) for h in loop.history))
     log.info("shrink: %s", report)
     return LatencySolution(plan, report)
+
+
+def _measure(bench: Bench, dense: nn.Module, pruned: nn.Module, feed: tuple[Any, ...],
+             loop: _Corrections) -> tuple[float, float]:
+    """Dense and pruned milliseconds, interleaved. A plan near the goal is timed twice and
+    its ratio is the mean of both (a shared machine moves one timing by a few percent)."""
+    pair = {"dense": dense, "pruned": pruned}
+    ms = bench.models_ms(pair, feed, loop.target.seconds)
+    ratio = ms["pruned"] / ms["dense"]
+    if loop.close(ratio):
+        again = bench.models_ms(pair, feed, loop.target.seconds)
+        ratio = (ratio + again["pruned"] / again["dense"]) / 2
+    return ms["dense"], ratio * ms["dense"]
 
 
 def _choices(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
@@ -240,6 +249,10 @@ class _Corrections:
         self.band = target.tolerance / 4
         self._seen: dict[tuple[tuple[str, int], ...], int] = {}
         self.nudges = 0
+
+    def predicted(self, s: float) -> float:
+        """The uncalibrated model's kept fraction at layer fraction ``s``."""
+        return max(0.0, 1 - self.f * (1 - s))
 
     def met(self, r: float) -> bool:
         return abs(r / self.goal - 1) <= self.target.tolerance

@@ -7,6 +7,7 @@ channel groups, and end-to-end measurements that correct it (``docs/latency.md``
 * :mod:`~shrink.latency.measure`: timing one layer or whole models on a runtime;
 * :mod:`~shrink.latency.cache`: the tables on disk (JSON);
 * :mod:`~shrink.latency.solve`: the Lagrangian allocation;
+* :mod:`~shrink.latency.correct`: from end-to-end measurements to the next plan;
 * :mod:`~shrink.latency.target`: :func:`solve_latency`, the loop that ties them together.
 """
 

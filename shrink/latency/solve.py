@@ -31,7 +31,7 @@ spans (a residual stream is one group across every block).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +105,10 @@ class Problem:
             cout = c.out_fixed + sum(p * self._k[i][idx[i]] for i, p in c.out)
             total += c.calls * float(c.table.at(cin, cout))
         return total
+
+    def latency_of(self, counts: Mapping[str, int]) -> float:
+        """:meth:`latency` of kept counts given by group id (each one of its candidates)."""
+        return self.latency([c.counts.index(counts[c.id]) for c in self.choices])
 
     def value(self, idx: Sequence[int]) -> float:
         return float(sum(v[i] for v, i in zip(self._v, idx, strict=True)))

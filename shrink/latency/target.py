@@ -11,13 +11,10 @@
    protocol of :func:`shrink.compare`), giving its measured kept fraction ``r``. A plan that
    lands near the goal is timed a second time and ``r`` is the mean of both: a shared machine
    moves one timing by a few percent.
-4. **Correct.** The measured points ``(s, r)`` and the dense point ``(1, 1)`` calibrate the
-   prediction: the next ``s`` interpolates linearly between the two points nearest the goal
-   that bracket it (or extrapolates from the dense point through the nearest one), i.e. the
-   budget is rescaled by measured/predicted savings. Stop when ``|r / goal - 1|`` is within
-   half the tolerance (a margin for the noise of a later timing), after ``max_corrections``
-   corrections, or when budgets keep giving plans already measured; the closest plan is
-   returned and the report says whether it is within the tolerance.
+4. **Correct** (:mod:`shrink.latency.correct`): the measured points calibrate the next
+   budget, or pick a plan between two that bracket the goal, until one is within half the
+   tolerance or the corrections run out; the closest plan is returned and the report says
+   whether it is within the tolerance.
 
 The calibration points are cached per model fingerprint, so a second run on the same model
 starts calibrated and usually needs one measurement.
@@ -39,6 +36,7 @@ from torch import nn
 from shrink.deploy.timing import rebatch
 from shrink.errors import ConfigError
 from shrink.latency.cache import LatencyCache
+from shrink.latency.correct import Corrections, Point
 from shrink.latency.layers import Term, layer_calls, terms
 from shrink.latency.measure import Bench, bench_for, llc_bytes
 from shrink.latency.options import LatencyTarget
@@ -118,37 +116,39 @@ def solve_latency(
             t.in_axis.extent, t.out_axis.extent)) for t in bound)
         with stage("latency dense"):
             m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
-        loop = _Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
-
-        def measure(plan: Plan) -> tuple[float, float]:
-            return _measure(bench, model, apply(model, plan), feed, loop)
-
+        loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
         s_goal = loop.next_s()
         while s_goal is not None:
-            alloc = problem.solve(s_goal * p_dense, lower=s_goal * p_dense * (1 - loop.band))
-            plan = plan_from_counts(groups, scores, alloc.counts, fingerprint)
-            if loop.measured(plan):  # the budget moves on, unmeasured
-                s_goal = loop.nudge(plan, s_goal)
-                continue
+            counts = problem.solve(s_goal * p_dense,
+                                   lower=s_goal * p_dense * (1 - loop.band)).counts
+            if loop.measured(counts):  # try a plan between two measured ones, or a new budget
+                between = loop.between(problem.choices)
+                if between is None:
+                    s_goal = loop.nudge(counts, s_goal)
+                    continue
+                counts = between
+            plan = plan_from_counts(groups, scores, counts, fingerprint)
             with stage(f"latency measure {len(loop.history) + 1}"):
-                loop.record(plan, alloc.latency / p_dense, *measure(plan))
+                dense_ms, pruned_ms = _measure(bench, model, apply(model, plan), feed, loop)
+            loop.record(Point(problem.latency_of(counts) / p_dense, pruned_ms / dense_ms,
+                              dense_ms, pruned_ms, plan, counts))
             s_goal = loop.next_s()
-        cache.add_points(fingerprint, [(s, r) for s, r, *_ in loop.history])
+        cache.add_points(fingerprint, [(p.s, p.r) for p in loop.history])
         cache.save()
-    s, r, dense_ms, pruned_ms, plan = loop.best()
+    best = loop.best()
     report = LatencyReport(
         runtime=target.runtime.value, threads=target.threads, batch=batch,
-        goal=1 - target.ratio, dense_ms=dense_ms, pruned_ms=pruned_ms,
-        predicted=loop.predicted(s), corrections=len(loop.history) - 1,
-        converged=loop.met(r), layer_shapes=len(tables), measured_shapes=measured,
+        goal=1 - target.ratio, dense_ms=best.dense_ms, pruned_ms=best.pruned_ms,
+        predicted=loop.predicted(best.s), corrections=len(loop.history) - 1,
+        converged=loop.met(best.r), layer_shapes=len(tables), measured_shapes=measured,
         seconds=time.perf_counter() - start,
-        history=tuple((loop.predicted(h[0]), h[1]) for h in loop.history))
+        history=tuple((loop.predicted(p.s), p.r) for p in loop.history))
     log.info("shrink: %s", report)
-    return LatencySolution(plan, report)
+    return LatencySolution(best.plan, report)
 
 
 def _measure(bench: Bench, dense: nn.Module, pruned: nn.Module, feed: tuple[Any, ...],
-             loop: _Corrections) -> tuple[float, float]:
+             loop: Corrections) -> tuple[float, float]:
     """Dense and pruned milliseconds, interleaved. A plan near the goal is timed twice and
     its ratio is the mean of both (a shared machine moves one timing by a few percent)."""
     pair = {"dense": dense, "pruned": pruned}
@@ -228,86 +228,3 @@ def _costs(bound: Sequence[Term], tables: Mapping[str, Table],
     return [Cost(tables[_signature(t, cold)], tuple((index[g], p) for g, p in t.inp), t.in_fixed,
                  () if t.tied else tuple((index[g], p) for g, p in t.out),
                  t.out_fixed, t.call.calls) for t in bound]
-
-
-MAX_NUDGES = 8
-"""Budgets tried without a new plan before the correction loop gives up."""
-
-
-class _Corrections:
-    """The measured points and the next budget (see the module doc, step 4)."""
-
-    def __init__(self, target: LatencyTarget, f: float,
-                 prior: list[tuple[float, float]]) -> None:
-        self.target = target
-        self.goal = 1 - target.ratio
-        self.f = f
-        self.prior = prior
-        self.history: list[tuple[float, float, float, float, Plan]] = []
-        # the allocation aims at [1 - band, 1] of its budget: a quarter of the tolerance on the
-        # measured fraction, carried over to the budget's scale
-        self.band = target.tolerance / 4
-        self._seen: dict[tuple[tuple[str, int], ...], int] = {}
-        self.nudges = 0
-
-    def predicted(self, s: float) -> float:
-        """The uncalibrated model's kept fraction at layer fraction ``s``."""
-        return max(0.0, 1 - self.f * (1 - s))
-
-    def met(self, r: float) -> bool:
-        return abs(r / self.goal - 1) <= self.target.tolerance
-
-    def close(self, r: float) -> bool:
-        """Within half the tolerance: corrections stop here. A plan between half and the whole
-        tolerance is accepted only when the corrections run out, so that a later timing of
-        the plan, with the noise of a shared machine, still meets the target."""
-        return abs(r / self.goal - 1) <= self.target.tolerance / 2
-
-    def next_s(self) -> float | None:
-        if self.history and (self.close(self.history[-1][1])
-                             or len(self.history) > self.target.max_corrections):
-            return None
-        own = [(s, r) for s, r, *_ in self.history]
-        points = [(1.0, 1.0), *own, *(self.prior if len(own) < 1 else [])]
-        below = [p for p in points if p[1] <= self.goal]
-        above = [p for p in points if p[1] > self.goal]
-        a = min(above, key=lambda p: p[1])
-        if below:
-            b = max(below, key=lambda p: p[1])
-        elif len(points) == 1:
-            return max(0.0, 1 - (1 - self.goal) / max(self.f, 1e-9))
-        else:
-            b, a = a, (1.0, 1.0)
-        if abs(a[1] - b[1]) < 1e-9 or abs(a[0] - b[0]) < 1e-12:
-            return max(0.0, b[0] * self.goal / max(b[1], 1e-9))
-        s = b[0] + (self.goal - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
-        return min(1.0, max(0.0, s))
-
-    @staticmethod
-    def _key(plan: Plan) -> tuple[tuple[str, int], ...]:
-        return tuple((d.group, len(d.keep)) for d in plan.decisions)
-
-    def measured(self, plan: Plan) -> bool:
-        return self._key(plan) in self._seen
-
-    def nudge(self, plan: Plan, s_goal: float) -> float | None:
-        """The next budget after one that gave a plan measured before: ``s_goal`` rescaled by
-        goal / that plan's measured fraction. Where the model is coarse near the goal (one
-        group's next count jumps over it), a range of budgets gives the same plan; after
-        :data:`MAX_NUDGES` such budgets, or at an end of the range, None ends the loop."""
-        r = self.history[self._seen[self._key(plan)]][1]
-        if self.close(r):
-            return None
-        s = min(1.0, max(0.0, s_goal * self.goal / max(r, 1e-9)))
-        self.nudges += 1
-        return None if self.nudges > MAX_NUDGES or abs(s - s_goal) < 1e-6 else s
-
-    def record(self, plan: Plan, s: float, dense_ms: float, pruned_ms: float) -> None:
-        r = pruned_ms / dense_ms
-        log.info("latency: plan at predicted layer fraction %.3f measured %.3f (goal %.3f)",
-                 s, r, self.goal)
-        self._seen[self._key(plan)] = len(self.history)
-        self.history.append((s, r, dense_ms, pruned_ms, plan))
-
-    def best(self) -> tuple[float, float, float, float, Plan]:
-        return min(self.history, key=lambda h: abs(h[1] / self.goal - 1))

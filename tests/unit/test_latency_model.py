@@ -22,6 +22,7 @@ import shrink
 from shrink.latency import LatencyTarget, Runtime, solve_latency
 from shrink.latency import measure as latency_measure
 from shrink.latency.cache import LatencyCache, cache_root
+from shrink.latency.correct import Corrections, Point
 from shrink.latency.layers import layer_calls, terms
 from shrink.latency.measure import onnx_layer, torch_layer
 from shrink.latency.solve import Choice, Cost, Problem
@@ -307,6 +308,35 @@ def test_an_unreachable_target_returns_the_closest_plan_and_says_so(tmp_path: Pa
     assert not sol.report.converged
     assert sol.report.measured > 0.9
     assert "NOT met" in str(sol.report)
+
+
+def _point(s: float, r: float, counts: dict[str, int]) -> Point:
+    return Point(s, r, 1.0, r, shrink.Plan("fp", (), ()), counts)
+
+
+def test_corrections_calibrate_the_budget_on_measured_points() -> None:
+    loop = Corrections(LatencyTarget(0.5), f=0.8)
+    assert loop.next_s() == pytest.approx(1 - 0.5 / 0.8)     # uncalibrated model
+    loop.record(_point(0.4, 0.3, {"a": 16}))                  # saved more than predicted
+    # between the dense point (1, 1) and (0.4, 0.3): r = 0.5 at s = 0.4 + 0.2 * 0.6 / 0.7
+    assert loop.next_s() == pytest.approx(0.4 + 0.2 * 0.6 / 0.7)
+    loop.record(_point(0.6, 0.56, {"a": 32}))
+    assert loop.next_s() == pytest.approx(0.4 + 0.2 * 0.2 / 0.26)   # the bracketing pair
+    loop.record(_point(0.55, 0.505, {"a": 48}))
+    assert loop.next_s() is None                               # within half the tolerance
+    assert loop.best().counts == {"a": 48}
+
+
+def test_corrections_walk_between_plans_that_bracket_a_jump() -> None:
+    loop = Corrections(LatencyTarget(0.5), f=1.0)
+    choices = [Choice("a", (16, 32, 48, 64), (1, 2, 3, 4)), Choice("b", (8, 16), (1, 2))]
+    assert loop.between(choices) is None                       # nothing measured yet
+    loop.record(_point(0.5, 0.40, {"a": 16, "b": 8}))
+    loop.record(_point(0.6, 0.60, {"a": 64, "b": 16}))
+    # halfway in r: halfway in every group's count, snapped to its candidates
+    assert loop.between(choices) == {"a": 48, "b": 16}
+    assert loop.measured({"a": 64, "b": 16})
+    assert loop.nudge({"a": 64, "b": 16}, 0.6) == pytest.approx(0.5)
 
 
 # -- the cache ------------------------------------------------------------------------------

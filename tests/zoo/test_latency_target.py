@@ -5,8 +5,9 @@ best-of, one thread on the thread clock), not by the allocation's report. On a s
 one timing of this model moves by several percent: at half its latency the pruned model's
 weights are about the size of the last-level cache (31 MB of 32 here), so whether they stay
 cached depends on what other processes do. The retry is generous, and only in what is timed:
-up to three rounds of three timings, and a second allocation (with the cache warm) when none
-of them lands; the assertion, the median of a round within 5% of the goal, stays.
+up to three rounds of three timings, and a second allocation (with the cache warm) when the
+first does not converge or none of its rounds lands; the assertions, the allocation within 5%
+of the goal and the median of a round of timings within 5% of it, stay.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def test_resnet18_pruned_to_half_its_measured_latency(tmp_path: Path,
         assert res.report.max_rel_error is not None  # verified against the masked original
         lat = res.report.latency
         assert lat is not None
-        assert lat.converged, lat
-        assert _off(lat.measured) <= TOLERANCE
-        seen.append((lat.measured, _rounds(model, res.model, x, tmp_path)))
-        if _off(seen[-1][1][-1]) <= TOLERANCE:
+        medians = _rounds(model, res.model, x, tmp_path) if lat.converged else []
+        seen.append((lat, medians))
+        if medians and _off(medians[-1]) <= TOLERANCE:
             break
-    assert _off(seen[-1][1][-1]) <= TOLERANCE, seen
+    lat, medians = seen[-1]
+    assert lat.converged, seen
+    assert _off(lat.measured) <= TOLERANCE
+    assert _off(medians[-1]) <= TOLERANCE, seen

@@ -119,6 +119,7 @@ def solve_latency(
         loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
         s_goal = loop.next_s()
         while s_goal is not None:
+            between = None
             counts = problem.solve(s_goal * p_dense,
                                    lower=s_goal * p_dense * (1 - loop.band)).counts
             if loop.measured(counts):  # try a plan between two measured ones, or a new budget
@@ -130,8 +131,12 @@ def solve_latency(
             plan = plan_from_counts(groups, scores, counts, fingerprint)
             with stage(f"latency measure {len(loop.history) + 1}"):
                 dense_ms, pruned_ms = _measure(bench, model, apply(model, plan), feed, loop)
-            loop.record(Point(problem.latency_of(counts) / p_dense, pruned_ms / dense_ms,
-                              dense_ms, pruned_ms, plan, counts))
+            point = Point(problem.latency_of(counts) / p_dense, pruned_ms / dense_ms,
+                          dense_ms, pruned_ms, plan, counts)
+            log.info("latency: plan %d (%s): layer fraction %.3f, measured %.3f (goal %.3f)",
+                     len(loop.history) + 1, "between" if between is not None else "budget",
+                     point.s, point.r, loop.goal)
+            loop.record(point)
             s_goal = loop.next_s()
         cache.add_points(fingerprint, [(p.s, p.r) for p in loop.history])
         cache.save()

@@ -14,8 +14,8 @@ a fraction of the dense model's, ``r`` its measured kept fraction of latency. Th
   faster than its layers predict). When a budget gives a plan measured already and two plans
   bracket the goal, the next plan interpolates their counts instead (group by group, snapped
   to each group's candidate counts), which walks between them in plan space.
-* **Nudge.** Otherwise the budget is rescaled by goal / that plan's measured fraction, at most
-  :data:`MAX_NUDGES` times.
+* **Nudge.** Otherwise the next budget steps past that plan's layer fraction towards the goal
+  (by 0.01 of the dense latency, doubling), at most :data:`MAX_NUDGES` times.
 
 The loop stops when a plan is within half the tolerance (a margin for the noise of a later
 timing), after ``max_corrections`` corrections, or when nothing new can be tried; the closest
@@ -123,16 +123,18 @@ class Corrections:
                 return counts
         return None
 
-    def nudge(self, counts: Mapping[str, int], s_goal: float) -> float | None:
-        """The next budget after one that gave the plan of ``counts``, measured before:
-        ``s_goal`` rescaled by goal / its measured fraction; None ends the loop (after
-        :data:`MAX_NUDGES`, or when the budget cannot move)."""
-        r = self.history[self._seen[key(counts)]].r
-        if self.close(r):
+    def nudge(self, counts: Mapping[str, int]) -> float | None:
+        """The next budget after one that gave the plan of ``counts``, measured before: just
+        past that plan's layer fraction, towards the goal, by a step that doubles with every
+        nudge (0.01, 0.02, ... of the dense latency); None ends the loop (after
+        :data:`MAX_NUDGES`, at an end of the range, or when that plan is close enough)."""
+        p = self.history[self._seen[key(counts)]]
+        if self.close(p.r) or self.nudges >= MAX_NUDGES:
             return None
-        s = min(1.0, max(0.0, s_goal * self.goal / max(r, 1e-9)))
+        step = min(0.2, 0.01 * 2 ** self.nudges)
         self.nudges += 1
-        return None if self.nudges > MAX_NUDGES or abs(s - s_goal) < 1e-6 else s
+        s = p.s + (step if p.r < self.goal else -step)
+        return s if 0.0 < s < 1.0 else None
 
     def record(self, point: Point) -> None:
         self._seen[key(point.counts)] = len(self.history)

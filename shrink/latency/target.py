@@ -125,7 +125,7 @@ def solve_latency(
             if loop.measured(counts):  # try a plan between two measured ones, or a new budget
                 between = loop.between(problem.choices)
                 if between is None:
-                    s_goal = loop.nudge(counts, s_goal)
+                    s_goal = loop.nudge(counts)
                     continue
                 counts = between
             plan = plan_from_counts(groups, scores, counts, fingerprint)

@@ -336,7 +336,9 @@ def test_corrections_walk_between_plans_that_bracket_a_jump() -> None:
     # halfway in r: halfway in every group's count, snapped to its candidates
     assert loop.between(choices) == {"a": 48, "b": 16}
     assert loop.measured({"a": 64, "b": 16})
-    assert loop.nudge({"a": 64, "b": 16}, 0.6) == pytest.approx(0.5)
+    # a budget that repeats a measured plan steps past it, towards the goal, doubling
+    assert loop.nudge({"a": 64, "b": 16}) == pytest.approx(0.59)
+    assert loop.nudge({"a": 16, "b": 8}) == pytest.approx(0.52)
 
 
 # -- the cache ------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from shrink.criteria.weight import score
 from shrink.depth import DepthResult, remove_layers
 from shrink.errors import CaptureError, ConfigError
 from shrink.interop import hf
+from shrink.latency import LatencyTarget, solve_latency
 from shrink.plan import Plan, fingerprint
 from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
-from shrink.report import Report, count_macs, count_params
+from shrink.report import LatencyReport, Report, count_macs, count_params
 from shrink.rewrite import apply
 from shrink.rules import rule_for
 from shrink.select import Global, Policy, Target, Uniform, select
@@ -126,7 +127,7 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    plan, analysis = _plan(model, inputs, analysis, scores, config.policy, captured)
+    plan, analysis, latency = _plan(model, inputs, analysis, scores, config.policy, captured)
     with stage("apply"):
         pruned = apply(model, plan)
     report = None
@@ -140,49 +141,72 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
         if captured.parts is not None:
             report = dataclasses.replace(report, diagnostics=(
                 f"partial capture: {captured.parts.describe()}", *report.diagnostics))
+        if latency is not None:
+            report = dataclasses.replace(report, latency=latency)
         log.info("shrink: %s", report)
     return Result(pruned, plan, analysis, report)
 
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
-          scores: Mapping[str, torch.Tensor], policy: Policy,
-          captured: Captured) -> tuple[Plan, Analysis]:
+          scores: Mapping[str, torch.Tensor], policy: Policy | LatencyTarget,
+          captured: Captured) -> tuple[Plan, Analysis, LatencyReport | None]:
     """select, then the shape probe: pin the groups whose pruning breaks a shape and select
     again (the budget goes to the other groups), until the pruned architecture fits. A model
     captured in parts is probed part by part, on each part's recorded inputs.
 
-    Returns the plan and the analysis with the probe's pins (and a diagnostic for each).
+    Returns the plan, the analysis with the probe's pins (and a diagnostic for each, and one
+    for the latency target's outcome), and the latency report of a latency target.
     """
     parts = () if captured.parts is None else part_calls(captured.graph_modules,
                                                           captured.graph_inputs)
     probe = ShapeProbe(model, inputs, parts)
     groups = analysis.groups
     pinned: dict[str, str] = {}
+    latency: list[LatencyReport] = []
 
-    def concrete() -> Uniform | Global:  # a Target is solved over the current groups
+    def make_plan() -> Plan:  # a target is solved over the current groups
+        if isinstance(policy, LatencyTarget):
+            sol = solve_latency(model, inputs, groups, scores, policy, analysis.model)
+            latency.append(sol.report)
+            return sol.plan
+        return select(groups, scores, concrete(), analysis.model)
+
+    def concrete() -> Uniform | Global:
         if isinstance(policy, Target):
             return solve_target(model, inputs, groups, scores, policy, analysis.model).policy
+        assert not isinstance(policy, LatencyTarget)
         return policy
 
-    chosen = policy
-    if isinstance(policy, Target):
+    def vet() -> None:  # solving measures many trial plans: vet every group first
+        nonlocal groups
+        pinned.update(probe.culprits(select(groups, scores, Uniform(0.5), analysis.model)))
+        groups = pin(groups, pinned)
+
+    if isinstance(policy, LatencyTarget):
         with stage("solve target"):
-            # solving measures the MACs of many trial plans: vet every group first
-            pinned.update(probe.culprits(select(groups, scores, Uniform(0.5), analysis.model)))
-            groups = pin(groups, pinned)
-            chosen = concrete()
-    with stage("select"):
-        plan = select(groups, scores, chosen, analysis.model)
+            vet()
+            plan = make_plan()
+    else:
+        chosen: Policy = policy
+        if isinstance(policy, Target):
+            with stage("solve target"):
+                vet()
+                chosen = concrete()
+        with stage("select"):
+            plan = select(groups, scores, chosen, analysis.model)
     with stage("probe"):
         while found := probe.culprits(plan):
             pinned.update(found)
             groups = pin(groups, found)
-            plan = select(groups, scores, concrete(), analysis.model)
-    if not pinned:
-        return plan, analysis
+            plan = make_plan()
     notes = tuple(Diagnostic("pinned", f"{gid}: {why}") for gid, why in pinned.items())
-    return plan, Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
-                          frontend=analysis.frontend)
+    if latency:
+        report = latency[-1]
+        notes += (Diagnostic("note" if report.converged else "warning", str(report)),)
+    if notes:
+        analysis = Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
+                            frontend=analysis.frontend)
+    return plan, analysis, latency[-1] if latency else None
 
 
 def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,
@@ -224,16 +248,19 @@ def compress(
 
     Args:
         model: any traceable ``nn.Module``; it is never modified.
-        ratio: fraction removed, in [0, 1): of every prunable group's channels, or of the
-            model's MACs/parameters with ``target="macs"``/``"params"``. An int is refused:
+        ratio: fraction removed, in [0, 1): of every prunable group's channels, of the
+            model's MACs/parameters with ``target="macs"``/``"params"``, or of its measured
+            latency with ``target="latency"``. An int is refused:
             to remove N channels from every group pass ``amount=N``.
-        example_inputs: a tensor or tuple of inputs; inferred for image models when omitted.
+        example_inputs: a tensor or tuple of inputs; inferred for image models when omitted
+            (required with ``target="latency"``: their shape is what is timed).
         **options: any field of :class:`~shrink.config.PruneConfig`: ``amount``, ``norm``
             (1, 2 or inf; default 2), ``importance`` ('ln', 'random', 'bn_scale', 'taylor',
             'activation_weighted' (or 'wanda'), 'activation', {module: scores} or a callable),
             ``data``, ``loss_fn``,
             ``max_batches``, ``seed``, ``scope`` ('local' or 'global'), ``target``
-            ('channels', 'macs' or 'params'), ``overrides`` ({name or glob: ratio}),
+            ('channels', 'macs', 'params' or 'latency', with ``runtime``, ``threads`` and
+            ``batch``), ``overrides`` ({name or glob: ratio}),
             ``ignore``, ``round_to`` (default ``"auto"``), ``min_keep``, ``max_ratio``,
             ``min_ratio``, ``exact_only``, ``grouped_convs``, ``gqa`` ('groups' or
             'query'), ``verify`` (default True), ``rtol``, ``leaf_types``, ``capture``
@@ -259,5 +286,10 @@ def compress(
             f"unknown option(s) {unknown}; valid options are {list(option_names())}"
         )
     config = PruneConfig(ratio, **options)
+    if example_inputs is None and config.target == "latency":
+        raise ConfigError(
+            "target='latency' times the model on its example inputs, so their shape must be "
+            "the one you deploy: pass example_inputs, e.g. compress(model, 0.5, "
+            "(torch.randn(1, 3, 224, 224),), target='latency')")
     inputs = infer_inputs(model) if example_inputs is None else example_inputs
     return prune(model, inputs, config).model

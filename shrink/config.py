@@ -24,9 +24,11 @@ from torch import nn
 from shrink.criteria.data import Activation, ActivationWeighted, Taylor
 from shrink.criteria.weight import BNScale, Criterion, LnNorm, Random, UserScores
 from shrink.errors import ConfigError
+from shrink.latency.options import LatencyTarget, Runtime
 from shrink.select import Global, Metric, Policy, Target, Uniform
 
-_TARGETS = ("channels", "macs", "params")
+_TARGETS = ("channels", "macs", "params", "latency")
+_RUNTIMES = tuple(r.value for r in Runtime)
 _NORMS = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 
 
@@ -35,8 +37,9 @@ class PruneConfig:
     """Everything :func:`shrink.prune` needs besides the model and its inputs.
 
     Attributes:
-        ratio: fraction removed, in [0, 1): of each group's channels (``target="channels"``)
-            or of the model's MACs/parameters (``target="macs"``/``"params"``).
+        ratio: fraction removed, in [0, 1): of each group's channels (``target="channels"``),
+            of the model's MACs/parameters (``target="macs"``/``"params"``) or of its measured
+            latency (``target="latency"``).
         amount: instead of ``ratio``, a number of channels: removed from every group
             (``scope="local"``), or in total, ranked across groups (``scope="global"``).
         importance: ``"ln"`` (with ``norm``), ``"random"`` (with ``seed``), ``"bn_scale"``,
@@ -53,11 +56,18 @@ class PruneConfig:
         loss_fn: ``loss_fn(output, target)`` for ``"taylor"``; None uses ``output.loss``.
         max_batches: at most this many batches of ``data``.
         scope: ``"local"`` (every group loses ``ratio``) or ``"global"`` (channels ranked
-            across groups); default ``"local"``, or ``"global"`` for a MACs/params target.
-        target: ``"channels"`` (default), ``"macs"`` or ``"params"``.
+            across groups); default ``"local"``, or ``"global"`` for a MACs/params/latency
+            target (a latency target is always allocated across groups).
+        target: ``"channels"`` (default), ``"macs"``, ``"params"`` or ``"latency"`` (see
+            :mod:`shrink.latency`; needs example inputs, whose shape is what is timed).
+        runtime: ``target="latency"``: where latency is measured: ``"onnxruntime-cpu"``
+            (default), ``"torch-cpu"``, ``"onnxruntime-cuda"`` or ``"torch-cuda"``.
+        threads: ``target="latency"``: intra-op threads of the runtime (default 1).
+        batch: ``target="latency"``: batch size timed (default: the example inputs' batch).
         round_to: kept counts rounded up to a multiple; ``"auto"`` (default for
-            ``target="channels"``) rounds groups of 16+ channels to 16; 1 (default for a
-            MACs/params target, which needs fine steps) does not round.
+            ``target="channels"`` and ``"latency"``) rounds groups of 16+ channels to 16 (for
+            a latency target: the runtime's channel block); 1 (default for a MACs/params
+            target, which needs fine steps) does not round.
         min_keep: every group keeps at least this many channels.
         max_ratio: ``scope="global"``: no group loses more than this fraction.
         min_ratio: ``scope="global"``: every group loses at least this fraction.
@@ -102,6 +112,9 @@ class PruneConfig:
     max_batches: int | None = None
     scope: str | None = None
     target: str = "channels"
+    runtime: str | None = None
+    threads: int | None = None
+    batch: int | None = None
     round_to: int | str | None = None
     min_keep: int = 1
     max_ratio: float = 0.9
@@ -129,9 +142,10 @@ class PruneConfig:
         if self.target not in _TARGETS:
             raise ConfigError(
                 f"target must be 'channels' (ratio = fraction of channels removed per group), "
-                f"'macs' or 'params' (ratio = fraction of MACs/parameters removed); got "
-                f"{self.target!r}"
+                f"'macs' or 'params' (ratio = fraction of MACs/parameters removed) or 'latency' "
+                f"(ratio = fraction of measured latency removed); got {self.target!r}"
             )
+        _check_latency_options(self)
         if self.scope not in (None, "local", "global"):
             raise ConfigError(f"scope must be 'local' or 'global', got {self.scope!r}")
         if self.min_ratio and self.resolved_scope != "global":
@@ -164,11 +178,11 @@ class PruneConfig:
         return self.scope or ("local" if self.target == "channels" else "global")
 
     @property
-    def policy(self) -> Policy:
+    def policy(self) -> Policy | LatencyTarget:
         """The selection policy these options describe (:mod:`shrink.select`)."""
         round_to = self.round_to
         if round_to is None:
-            round_to = "auto" if self.target == "channels" else 1
+            round_to = "auto" if self.target in ("channels", "latency") else 1
         removed: float | int = self.amount if self.amount is not None else float(self.ratio or 0)
         per_group = removed if self.target == "channels" else 0.0
         base: Uniform | Global
@@ -181,6 +195,11 @@ class PruneConfig:
                           overrides=self.overrides)
         if self.target == "channels":
             return base
+        if self.target == "latency":
+            assert isinstance(base, Global)  # _check_latency_options refuses scope="local"
+            return LatencyTarget(float(self.ratio or 0), Runtime(self.runtime or "onnxruntime-cpu"),
+                                 threads=1 if self.threads is None else self.threads,
+                                 batch=self.batch, policy=base)
         return Target(float(self.ratio or 0), Metric(self.target), base)
 
     @property
@@ -192,6 +211,28 @@ class PruneConfig:
 def option_names() -> tuple[str, ...]:
     """The keyword options of :func:`shrink.compress` (the fields of :class:`PruneConfig`)."""
     return tuple(f.name for f in fields(PruneConfig))
+
+
+def _check_latency_options(cfg: PruneConfig) -> None:
+    if cfg.target != "latency":
+        given = [n for n in ("runtime", "threads", "batch") if getattr(cfg, n) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to target='latency' only (they say "
+                              f"where latency is measured); got target={cfg.target!r}")
+        return
+    if cfg.runtime is not None and cfg.runtime not in _RUNTIMES:
+        raise ConfigError(f"runtime={cfg.runtime!r} is unknown: a latency target is measured "
+                          f"on one of {list(_RUNTIMES)}")
+    if cfg.scope == "local":
+        raise ConfigError("scope='local' does not apply to target='latency': latency is "
+                          "allocated across groups (scope='global'); use overrides= to fix "
+                          "some groups' ratios")
+    if cfg.depth is not None:
+        raise ConfigError("depth= cannot be combined with target='latency' yet; run "
+                          "shrink.remove_layers first, then prune the result to a latency")
+    if cfg.ratio is None or cfg.ratio <= 0:
+        raise ConfigError(f"target='latency' needs ratio= in (0, 1), the fraction of measured "
+                          f"latency removed; got ratio={cfg.ratio!r}")
 
 
 def _check_depth(depth: Any) -> None:

@@ -20,6 +20,53 @@ class GroupRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencyReport:
+    """How a latency target was met (:mod:`shrink.latency`).
+
+    Attributes:
+        runtime: where latency was measured (``"onnxruntime-cpu"``, ...).
+        threads: intra-op threads.
+        batch: batch size timed.
+        goal: the kept fraction of latency asked for, ``1 - ratio``.
+        dense_ms: best-of latency of the dense model (interleaved with the final plan's).
+        pruned_ms: best-of latency of the pruned model.
+        predicted: the latency model's kept fraction for the final plan, before calibration.
+        corrections: end-to-end measurements after the first.
+        converged: whether the measured kept fraction is within the tolerance of ``goal``.
+        layer_shapes: distinct layer signatures in the latency table.
+        measured_shapes: of those, how many were timed now (the rest came from the cache).
+        seconds: wall time of the whole latency allocation.
+        history: ``(predicted, measured)`` kept fractions of every plan timed end to end.
+    """
+
+    runtime: str
+    threads: int
+    batch: int
+    goal: float
+    dense_ms: float
+    pruned_ms: float
+    predicted: float
+    corrections: int
+    converged: bool
+    layer_shapes: int
+    measured_shapes: int
+    seconds: float
+    history: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def measured(self) -> float:
+        """The measured kept fraction: ``pruned_ms / dense_ms``."""
+        return self.pruned_ms / self.dense_ms
+
+    def __str__(self) -> str:
+        state = "met" if self.converged else "NOT met (closest plan returned)"
+        return (f"latency ({self.runtime}, {self.threads} thread(s), batch {self.batch}): "
+                f"{self.dense_ms:.3f} ms -> {self.pruned_ms:.3f} ms, kept {self.measured:.3f} "
+                f"(goal {self.goal:.3f}, {state}; predicted {self.predicted:.3f}, "
+                f"{self.corrections} correction(s))")
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Measured effect of a plan on a model."""
 
@@ -34,6 +81,8 @@ class Report:
     #: max relative deviation of the pruned model from the plainly masked original, when inexact
     #: groups (channels a LayerNorm normalises) were pruned; None when every pruned group is exact
     deviation: float | None = None
+    #: measured latency before/after, when the plan was made for a latency target
+    latency: LatencyReport | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -47,6 +96,8 @@ class Report:
         d = asdict(self)
         d["param_ratio"] = self.param_ratio
         d["mac_ratio"] = self.mac_ratio
+        if self.latency is not None:
+            d["latency"]["measured"] = self.latency.measured
         return d
 
     def to_json(self) -> str:
@@ -68,6 +119,8 @@ class Report:
                 f"relative deviation from the masked original {self.deviation:.2e} "
                 "(exact_only=True prunes only exact groups)"
             )
+        if self.latency is not None:
+            lines.append(str(self.latency))
         pruned = [g for g in self.groups if g.pinned is None]
         pinned = [g for g in self.groups if g.pinned is not None]
         lines.append(f"groups: {len(pruned)} prunable, {len(pinned)} pinned")

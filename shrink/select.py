@@ -4,6 +4,9 @@
   prunable group (``scope="local"``).
 * :class:`Target` is a budget (remove 50% of MACs or parameters) over a Uniform/Global template;
   :func:`shrink.allocate.solve_target` turns it into a concrete policy.
+* a latency budget (:class:`shrink.latency.LatencyTarget`) is solved by
+  :func:`shrink.latency.solve_latency`, which chooses every group's kept count among
+  :func:`candidate_counts`; :func:`plan_from_counts` turns the counts into a plan.
 * :class:`Global` ranks channels across groups by their score divided by the group's mean score,
   and removes the lowest ``ratio`` of all prunable channels, at least ``min_ratio`` (floor) and
   never more than ``max_ratio`` (ceiling) of any one group. Floors are served first, from each
@@ -204,7 +207,7 @@ def _drop_count(g: ChannelGroup, ratio: Ratio) -> int:
 AUTO = "auto"
 
 
-def auto_step(size: int) -> int:
+def auto_step(size: int, block: int = 16) -> int:
     """The ``round_to="auto"`` multiple for a group of ``size`` channels.
 
     onnxruntime's x86 convolutions (MLAS NCHWc) work in blocks of 16 channels on AVX-512 and pad
@@ -213,9 +216,10 @@ def auto_step(size: int) -> int:
     instead (the previous default) was slower on every mobile net of the suite (mobilenet_v3_large
     2.53x vs 2.83x realized), so every group of 16+ channels rounds to 16; a 16-channel group at
     ratio 0.5 then stays whole. Groups under 16 channels (squeeze-excitation hidden layers) are
-    not rounded.
+    not rounded. ``block`` is the channel block (16; :mod:`shrink.latency` passes the block
+    of the runtime it measures).
     """
-    return 16 if size >= 16 else 1
+    return block if size >= block else 1
 
 
 def channel_width(g: ChannelGroup) -> int:
@@ -235,6 +239,57 @@ def _n_keep(g: ChannelGroup, n_drop: int, round_to: int | str, min_keep: int) ->
     if round_to > 1:
         keep = min(g.size, math.ceil(keep / round_to) * round_to)
     return max(keep, min(min_keep, g.size))
+
+
+def candidate_counts(g: ChannelGroup, policy: Global, block: int = 16) -> tuple[int, ...]:
+    """Every kept count :func:`select` could give ``g`` under ``policy``'s bounds, ascending.
+
+    ``round_to`` (``"auto"``: ``block`` for groups of ``block``+ channels) rounds counts up, as
+    in :func:`select`; grouped-conv groups keep the same count in every block; ``min_keep``,
+    ``max_ratio`` (ceiling) and ``min_ratio`` (floor) bound the count.
+    """
+    size = g.size
+    floor_keep = min(policy.min_keep, size)
+    lo = max(floor_keep, math.ceil(size * (1 - policy.max_ratio) - 1e-9))
+    hi = max(lo, size - math.ceil(size * policy.min_ratio - 1e-9))
+    if g.blocks:
+        nb = len(set(g.blocks))
+        counts = {kb * nb for kb in range(1, size // nb + 1) if lo <= kb * nb <= hi}
+        return tuple(sorted(counts or {nb * max(1, math.ceil(lo / nb))}))
+    width = channel_width(g)
+    step = policy.round_to
+    if any(m.side is Side.HEADS for m in g.members):
+        step = 1
+    elif step == AUTO:
+        step = auto_step(size * width, block)
+    assert isinstance(step, int)
+    step //= math.gcd(step, width)
+    return tuple(sorted({max(min(size, math.ceil(j / step) * step), floor_keep)
+                         for j in range(lo, hi + 1)}))
+
+
+def plan_from_counts(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torch.Tensor],
+                     counts: Mapping[str, int], model: str) -> Plan:
+    """The plan that keeps ``counts[g.id]`` channels of each group, the highest-scored ones.
+
+    Channels are picked as :func:`select` picks them (per block for grouped convs, ties by
+    index); groups missing from ``counts`` stay whole.
+
+    Raises:
+        ConfigError: a count is not in ``[1, size]`` or a group cannot be pruned.
+    """
+    by_id = {g.id: g for g in groups}
+    decisions = []
+    for gid in sorted(counts):
+        g, n = by_id.get(gid), counts[gid]
+        if g is None or not g.prunable or gid not in scores or not 1 <= n <= g.size:
+            raise ConfigError(f"cannot keep {n} channels of group {gid!r}: it is unknown, "
+                              "pinned, unscored or smaller")
+        if n < g.size:
+            keep = _pick(g, scores[gid], n, 1)
+            if len(keep) < g.size:
+                decisions.append(Decision(gid, keep))
+    return Plan(model=model, groups=tuple(groups), decisions=tuple(decisions))
 
 
 def _pick(g: ChannelGroup, scores: torch.Tensor, n_keep: int, round_to: int) -> tuple[int, ...]:
@@ -281,7 +336,8 @@ def select(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torch.Tensor],
     if not isinstance(policy, (Uniform, Global)):
         raise ConfigError(
             f"select needs a Uniform or Global policy, got {type(policy).__name__}. "
-            "a Target (MACs/params goal) is solved by shrink.prune / shrink.allocate.solve_target."
+            "a Target (MACs/params goal) is solved by shrink.prune / shrink.allocate.solve_target, "
+            "a LatencyTarget by shrink.prune / shrink.latency.solve_latency."
         )
     targets = [g for g in groups if g.prunable and g.id in scores]
     fixed = _resolve_overrides(targets, policy.overrides)

@@ -414,3 +414,33 @@ def test_issue11_compress_pins_a_shape_derived_size_and_reports_the_line(
     assert f"probe_toy.py:{line} in forward" in rows["emb:out"]["pinned"]
     assert rows["emb:out"]["kept"] == rows["emb:out"]["total"]
     assert rows["m1:out"]["kept"] < rows["m1:out"]["total"]
+
+
+def test_compress_to_a_latency_prints_the_measured_ratio(
+        toy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.unit.test_latency_model import SyntheticBench
+
+    bench = SyntheticBench()
+    monkeypatch.setattr("shrink.latency.target.bench_for", lambda runtime, threads: bench)
+    monkeypatch.setenv("SHRINK_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "small.onnx"
+    rc = cli.main(["compress", f"{toy}:build", "--latency", "0.3", *SHAPE, "--out", str(out),
+                   "--json"])
+    assert rc == 0
+    latency = json.loads(capsys.readouterr().out)["report"]["latency"]
+    assert latency["runtime"] == "onnxruntime-cpu"
+    assert latency["threads"] == 1
+    assert latency["goal"] == pytest.approx(0.7)
+    assert latency["measured"] == pytest.approx(latency["pruned_ms"] / latency["dense_ms"])
+    assert bench.models_timed >= 2  # the dense model, then each plan beside it
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("argv", [["--latency", "0.5", "--ratio", "0.5"], []],
+                         ids=["both", "neither"])
+def test_compress_needs_exactly_one_of_ratio_and_latency(
+        argv: list[str], toy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["compress", f"{toy}:build", *argv, *SHAPE, "--out", str(tmp_path / "o.onnx")])
+    assert rc == 2
+    assert "--ratio" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Examples::
     shrink compress my_models.py:build --input-shape 1,3,128,128 --ratio 0.3 --out small.onnx --json
     shrink compress timm:efficientnet_b0 --ratio 0.4 --scope global --round-to 8 --out b0.onnx
     shrink compress torchvision:vit_b_16 --ratio 0.5 --exact-only --out vit-heads-mlp.onnx
+    shrink compress torchvision:resnet50 --latency 0.5 --out resnet50-2x.onnx --bench
 
 MODEL is ``torchvision:NAME`` (random weights with BN statistics calibrated on random data; no
 download), ``timm:NAME`` (when timm is installed), ``path/to/file.py:factory`` or
@@ -90,10 +91,21 @@ def _parser() -> argparse.ArgumentParser:
                        description="Prune MODEL, verify it against the masked original, export "
                        "it to ONNX and check it in onnxruntime.")
     c.add_argument("model", metavar="MODEL")
-    c.add_argument("--ratio", type=_ratio, required=True,
-                   help="fraction of channels removed per group, in [0, 1)")
+    amount = c.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--ratio", type=_ratio,
+                        help="fraction of channels removed per group, in [0, 1)")
+    amount.add_argument("--latency", type=_ratio, metavar="R",
+                        help="fraction of measured latency removed, in (0, 1): per-group "
+                        "counts are allocated on a latency model of --runtime and checked end "
+                        "to end (docs/latency.md); the batch is --input-shape's first dim")
+    c.add_argument("--runtime", default="onnxruntime-cpu",
+                   choices=("onnxruntime-cpu", "torch-cpu", "onnxruntime-cuda", "torch-cuda"),
+                   help="with --latency: where latency is measured (default onnxruntime-cpu)")
+    c.add_argument("--threads", type=int, default=1,
+                   help="with --latency: intra-op threads of the runtime (default 1)")
     c.add_argument("--norm", type=_norm, default=2.0, help="importance norm: 1, 2 or inf")
-    c.add_argument("--scope", choices=("local", "global"), default="local")
+    c.add_argument("--scope", choices=("local", "global"), default=None,
+                   help="local (default) or global; --latency is always global")
     c.add_argument("--round-to", type=int, default=None,
                    help="round kept channel counts up to a multiple (default: 'auto', i.e. 16 "
                    "for groups of 16+ channels: onnxruntime's NCHWc block on AVX-512 x86, "
@@ -183,7 +195,11 @@ def _compress(args: argparse.Namespace) -> int:
                                "capture": args.capture}
     if args.round_to is not None:
         options["round_to"] = args.round_to
-    res = shrink.prune(model, inputs, shrink.PruneConfig(args.ratio, **options))
+    ratio = args.ratio
+    if args.latency is not None:
+        ratio = args.latency
+        options.update(target="latency", runtime=args.runtime, threads=args.threads)
+    res = shrink.prune(model, inputs, shrink.PruneConfig(ratio, **options))
     exported = export_onnx(res.model, inputs, args.out)
     bench = None
     if args.bench:
@@ -195,7 +211,10 @@ def _compress(args: argparse.Namespace) -> int:
                "export": exported.to_dict(), "bench": bench.to_dict() if bench else None}
         sys.stdout.write(json.dumps(out, indent=1, default=str) + "\n")
         return 0
-    lines = [f"{args.model}: ratio {args.ratio}, norm {args.norm}, scope {args.scope}"]
+    what = (f"latency ratio {args.latency} on {args.runtime}, {args.threads} thread(s), norm "
+            f"{args.norm}" if args.latency is not None
+            else f"ratio {args.ratio}, norm {args.norm}, scope {args.scope or 'local'}")
+    lines = [f"{args.model}: {what}"]
     if res.report is not None:
         lines.append(str(res.report))
     parity = exported.parity

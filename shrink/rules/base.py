@@ -37,6 +37,37 @@ class Keep:
         return list(range(extent)) if keep is None else list(keep)
 
 
+@dataclass(frozen=True, slots=True)
+class LayerOp:
+    """What one call of a layer computes, as the latency model sees it (:mod:`shrink.latency`).
+
+    An ONNX-level description, independent of the PyTorch class: ``kind`` is ``"conv"`` (ONNX
+    ``Conv``, any number of spatial dims) or ``"linear"`` (``MatMul`` + bias over the last axis).
+
+    Attributes:
+        kind: ``"conv"`` or ``"linear"``.
+        c_in: input channels (features).
+        c_out: output channels (features).
+        spatial: conv: the input's spatial size; linear: the dims between batch and features
+            (tokens), ``()`` for a 2-D input.
+        kernel, stride, dilation: per spatial dim (conv only).
+        pads: ONNX ``pads``: begins then ends (conv only).
+        groups: conv groups.
+        bias: whether the layer adds a bias.
+    """
+
+    kind: str
+    c_in: int
+    c_out: int
+    spatial: tuple[int, ...] = ()
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+
+
 class ModuleRule:
     """Base class of rules keyed by module type. Subclasses override what applies."""
 
@@ -82,6 +113,12 @@ class ModuleRule:
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         """Axis of the layer's first input that carries the IN channels."""
         return 1
+
+    def layer_op(self, m: nn.Module, input_shape: tuple[int, ...]) -> LayerOp | None:
+        """What a call of ``m`` on an input of ``input_shape`` computes, for the latency model;
+        None (the default) makes the layer a constant there (its time does not depend on the
+        kept channels)."""
+        return None
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
         """Make ``m`` (a copy) ignore the ``dropped`` positions of ``side``: the masked oracle.

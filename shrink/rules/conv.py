@@ -28,6 +28,7 @@ from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
 from shrink.rules.base import (
     Keep,
+    LayerOp,
     ModuleRule,
     construct,
     copy_param_,
@@ -94,6 +95,17 @@ class ConvRule(ModuleRule):
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return _channel_dim(m, ndim)
 
+    def layer_op(self, m: nn.Module, input_shape: tuple[int, ...]) -> LayerOp | None:
+        c = narrow(m, nn.modules.conv._ConvNd)
+        n = len(c.kernel_size)
+        if len(input_shape) < n + 1:
+            return None
+        return LayerOp("conv", int(c.in_channels), int(c.out_channels),
+                       spatial=tuple(int(d) for d in input_shape[-n:]),
+                       kernel=tuple(c.kernel_size), stride=tuple(c.stride),
+                       pads=_onnx_pads(c), dilation=tuple(c.dilation), groups=int(c.groups),
+                       bias=c.bias is not None)
+
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
@@ -119,6 +131,18 @@ class ConvRule(ModuleRule):
             copy_param_(new.bias, index(c.bias, 0, kout))
             new.bias.requires_grad_(c.bias.requires_grad)
         return finish(new, m)
+
+
+def _onnx_pads(c: nn.modules.conv._ConvNd) -> tuple[int, ...]:
+    """ONNX ``pads`` (all begins, then all ends) of a conv; ``padding="same"`` pads the extra
+    element at the end, as PyTorch does."""
+    if isinstance(c.padding, str):
+        if c.padding == "valid":
+            return (0,) * (2 * len(c.kernel_size))
+        total = [d * (k - 1) for d, k in zip(c.dilation, c.kernel_size, strict=True)]
+        return (*(t // 2 for t in total), *(t - t // 2 for t in total))
+    pads = tuple(int(p) for p in c.padding)
+    return pads + pads
 
 
 def _kept_groups(m: Any, kin: list[int], kout: list[int]) -> int:

@@ -15,7 +15,16 @@ from torch import nn
 
 from shrink.ids import Call, Tracker, channel_ids, ids_on_axis
 from shrink.plan import Side
-from shrink.rules.base import Keep, ModuleRule, construct, copy_param_, finish, index, narrow
+from shrink.rules.base import (
+    Keep,
+    LayerOp,
+    ModuleRule,
+    construct,
+    copy_param_,
+    finish,
+    index,
+    narrow,
+)
 from shrink.rules.registry import register_rule, register_rule_by_name
 
 
@@ -43,6 +52,13 @@ class LinearRule(ModuleRule):
 
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return ndim - 1
+
+    def layer_op(self, m: nn.Module, input_shape: tuple[int, ...]) -> LayerOp | None:
+        lin = narrow(m, nn.Linear)
+        if len(input_shape) < 2:
+            return None
+        return LayerOp("linear", lin.in_features, lin.out_features,
+                       spatial=tuple(int(d) for d in input_shape[1:-1]), bias=lin.bias is not None)
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         lin = narrow(m, nn.Linear)

@@ -191,3 +191,38 @@ def test_subclass_shrink_copies_the_kept_slices() -> None:
     torch.testing.assert_close(new.weight, conv.weight[[1, 4, 5]][:, [0, 2]])
     assert (new.in_channels, new.out_channels) == (2, 3)
     assert new.weight is not conv.weight
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape", "pads", "groups"),
+    [
+        (nn.Conv2d(8, 16, 3, stride=2, padding=1), (1, 8, 20, 20), (1, 1, 1, 1), 1),
+        (nn.Conv2d(8, 16, (3, 4), padding="same", dilation=2), (2, 8, 9, 9), (2, 3, 2, 3), 1),
+        (nn.Conv2d(8, 8, 3, padding="valid", groups=8), (1, 8, 5, 5), (0, 0, 0, 0), 8),
+        (nn.Conv1d(6, 4, 5, padding=2, groups=2, bias=False), (3, 6, 11), (2, 2), 2),
+    ],
+    ids=["strided", "same-dilated", "depthwise-valid", "conv1d-grouped"],
+)
+def test_layer_op_describes_the_conv_for_the_latency_model(conv: nn.Module, shape: tuple,
+                                                           pads: tuple, groups: int) -> None:
+    from shrink.rules import rule_for
+
+    op = rule_for(conv).layer_op(conv, shape)
+    assert op is not None
+    assert (op.kind, op.c_in, op.c_out, op.spatial) == ("conv", conv.in_channels,
+                                                         conv.out_channels, shape[2:])
+    assert (op.kernel, op.stride, op.dilation) == (conv.kernel_size, conv.stride, conv.dilation)
+    assert (op.pads, op.groups, op.bias) == (pads, groups, conv.bias is not None)
+    # the ONNX pads give the output size PyTorch computes
+    out = conv(torch.randn(shape)).shape[2:]
+    for i, n in enumerate(shape[2:]):
+        span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        assert (n + pads[i] + pads[i + len(out)] - span) // conv.stride[i] + 1 == out[i]
+
+
+def test_linear_layer_op_counts_the_tokens_in_front_of_the_features() -> None:
+    from shrink.rules import rule_for
+
+    lin = nn.Linear(12, 5)
+    assert rule_for(lin).layer_op(lin, (2, 7, 3, 12)).spatial == (7, 3)
+    assert rule_for(lin).layer_op(lin, (2, 12)).spatial == ()

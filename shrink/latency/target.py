@@ -1,0 +1,235 @@
+"""Solve a latency target: model, allocate, measure end to end, correct.
+
+1. **Model.** Every prunable layer call (:mod:`shrink.latency.layers`) gets a table of its time
+   against its kept channels (:mod:`shrink.latency.table`), measured on the runtime once per
+   distinct layer signature and cached (:mod:`shrink.latency.cache`). ``P(plan)`` is the sum of
+   the tables at the plan's counts and ``P_dense`` at the dense counts; everything else is a
+   constant, so with the dense model measured end to end (``M_dense``) the first prediction of
+   a plan's kept fraction is ``1 - (P_dense / M_dense) * (1 - P(plan) / P_dense)``.
+2. **Allocate** the budget on ``s = P / P_dense`` (:mod:`shrink.latency.solve`).
+3. **Measure** the pruned model end to end, interleaved with the dense one (best-of, the
+   protocol of :func:`shrink.compare`), giving its measured kept fraction ``r``. A plan that
+   lands near the goal is timed a second time and ``r`` is the mean of both: a shared machine
+   moves one timing by a few percent.
+4. **Correct** (:mod:`shrink.latency.correct`): the measured points calibrate the next
+   budget, or pick a plan between two that bracket the goal, until one is within half the
+   tolerance or the corrections run out; the closest plan is returned and the report says
+   whether it is within the tolerance.
+
+The calibration points are cached per model fingerprint, so a second run on the same model
+starts calibrated and usually needs one measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.deploy.timing import rebatch
+from shrink.errors import ConfigError
+from shrink.latency.cache import LatencyCache
+from shrink.latency.correct import Corrections, Point
+from shrink.latency.layers import Term, layer_calls, terms
+from shrink.latency.measure import Bench, bench_for, llc_bytes
+from shrink.latency.options import LatencyTarget
+from shrink.latency.solve import Choice, Cost, Problem
+from shrink.latency.table import Table
+from shrink.plan import ChannelGroup, Plan
+from shrink.progress import stage
+from shrink.report import LatencyReport
+from shrink.rewrite import apply
+from shrink.select import Uniform, candidate_counts, override_for, plan_from_counts, select
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySolution:
+    """The plan that meets (or comes closest to) a latency target, and how it was found."""
+
+    plan: Plan
+    report: LatencyReport
+
+
+def solve_latency(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    groups: tuple[ChannelGroup, ...],
+    scores: Mapping[str, torch.Tensor],
+    target: LatencyTarget,
+    fingerprint: str,
+    *,
+    bench: Bench | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> LatencySolution:
+    """The plan that removes ``target.ratio`` of the measured latency (see the module doc).
+
+    Args:
+        model: the dense model (read only).
+        inputs: example inputs; their shape is the one timed (batch: ``target.batch``).
+        groups: every group of the analysis.
+        scores: channel scores per group (:func:`shrink.score`).
+        target: the latency target.
+        fingerprint: ``analysis.model``.
+        bench: the runtime to time on (default: :func:`shrink.latency.measure.bench_for`).
+        cache_dir: the cache directory (default: :func:`shrink.latency.cache.cache_root`).
+
+    Returns:
+        The plan and a :class:`~shrink.report.LatencyReport`.
+
+    Raises:
+        ConfigError: no tensor inputs, or the runtime is not available.
+
+    Example:
+        >>> sol = solve_latency(model, (x,), analysis.groups, scores, LatencyTarget(0.5),
+        ...                     analysis.model)
+        >>> sol.report.measured   # ~0.5
+    """
+    start = time.perf_counter()
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if not tensors or tensors[0].ndim == 0:
+        raise ConfigError("a latency target times the model on its example inputs: pass "
+                          "example_inputs with at least one batched tensor")
+    batch = target.batch or int(tensors[0].shape[0])
+    feed = tuple(rebatch(t, batch) for t in inputs)
+    with contextlib.ExitStack() as stack:
+        if bench is None:
+            bench = stack.enter_context(bench_for(target.runtime, target.threads))
+        cache = LatencyCache({**bench.key(), "batch": str(batch), "input": ",".join(
+            "x".join(map(str, t.shape[1:])) for t in tensors)}, cache_dir)
+        choices = _choices(groups, scores, target, bench.block, fingerprint)
+        with stage("latency tables"):
+            bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
+                          bench.block)
+            cold = sum(p.numel() * p.element_size() for p in model.parameters()) > llc_bytes()
+            tables, measured = _tables(bound, bench, batch, cache, cold)
+        problem = Problem(choices, _costs(bound, tables, choices, cold))
+        p_dense = sum(t.call.calls * float(tables[_signature(t, cold)].at(
+            t.in_axis.extent, t.out_axis.extent)) for t in bound)
+        with stage("latency dense"):
+            m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
+        loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
+        s_goal = loop.next_s()
+        while s_goal is not None:
+            between = None
+            counts = problem.solve(s_goal * p_dense,
+                                   lower=s_goal * p_dense * (1 - loop.band)).counts
+            if loop.measured(counts):  # try a plan between two measured ones, or a new budget
+                between = loop.between(problem.choices)
+                if between is None:
+                    s_goal = loop.nudge(counts)
+                    continue
+                counts = between
+            plan = plan_from_counts(groups, scores, counts, fingerprint)
+            with stage(f"latency measure {len(loop.history) + 1}"):
+                dense_ms, pruned_ms = _measure(bench, model, apply(model, plan), feed, loop)
+            point = Point(problem.latency_of(counts) / p_dense, pruned_ms / dense_ms,
+                          dense_ms, pruned_ms, plan, counts)
+            log.info("latency: plan %d (%s): layer fraction %.3f, measured %.3f (goal %.3f)",
+                     len(loop.history) + 1, "between" if between is not None else "budget",
+                     point.s, point.r, loop.goal)
+            loop.record(point)
+            s_goal = loop.next_s()
+        cache.add_points(fingerprint, [(p.s, p.r) for p in loop.history])
+        cache.save()
+    best = loop.best()
+    report = LatencyReport(
+        runtime=target.runtime.value, threads=target.threads, batch=batch,
+        goal=1 - target.ratio, dense_ms=best.dense_ms, pruned_ms=best.pruned_ms,
+        predicted=loop.predicted(best.s), corrections=len(loop.history) - 1,
+        converged=loop.met(best.r), layer_shapes=len(tables), measured_shapes=measured,
+        seconds=time.perf_counter() - start,
+        history=tuple((loop.predicted(p.s), p.r) for p in loop.history))
+    log.info("shrink: %s", report)
+    return LatencySolution(best.plan, report)
+
+
+def _measure(bench: Bench, dense: nn.Module, pruned: nn.Module, feed: tuple[Any, ...],
+             loop: Corrections) -> tuple[float, float]:
+    """Dense and pruned milliseconds, interleaved. A plan near the goal is timed twice and
+    its ratio is the mean of both (a shared machine moves one timing by a few percent)."""
+    pair = {"dense": dense, "pruned": pruned}
+    ms = bench.models_ms(pair, feed, loop.target.seconds)
+    ratio = ms["pruned"] / ms["dense"]
+    if loop.close(ratio):
+        again = bench.models_ms(pair, feed, loop.target.seconds)
+        ratio = (ratio + again["pruned"] / again["dense"]) / 2
+    return ms["dense"], ratio * ms["dense"]
+
+
+def _choices(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+             target: LatencyTarget, block: int, fingerprint: str) -> list[Choice]:
+    """One choice per scored prunable group; an overridden group has its one count."""
+    policy = target.policy
+    targets = [g for g in groups if g.prunable and g.id in scores]
+    fixed: dict[str, int] = {}
+    if policy.overrides:  # select() resolves overrides exactly as a Global policy would
+        plan = select(tuple(groups), scores, Uniform(0.0, round_to=policy.round_to,
+                                                     min_keep=policy.min_keep,
+                                                     overrides=policy.overrides), fingerprint)
+        kept = {d.group: len(d.keep) for d in plan.decisions}
+        fixed = {g.id: kept.get(g.id, g.size) for g in targets
+                 if override_for(g, policy.overrides) is not None}
+    out = []
+    for g in targets:
+        counts = (fixed[g.id],) if g.id in fixed else candidate_counts(g, policy, block)
+        out.append(Choice(g.id, counts, tuple(_value(g, scores[g.id], k) for k in counts)))
+    return out
+
+
+def _value(g: ChannelGroup, scores: torch.Tensor, k: int) -> float:
+    """Importance kept by the ``k`` best channels, scores divided by the group's mean (as the
+    Global policy ranks them); per block for grouped convs (each block keeps ``k / blocks``)."""
+    s = scores.detach().double().cpu()
+    mean = float(s.mean())
+    s = s / mean if mean > 0 else s
+    if not g.blocks:
+        return float(s.sort(descending=True).values[:k].sum())
+    labels = sorted(set(g.blocks))
+    kb = k // len(labels)
+    blocks = torch.as_tensor(g.blocks)
+    return float(sum(s[blocks == b].sort(descending=True).values[:kb].sum() for b in labels))
+
+
+def _tables(bound: Sequence[Term], bench: Bench, batch: int, cache: LatencyCache,
+            cold: bool) -> tuple[dict[str, Table], int]:
+    """The table of every signature: from the cache, else measured (and cached). ``cold``:
+    the model's weights exceed the last-level cache, so each layer is timed with its weights
+    out of the caches (:func:`shrink.latency.measure.best_of`)."""
+    tables: dict[str, Table] = {}
+    measured = 0
+    for term in bound:
+        sig = _signature(term, cold)
+        if sig in tables:
+            continue
+        table = cache.get(sig)
+        if table is None:
+            ms = tuple(tuple(bench.layer_ms(term.op_at(i, o), batch, cold)
+                             for o in term.out_axis.points())
+                       for i in term.in_axis.points())
+            table = Table(term.in_axis, term.out_axis, ms)
+            cache.put(sig, table)
+            measured += 1
+        tables[sig] = table
+    log.info("latency: %d layer signatures, %d measured now", len(tables), measured)
+    return tables, measured
+
+
+def _signature(term: Term, cold: bool) -> str:
+    return term.signature() + (" cold" if cold else "")
+
+
+def _costs(bound: Sequence[Term], tables: Mapping[str, Table],
+           choices: Sequence[Choice], cold: bool) -> list[Cost]:
+    index = {c.id: i for i, c in enumerate(choices)}
+    return [Cost(tables[_signature(t, cold)], tuple((index[g], p) for g, p in t.inp), t.in_fixed,
+                 () if t.tied else tuple((index[g], p) for g, p in t.out),
+                 t.out_fixed, t.call.calls) for t in bound]

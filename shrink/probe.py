@@ -102,11 +102,18 @@ class ShapeProbe:
         self._base, self._inputs, self._dense_calls = self._model, self._real_inputs, None
 
     def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None) -> Any:
-        with torch.no_grad(), contextlib.nullcontext() if mode is None else mode:
-            if self._parts:
-                return [model.get_submodule(fqn).eval()(*args, **kwargs)
-                        for fqn, args, kwargs in self._inputs]
-            return model.eval()(*self._inputs)
+        # the model may be the caller's own (a model that cannot run on meta): its modes are
+        # put back afterwards
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            with torch.no_grad(), contextlib.nullcontext() if mode is None else mode:
+                if self._parts:
+                    return [model.get_submodule(fqn).eval()(*args, **kwargs)
+                            for fqn, args, kwargs in self._inputs]
+                return model.eval()(*self._inputs)
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def check(self, plan: Plan) -> Failure | None:
         """Apply ``plan`` to the probe's copy and run it once; None when it fits."""

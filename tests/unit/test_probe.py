@@ -312,3 +312,10 @@ def test_from_masks_keeps_dead_channels_that_forward_reads_as_a_size() -> None:
     assert res.model.a.out_channels == 16
     assert res.model.m1.out_channels == int((~dead).sum())
     assert any("a:out" in note and "Tensor.view" in note for note in res.report.diagnostics)
+
+
+def test_probing_on_real_tensors_leaves_the_callers_model_in_its_mode() -> None:
+    """A model that cannot run on meta is probed as it is: its train/eval modes come back."""
+    model, x = ViewFromShapeNotOnMeta().train(), torch.randn(1, 3, 8, 8)
+    shrink.prune(model, x, shrink.PruneConfig(0.5, verify=False))
+    assert model.training and all(m.training for m in model.modules())

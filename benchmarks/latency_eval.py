@@ -179,7 +179,13 @@ def search(make, goal: float, timer: Timer, tol: float = 0.02, tries: int = 5) -
         nxt = 1 - (1 - r) * (goal / kept) ** 0.5
         r = nxt if lo < nxt < hi else (lo + hi) / 2
     r, kept, model = min(seen, key=lambda t: abs(t[1] / goal - 1))
-    return {"ratio": r, "kept_search": kept, "tries": len(seen), "model": model}
+    out = {"ratio": r, "kept_search": kept, "tries": len(seen), "model": model}
+    if abs(kept / goal - 1) > tol:  # the nearest measured plans on either side of the goal
+        above = [t for t in seen if t[1] >= goal]
+        below = [t for t in seen if t[1] < goal]
+        if above and below:
+            out["bracket"] = (min(above, key=lambda t: t[1]), max(below, key=lambda t: t[1]))
+    return out
 
 
 # ---------------------------------------------------------------- part 1 + 2: one model
@@ -232,6 +238,8 @@ def one_model(name: str, size: int, ratio: float, seconds: float) -> dict:
         eq["latency"] = {"kept_final": final["pruned"]}
         for k, v in found.items():
             m = v.pop("model")
+            if "bracket" in v:
+                v["bracket"] = [t[:2] for t in v["bracket"]]
             v.update(kept_final=final[k], params_kept=count_params(m) / p0,
                      macs_kept=count_macs(m, x) / m0)
             if k == "uniform":
@@ -295,6 +303,10 @@ def run_digits(args: argparse.Namespace) -> None:
             found = search(lambda r: shrink.prune(dense, x, shrink.PruneConfig(r)).model,
                            lat_kept, timer)
             variants = {"latency": res.model, "uniform": found["model"]}
+            if "bracket" in found:  # uniform cannot land within 2%: fine-tune both neighbours
+                (ra, ka, ma), (rb, kb, mb) = found["bracket"]
+                variants.update({"uniform_slower": ma, "uniform_faster": mb})
+                row.update(uni_slower_ratio=ra, uni_faster_ratio=rb)
             for k, m in variants.items():
                 tuned = digits.train(copy.deepcopy(m), train_set, 5, lr=5e-4, seed=seed + 1)
                 variants[k] = tuned
@@ -302,7 +314,11 @@ def run_digits(args: argparse.Namespace) -> None:
                 row[f"acc_{k}"] = digits.accuracy(tuned, test_set)
                 row[f"params_{k}"] = count_params(m) / count_params(dense)
                 row[f"macs_{k}"] = count_macs(m, x) / count_macs(dense, x)
-            final = timer.kept(variants["latency"], {"uniform": variants["uniform"]})
+            final = timer.kept(variants["latency"], {k: v for k, v in variants.items()
+                                                     if k != "latency"})
+            for k in variants:
+                if k.startswith("uniform_"):
+                    row[f"{k}_kept"] = final[k]
             row.update(report_kept=res.report.latency.measured, lat_kept=final["pruned"],
                        uni_kept=final["uniform"], uni_ratio=found["ratio"],
                        dense_ms=final["dense_ms"], converged=res.report.latency.converged)

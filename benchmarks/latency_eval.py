@@ -374,7 +374,7 @@ def plot(data: dict[str, Any], path: Path, size: int) -> None:
             for kind, style in (("uniform", "s--"), ("latency", "o-")):
                 p = sorted(pts[kind], key=lambda d: d["kept"])
                 ax.plot([d["kept"] for d in p], [d[key] for d in p], style,
-                        label=f'{kind} ({"target=latency" if kind == "latency" else "uniform"})')
+                        label="target=latency" if kind == "latency" else "uniform ratio")
             ax.set_xlabel("measured latency kept (onnxruntime, 1 thread)")
             ax.set_ylabel(label)
             ax.set_title(f"{name}, {size}x{size}")

@@ -2,7 +2,7 @@
 
     python benchmarks/latency_eval.py models --size 128            # parts 1 and 2, 8 models
     python benchmarks/latency_eval.py digits --seeds 0 1 2          # part 3
-    python benchmarks/latency_eval.py plot --models resnet18        # part 4 (docs/latency_tradeoff.png)
+    python benchmarks/latency_eval.py plot --models resnet18        # part 4: the PNG in docs/
     python benchmarks/latency_eval.py tables                        # markdown from the JSON files
 
 Every model runs in its own subprocess with a timeout. Timing is the suite's protocol:
@@ -300,11 +300,11 @@ def run_digits(args: argparse.Namespace) -> None:
             timer = Timer(dense, x, Path(tmp), args.seconds)
             res = shrink.prune(dense, x, shrink.PruneConfig(args.ratio, target="latency"))
             lat_kept = timer.kept(res.model)["pruned"]
-            found = search(lambda r: shrink.prune(dense, x, shrink.PruneConfig(r)).model,
+            found = search(lambda r, d=dense, x=x: shrink.prune(d, x, shrink.PruneConfig(r)).model,
                            lat_kept, timer)
             variants = {"latency": res.model, "uniform": found["model"]}
             if "bracket" in found:  # uniform cannot land within 2%: fine-tune both neighbours
-                (ra, ka, ma), (rb, kb, mb) = found["bracket"]
+                (ra, _, ma), (rb, _, mb) = found["bracket"]
                 variants.update({"uniform_slower": ma, "uniform_faster": mb})
                 row.update(uni_slower_ratio=ra, uni_faster_ratio=rb)
             for k, m in variants.items():

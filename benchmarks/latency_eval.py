@@ -1,0 +1,451 @@
+"""Evaluate ``target="latency"`` (issue 13, item 4): suite table, equal latency, digits, plot.
+
+    python benchmarks/latency_eval.py models --size 128            # parts 1 and 2, 8 models
+    python benchmarks/latency_eval.py digits --seeds 0 1 2          # part 3
+    python benchmarks/latency_eval.py plot --models resnet18        # part 4: the PNG in docs/
+    python benchmarks/latency_eval.py tables                        # markdown from the JSON files
+
+Every model runs in its own subprocess with a timeout. Timing is the suite's protocol:
+onnxruntime CPU, one intra-op thread, BN-calibrated random weights (before pruning and again
+after, for every variant), ``shrink.export_onnx`` files (TorchScript exporter), dense and
+variants in interleaved rounds, best-of on the thread clock (``shrink.compare(clock="auto")``).
+
+"Importance kept" is the same for every variant: shrink's groups and L2 scores on the dense
+model (``shrink.score(groups, dense, LnNorm(2))``); a variant keeps, per prunable group, the
+scores of the channels it keeps. ``imp`` sums raw scores, ``imp_norm`` divides each group's
+scores by the group's mean first (what the latency allocation and ``Global`` rank by). For
+torch-pruning the kept channels are read from its pruned weights: every slice of a pruned
+conv/linear weight along a group's output axis starts with a value found in exactly one slice
+of the dense weight (random floats), which names the dense channel it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import shrink  # noqa: E402
+from shrink.criteria import LnNorm  # noqa: E402
+from shrink.plan import Side  # noqa: E402
+from shrink.report import count_macs, count_params  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+log = logging.getLogger("latency_eval")
+
+
+# ---------------------------------------------------------------- importance accounting
+
+def dense_scores(dense: nn.Module, x: tuple[torch.Tensor, ...]) -> tuple[Any, dict]:
+    groups = shrink.prune(dense, x, shrink.PruneConfig(0.5)).analysis.groups
+    groups = tuple(g for g in groups if g.prunable)
+    return groups, shrink.score(groups, dense, LnNorm(2.0))
+
+
+def kept_importance(groups: Any, scores: dict, keep: dict[str, set[int]]) -> dict[str, float]:
+    """Fraction of summed raw / group-mean-normalised scores kept (groups absent: all kept)."""
+    tot = kept = tot_n = kept_n = 0.0
+    for g in groups:
+        s = scores.get(g.id)
+        if s is None:
+            continue
+        s = s.double()
+        k = keep.get(g.id)
+        sk = s if k is None else s[sorted(k)]
+        mean = float(s.mean()) or 1.0
+        tot += float(s.sum())
+        kept += float(sk.sum())
+        tot_n += float(s.sum()) / mean
+        kept_n += float(sk.sum()) / mean
+    return {"imp": kept / tot, "imp_norm": kept_n / tot_n}
+
+
+def plan_keep(plan: Any) -> dict[str, set[int]]:
+    return {d.group: set(d.keep) for d in plan.decisions}
+
+
+def tp_keep(groups: Any, dense: nn.Module, pruned: nn.Module) -> tuple[dict[str, set[int]], int]:
+    """Kept channels per group of a torch-pruning model; returns (keep, groups not mapped)."""
+    dmods, pmods = dict(dense.named_modules()), dict(pruned.named_modules())
+    keep: dict[str, set[int]] = {}
+    missed = 0
+    for g in groups:
+        got = None
+        for m in g.members:
+            dm, pm = dmods.get(m.module), pmods.get(m.module)
+            w = getattr(dm, "weight", None)
+            if m.side is not Side.OUT or w is None or w.ndim < 2 or pm is None:
+                continue
+            pos = _slices_kept(w.detach(), pm.weight.detach())
+            if pos is None:
+                continue
+            chan = dict(zip(m.index_map.index, m.index_map.channel, strict=False))
+            got = {chan[p] for p in pos if p in chan}
+            break
+        if got is None:
+            missed += 1
+        else:
+            keep[g.id] = got
+    return keep, missed
+
+
+def _slices_kept(dense_w: torch.Tensor, pruned_w: torch.Tensor) -> list[int] | None:
+    """Dense dim-0 positions of the pruned weight's dim-0 slices, by a unique first value."""
+    if pruned_w.shape[0] == dense_w.shape[0]:
+        return list(range(dense_w.shape[0]))
+    where: dict[float, int] = {}
+    dup = set()
+    for i, row in enumerate(dense_w.reshape(dense_w.shape[0], -1).tolist()):
+        for v in row:
+            if v in where and where[v] != i:
+                dup.add(v)
+            where[v] = i
+    out = []
+    for row in pruned_w.reshape(pruned_w.shape[0], -1):
+        hits = [where[v] for v in row[:8].tolist() if v in where and v not in dup]
+        if not hits:
+            return None
+        out.append(hits[0])
+    return out
+
+
+# ---------------------------------------------------------------- timing
+
+class Timer:
+    """Dense ONNX file exported once; each variant exported and timed against it."""
+
+    def __init__(self, dense: nn.Module, x: tuple[torch.Tensor, ...], workdir: Path,
+                 seconds: float) -> None:
+        self.x, self.workdir, self.seconds, self.n = x, workdir, seconds, 0
+        self.dense_path = self.export(dense)
+
+    def export(self, model: nn.Module) -> Path:
+        self.n += 1
+        path = self.workdir / f"m{self.n}.onnx"
+        try:  # TorchScript: ~5x faster; dynamo where it cannot (vgg's 7x7 pool of a 4x4 map)
+            shrink.export_onnx(model, self.x, path, dynamo=False)
+        except shrink.ExportError:
+            shrink.export_onnx(model, self.x, path, dynamo=True)
+        return path
+
+    def kept(self, model: nn.Module | Path, others: dict[str, Any] | None = None) -> dict:
+        path = model if isinstance(model, Path) else self.export(model)
+        oth = {k: (v if isinstance(v, Path) else self.export(v)) for k, v in (others or {}).items()}
+        res = shrink.compare(self.dense_path, path, self.x, others=oth or None,
+                             seconds=self.seconds, clock="auto", dynamo=False,
+                             flush_denormals=True, workdir=self.workdir)
+        out = {"pruned": 1 / res.row("pruned").speedup}
+        for k in oth:
+            out[k] = 1 / res.row(k).speedup
+        out["dense_ms"] = res.row("dense").min_ms
+        return out
+
+
+def search(make, goal: float, timer: Timer, tol: float = 0.02, tries: int = 5) -> dict:
+    """Ratio ``r`` of ``make(r)`` whose measured kept latency is within ``tol`` of ``goal``.
+
+    Starts from ``r = 1 - sqrt(goal)`` (a uniform ratio keeps about ``(1-r)^2`` of the MACs)
+    and updates ``1 - r`` by ``sqrt(goal / kept)`` (the same power law, recalibrated), with
+    bisection once two measured ratios bracket the goal.
+    """
+    r = 1 - goal ** 0.5
+    lo, hi = 0.0, 0.95       # kept(lo) > goal > kept(hi)
+    seen: list[tuple[float, float, Any]] = []
+    for _ in range(tries):
+        model = make(r)
+        kept = timer.kept(model)["pruned"]
+        seen.append((r, kept, model))
+        log.info("  r=%.4f kept=%.4f (goal %.4f)", r, kept, goal)
+        if abs(kept / goal - 1) <= tol:
+            break
+        if kept > goal:
+            lo = max(lo, r)
+        else:
+            hi = min(hi, r)
+        nxt = 1 - (1 - r) * (goal / kept) ** 0.5
+        r = nxt if lo < nxt < hi else (lo + hi) / 2
+    r, kept, model = min(seen, key=lambda t: abs(t[1] / goal - 1))
+    out = {"ratio": r, "kept_search": kept, "tries": len(seen), "model": model}
+    if abs(kept / goal - 1) > tol:  # the nearest measured plans on either side of the goal
+        above = [t for t in seen if t[1] >= goal]
+        below = [t for t in seen if t[1] < goal]
+        if above and below:
+            out["bracket"] = (min(above, key=lambda t: t[1]), max(below, key=lambda t: t[1]))
+    return out
+
+
+# ---------------------------------------------------------------- part 1 + 2: one model
+
+def one_model(name: str, size: int, ratio: float, seconds: float) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.suite import calibrated, recalibrate, torch_pruning_prune, torchvision_model
+
+    x = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+    dense = calibrated(torchvision_model(name), x)
+    p0, m0 = count_params(dense), count_macs(dense, x)
+    groups, scores = dense_scores(dense, x)
+    row: dict[str, Any] = {"model": name, "size": size, "ratio": ratio}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        t0 = time.perf_counter()
+        try:
+            res = shrink.prune(dense, x, shrink.PruneConfig(ratio, target="latency"))
+        except Exception as e:  # recorded in the table: the point is to see every failure
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            return row
+        lat = res.report.latency
+        row.update(plan_s=time.perf_counter() - t0, lat_s=lat.seconds,
+                   corrections=lat.corrections, converged=lat.converged,
+                   kept_report=lat.measured, predicted=lat.predicted,
+                   shapes=lat.layer_shapes, history=lat.history)
+        latm = recalibrate(res.model, x)
+        timer = Timer(dense, x, workdir, seconds)
+        lat_path = timer.export(latm)
+        checks = [timer.kept(lat_path)["pruned"] for _ in range(2)]
+        goal = sum(checks) / 2
+        row.update(kept_checks=checks, kept=goal, dense_ms=timer.kept(lat_path)["dense_ms"],
+                   within5=abs(goal / (1 - ratio) - 1) <= 0.05,
+                   params_kept=count_params(latm) / p0, macs_kept=count_macs(latm, x) / m0,
+                   **kept_importance(groups, scores, plan_keep(res.plan)))
+        # part 2: uniform and torch-pruning searched to the same measured latency
+        t1 = time.perf_counter()
+        plans: dict[str, Any] = {}
+
+        def uniform(r: float) -> nn.Module:
+            u = shrink.prune(dense, x, shrink.PruneConfig(r))
+            plans[f"{r:.6f}"] = u.plan
+            return recalibrate(u.model, x)
+
+        eq: dict[str, Any] = {}
+        found = {"uniform": search(uniform, goal, timer),
+                 "torch-pruning": search(lambda r: recalibrate(torch_pruning_prune(dense, x, r),
+                                                               x), goal, timer)}
+        final = timer.kept(lat_path, {k: v["model"] for k, v in found.items()})
+        eq["latency"] = {"kept_final": final["pruned"]}
+        for k, v in found.items():
+            m = v.pop("model")
+            if "bracket" in v:
+                v["bracket"] = [t[:2] for t in v["bracket"]]
+            v.update(kept_final=final[k], params_kept=count_params(m) / p0,
+                     macs_kept=count_macs(m, x) / m0)
+            if k == "uniform":
+                v.update(kept_importance(groups, scores, plan_keep(plans[f"{v['ratio']:.6f}"])))
+            else:
+                keep, missed = tp_keep(groups, dense, torch_pruning_prune(dense, x, v["ratio"]))
+                v.update(kept_importance(groups, scores, keep), unmapped_groups=missed)
+            eq[k] = v
+        row["equal"] = eq
+        row["equal_s"] = time.perf_counter() - t1
+    return row
+
+
+def run_models(args: argparse.Namespace) -> None:
+    out = args.out or RESULTS / f"latency_eval_{args.size}.json"
+    rows = json.loads(out.read_text()) if out.exists() and args.resume else []
+    done = {r["model"] for r in rows}
+    cache = Path(tempfile.mkdtemp(prefix="shrink-cache-"))   # a cold latency cache
+    env = {**os.environ, "SHRINK_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    for name in args.models.split(","):
+        if name in done:
+            continue
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "_one", name, "--size", str(args.size),
+               "--ratio", str(args.ratio), "--seconds", str(args.seconds)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                               env=env)
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {
+                "model": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "error": f"timeout after {args.timeout} s"}
+        row["wall_s"] = time.perf_counter() - t0
+        log.info("%s: %s", name, json.dumps(row)[:400])
+        rows.append(row)
+        RESULTS.mkdir(exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+
+
+# ---------------------------------------------------------------- part 3: digits
+
+def run_digits(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits", ROOT / "examples" /
+                                                  "02_digits_workflow.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    rows = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        train_set, test_set = digits.load_data(seed)
+        dense = digits.train(digits.make_model(), train_set, args.epochs, lr=2e-3, seed=seed)
+        x = (test_set.tensors[0][:args.batch],)
+        row: dict[str, Any] = {"seed": seed, "acc_dense": digits.accuracy(dense, test_set)}
+        with tempfile.TemporaryDirectory() as tmp:
+            timer = Timer(dense, x, Path(tmp), args.seconds)
+            res = shrink.prune(dense, x, shrink.PruneConfig(args.ratio, target="latency"))
+            lat_kept = timer.kept(res.model)["pruned"]
+            found = search(lambda r, d=dense, x=x: shrink.prune(d, x, shrink.PruneConfig(r)).model,
+                           lat_kept, timer)
+            variants = {"latency": res.model, "uniform": found["model"]}
+            if "bracket" in found:  # uniform cannot land within 2%: fine-tune both neighbours
+                (ra, _, ma), (rb, _, mb) = found["bracket"]
+                variants.update({"uniform_slower": ma, "uniform_faster": mb})
+                row.update(uni_slower_ratio=ra, uni_faster_ratio=rb)
+            for k, m in variants.items():
+                tuned = digits.train(copy.deepcopy(m), train_set, 5, lr=5e-4, seed=seed + 1)
+                variants[k] = tuned
+                row[f"acc_{k}_pruned"] = digits.accuracy(m, test_set)
+                row[f"acc_{k}"] = digits.accuracy(tuned, test_set)
+                row[f"params_{k}"] = count_params(m) / count_params(dense)
+                row[f"macs_{k}"] = count_macs(m, x) / count_macs(dense, x)
+            final = timer.kept(variants["latency"], {k: v for k, v in variants.items()
+                                                     if k != "latency"})
+            for k in variants:
+                if k.startswith("uniform_"):
+                    row[f"{k}_kept"] = final[k]
+            row.update(report_kept=res.report.latency.measured, lat_kept=final["pruned"],
+                       uni_kept=final["uniform"], uni_ratio=found["ratio"],
+                       dense_ms=final["dense_ms"], converged=res.report.latency.converged)
+        log.info("%s", row)
+        rows.append(row)
+    out = RESULTS / f"latency_eval_digits_b{args.batch}.json"
+    RESULTS.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+
+
+# ---------------------------------------------------------------- part 4: plot
+
+def run_plot(args: argparse.Namespace) -> None:
+    from benchmarks.suite import calibrated, recalibrate, torchvision_model
+
+    data: dict[str, Any] = {}
+    for name in args.models.split(","):
+        x = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)),)
+        dense = calibrated(torchvision_model(name), x)
+        groups, scores = dense_scores(dense, x)
+        p0 = count_params(dense)
+        pts: dict[str, list[dict]] = {"latency": [], "uniform": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            timer = Timer(dense, x, Path(tmp), args.seconds)
+            for kind, ratios in (("latency", (0.3, 0.5, 0.65)),
+                                 ("uniform", (0.15, 0.3, 0.45, 0.6))):
+                for r in ratios:
+                    cfg = shrink.PruneConfig(r, target="latency" if kind == "latency"
+                                             else "channels")
+                    res = shrink.prune(dense, x, cfg)
+                    m = recalibrate(res.model, x)
+                    kept = timer.kept(m)["pruned"]
+                    pts[kind].append({"ratio": r, "kept": kept,
+                                      "params": count_params(m) / p0,
+                                      **kept_importance(groups, scores, plan_keep(res.plan))})
+                    log.info("%s %s %.2f: %s", name, kind, r, pts[kind][-1])
+        data[name] = pts
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latency_tradeoff.json").write_text(json.dumps(data, indent=1))
+    plot(data, ROOT / "docs" / "latency_tradeoff.png", args.size)
+
+
+def plot(data: dict[str, Any], path: Path, size: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(data), 2, figsize=(9, 3.4 * len(data)), squeeze=False)
+    for row, (name, pts) in zip(axes, data.items(), strict=False):
+        for ax, key, label in ((row[0], "params", "params kept"),
+                               (row[1], "imp_norm", "importance kept (normalised L2)")):
+            for kind, style in (("uniform", "s--"), ("latency", "o-")):
+                p = sorted(pts[kind], key=lambda d: d["kept"])
+                ax.plot([d["kept"] for d in p], [d[key] for d in p], style,
+                        label="target=latency" if kind == "latency" else "uniform ratio")
+            ax.set_xlabel("measured latency kept (onnxruntime, 1 thread)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{name}, {size}x{size}")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- tables
+
+def tables(args: argparse.Namespace) -> None:
+    rows = json.loads((RESULTS / f"latency_eval_{args.size}.json").read_text())
+    w = sys.stdout.write
+    w("| model | dense ms | latency kept (2 checks) | within ±5% | MACs kept | params kept "
+      "| importance kept | planning s | corrections | report's kept |\n|---|" + "---|" * 9 + "\n")
+    for r in rows:
+        if "error" in r and "kept" not in r:
+            w(f"| {r['model']} | failed: {r['error']} |" + " |" * 8 + "\n")
+            continue
+        c = r["kept_checks"]
+        w(f"| {r['model']} | {r['dense_ms']:.2f} | {r['kept']:.3f} ({c[0]:.3f}, {c[1]:.3f}) | "
+          f"{'yes' if r['within5'] else 'no'} | {r['macs_kept']:.3f} | {r['params_kept']:.3f} | "
+          f"{r['imp_norm']:.3f} | {r['plan_s']:.1f} | {r['corrections']} | "
+          f"{r['kept_report']:.3f} |\n")
+    w("\n| model | variant | ratio | latency kept (search / final run) | params kept | MACs kept "
+      "| importance kept (raw L2) | importance kept (normalised) |\n|---|" + "---|" * 7 + "\n")
+    for r in rows:
+        eq = r.get("equal")
+        if not eq:
+            continue
+        w(f"| {r['model']} | target=latency | {r['ratio']} | {r['kept']:.3f} / "
+          f"{eq['latency']['kept_final']:.3f} | {r['params_kept']:.3f} | {r['macs_kept']:.3f} | "
+          f"{r['imp']:.3f} | {r['imp_norm']:.3f} |\n")
+        for k in ("uniform", "torch-pruning"):
+            v = eq[k]
+            note = f" ({v['unmapped_groups']} groups unmapped)" if v.get("unmapped_groups") else ""
+            off = "" if abs(v["kept_search"] / r["kept"] - 1) <= 0.02 else " (not within 2%)"
+            w(f"| | {k} | {v['ratio']:.3f} | {v['kept_search']:.3f}{off} / {v['kept_final']:.3f} | "
+              f"{v['params_kept']:.3f} | {v['macs_kept']:.3f} | {v['imp']:.3f}{note} | "
+              f"{v['imp_norm']:.3f} |\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("part", choices=("models", "digits", "plot", "tables", "_one"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,"
+                   "efficientnet_b0,densenet121,regnet_y_400mf,vgg11_bn")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=15, help="digits: dense training epochs")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    for noisy in ("onnx_ir", "onnxscript", "torch", "shrink"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.part == "_one":
+        print(json.dumps(one_model(args.name, args.size, args.ratio, args.seconds)))
+    else:
+        {"models": run_models, "digits": run_digits, "plot": run_plot,
+         "tables": tables}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

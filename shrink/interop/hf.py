@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrink.plan import Side
+from shrink.rules import rule_for
 from shrink.rules.hf import layout_of, sizes
 
 log = logging.getLogger(__name__)
@@ -159,27 +161,31 @@ def _measure(original: nn.Module, pruned: nn.Module) -> tuple[dict[str, int], st
 
 
 def _embedding_width(model: nn.Module) -> int | None:
+    """The output width of the input embedding (a vision model's patch embedding: of its
+    first layer with an output axis), read through the layers' rules."""
     get = getattr(model, "get_input_embeddings", None)
     try:
         emb = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         return None
-    w = getattr(emb, "weight", None)
-    if isinstance(emb, nn.Embedding) and isinstance(w, torch.Tensor):
-        return int(w.shape[1])
-    conv = next((c for c in emb.modules() if isinstance(c, nn.Conv2d)), None) \
-        if isinstance(emb, nn.Module) else None  # a vision model's patch embedding
-    return None if conv is None else int(conv.out_channels)
+    if not isinstance(emb, nn.Module):
+        return None
+    for c in emb.modules():
+        rule = rule_for(c)
+        out = None if rule is None else rule.extent(c, Side.OUT)
+        if out is not None:
+            return out
+    return None
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a Linear or a Hugging Face Conv1D (weight stored ``[in, out]``)."""
-    w = getattr(m, "weight", None)
-    if isinstance(m, nn.Linear):
-        return int(m.in_features), int(m.out_features)
-    if type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
-        return int(w.shape[0]), int(w.shape[1])
-    return None
+    """(input, output) channels of a layer whose rule has both axes (Linear, Conv1D, conv;
+    not attention), else None."""
+    rule = rule_for(m)
+    if rule is None or layout_of(m) is not None:
+        return None
+    i, o = rule.extent(m, Side.IN), rule.extent(m, Side.OUT)
+    return None if i is None or o is None else (i, o)
 
 
 def _scaled_embeddings(model: nn.Module, values: dict[str, int]) -> str | None:

@@ -445,7 +445,8 @@ register_rule_by_name(*ATTENTION)(HFAttentionRule)
 @register_rule_by_name(*RMS_NORMS)
 class HFRMSNormRule(LayerNormRule):
     """A Hugging Face RMSNorm over the last axis (a ``weight`` per channel): inexact like
-    LayerNorm; the smaller layer is a copy of the same class with the weight sliced."""
+    LayerNorm (whose oracle masking it shares); the smaller layer is a copy of the same class
+    with the weight sliced."""
 
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.args[0]
@@ -456,21 +457,6 @@ class HFRMSNormRule(LayerNormRule):
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
         return int(m.weight.shape[0]) if side is Side.OUT else None  # type: ignore[index]
-
-    def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
-        n = int(m.weight.shape[0])  # type: ignore[index]
-        gone = set(dropped)
-        kept = torch.as_tensor([i for i in range(n) if i not in gone], dtype=torch.long)
-        small = self.shrink(m, Keep(out=tuple(kept.tolist())))
-
-        def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            k = kept.to(x.device)
-            small.to(device=x.device, dtype=x.dtype)
-            y = type(small).forward(small, x.index_select(-1, k))
-            return torch.zeros_like(out).index_copy(-1, k, y)
-
-        m.register_forward_hook(hook)
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, int(m.weight.shape[0]))  # type: ignore[index]

@@ -161,7 +161,7 @@ class LayerNormRule(ModuleRule):
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
         """The oracle normalises over the kept channels only, as the pruned layer does."""
-        n = int(m.normalized_shape[0])  # type: ignore[index]
+        n = int(self.extent(m, Side.OUT) or 0)
         gone = set(dropped)
         kept = torch.as_tensor([i for i in range(n) if i not in gone], dtype=torch.long)
         small = self.shrink(m, Keep(out=tuple(kept.tolist())))

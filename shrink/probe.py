@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
+from shrink.fastmeta import fast_meta
 from shrink.plan import ChannelGroup, Decision, Plan
 from shrink.rewrite import apply
 
@@ -102,7 +103,7 @@ class ShapeProbe:
         self._base, self._inputs, self._dense_calls = self._model, self._real_inputs, None
 
     def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None) -> Any:
-        with torch.no_grad(), contextlib.nullcontext() if mode is None else mode:
+        with torch.no_grad(), contextlib.nullcontext() if mode is None else mode, fast_meta():
             if self._parts:
                 return [model.get_submodule(fqn).eval()(*args, **kwargs)
                         for fqn, args, kwargs in self._inputs]

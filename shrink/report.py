@@ -94,6 +94,7 @@ def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from shrink.capture import meta_copy, to_meta
+    from shrink.fastmeta import fast_meta
 
     def run(m: nn.Module, inputs: tuple[Any, ...]) -> int:
         counter = FlopCounterMode(display=False)
@@ -101,7 +102,7 @@ def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            with torch.no_grad(), counter:
+            with torch.no_grad(), fast_meta(), counter:
                 m(*inputs)
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)

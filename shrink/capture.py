@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from shrink.capture_parts import PartsSummary, capture_parts
 from shrink.errors import CaptureError
 from shrink.interop.prune_masks import find_masks
+from shrink.modcopy import copy_module
 from shrink.plan import fingerprint
 from shrink.rules import rule_for
 
@@ -235,7 +236,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
             continue
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
+    return copy_module(model, memo)
 
 
 def to_meta(value: Any) -> Any:

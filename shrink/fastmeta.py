@@ -14,9 +14,10 @@ is plain to state:
 * ``mean`` over some dims, and ``cat`` of tensors of one dtype and rank that agree off the
   concatenated dim.
 
-Only contiguous meta tensors of the exact class ``torch.Tensor`` (or ``nn.Parameter``) take these paths, where the
-default kernel also returns contiguous results; anything else, and any case that would raise,
-goes to the default kernel, so errors (which the shape probe reports) read as before.
+Only contiguous meta tensors of the exact class ``torch.Tensor`` (or ``nn.Parameter``) take
+these paths, where the default kernel also returns contiguous results; anything else, and any
+case that would raise, goes to the default kernel, so errors (which the shape probe reports)
+read as before.
 ``tests/unit/test_fastmeta.py`` checks each path against the default kernel.
 """
 

@@ -8,7 +8,6 @@ on its parent. Nothing else of the model changes: other attributes, hooks, mode 
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from shrink.bind import describe_gaps, describe_mismatch
 from shrink.errors import InvariantError, PlanError, RewriteError
 from shrink.interop import hf
+from shrink.modcopy import copy_module
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
 from shrink.rules import rule_for
@@ -43,7 +43,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     memo: dict[int, object] = {id(model.get_submodule(f)): new for f, new in replaced.items()}
     for fqn, new_t in _rebuild_tensors(model, plan).items():
         memo[id(_tensor(model, fqn))] = new_t
-    out = copy.deepcopy(model, memo)
+    out = copy_module(model, memo)
     _retie(model, out)
     _set_attributes(out, plan)
     # (the shape probe applies plans to meta copies many times: nothing to describe there)

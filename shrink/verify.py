@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from shrink.errors import InvariantError, VerificationError
+from shrink.modcopy import copy_module
 from shrink.plan import Plan, Side
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
@@ -72,7 +73,7 @@ def _shared_copy(model: nn.Module, own: Collection[str] = ()) -> nn.Module:
     for VGG-11) twice per verification."""
     owned = {id(t) for fqn in own for t in model.get_submodule(fqn).parameters()}
     memo: dict[int, Any] = {id(p): p for p in model.parameters() if id(p) not in owned}
-    return copy.deepcopy(model, memo).eval()
+    return copy_module(model, memo).eval()
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -312,7 +313,7 @@ def _to64(v: Any) -> Any:
                 c = _to64(t) if t.is_floating_point() else t.detach().to("cpu").clone()
                 memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(
                     t, nn.Parameter) else c
-        return copy.deepcopy(v, memo)
+        return copy_module(v, memo)
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.detach().to("cpu", torch.float64)
     if isinstance(v, (tuple, list)):

@@ -134,21 +134,78 @@ def _batch_norm(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
     return torch.empty_like(x), stat, torch.empty_like(stat)
 
 
-class _FastMeta(TorchDispatchMode):
+class FastMeta(TorchDispatchMode):
+    """The mode behind :func:`fast_meta`; with ``count``, it also counts MACs as
+    FlopCounterMode does (see :func:`shrink.report.count_run`)."""
+
+    def __init__(self, count: bool = False) -> None:
+        super().__init__()
+        self.count = count
+        self.flops = 0
+        self._decomposes: dict[Any, bool] = {}
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        out = _fast(func, args, kwargs)
-        return func(*args, **kwargs) if out is NotImplemented else out
+        out = _fast(func, args, kwargs)  # the ops answered here have no flop formula
+        if out is not NotImplemented:
+            return out
+        if not self.count:
+            return func(*args, **kwargs)
+        return self._counted(func, args, kwargs)
+
+    def _counted(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """FlopCounterMode's dispatch without its per-module table (whose module tracker
+        doubles the cost of a meta run): size queries pass, an op with a composite kernel is
+        decomposed (its parts come back here), any other runs and adds its formula's flops.
+        A higher-order op raises: :func:`shrink.report.count_run` then uses FlopCounterMode."""
+        from torch.utils.flop_counter import flop_registry
+
+        if func in _SIZE_QUERIES:
+            return NotImplemented
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            raise NotImplementedError(f"the lean MAC counter does not count {func}")
+        decomposes = self._decomposes.get(func)
+        if decomposes is None:  # what OpOverload.decompose looks up, once per op
+            key = torch._C.DispatchKey.CompositeImplicitAutograd
+            decomposes = self._decomposes[func] = func is not torch.ops.prim.device.default and (
+                key in func.py_kernels
+                or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key))
+        if decomposes:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+#: queries FlopCounterMode hands back to the tensor (NotImplemented), uncounted
+_SIZE_QUERIES = frozenset({
+    aten.sym_is_contiguous.default, aten.is_contiguous.default,
+    aten.is_contiguous.memory_format, aten.is_strides_like_format.default,
+    aten.is_non_overlapping_and_dense.default, aten.size.default, aten.sym_size.default,
+    aten.stride.default, aten.sym_stride.default, aten.storage_offset.default,
+    aten.sym_storage_offset.default, aten.numel.default, aten.sym_numel.default,
+    aten.dim.default, torch.ops.prim.layout.default,
+})
 
 
 @contextmanager
-def fast_meta() -> Iterator[None]:
+def fast_meta(*, count: bool = False) -> Iterator[FastMeta]:
     """Run the block with the fast meta paths above (other ops and devices are untouched).
 
+    With ``count``, the mode also sums the flops of every op with a formula in
+    ``torch.utils.flop_counter.flop_registry``, the total FlopCounterMode reports (twice the
+    MACs), on meta and real tensors alike.
+
     Example:
-        >>> with torch.no_grad(), fast_meta():
+        >>> with torch.no_grad(), fast_meta(count=True) as mode:
         ...     out = meta_model(*meta_inputs)
+        >>> macs = mode.flops // 2
     """
-    with _FastMeta():
-        yield
+    with FastMeta(count) as mode:
+        yield mode

@@ -45,9 +45,8 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     new = type(module).__new__(type(module))
     memo[id(module)] = new
     _keep_alive(module, memo)
-    state = module.__getstate__()
+    state = module.__getstate__()  # a new dict: nothing else can refer to it
     copied: dict[str, Any] = {}
-    memo[id(state)] = copied
     for key, value in state.items():
         if key == "_modules" and type(value) is dict:
             children: dict[str, Any] = {}

@@ -172,8 +172,9 @@ class Plan:
     decisions: tuple[Decision, ...]
     schema: int = SCHEMA
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict, compare=False, repr=False)
-    _drops: dict[tuple[str, Side], list[int]] = field(default_factory=dict, compare=False,
-                                                      repr=False)
+    # computed on first use; init=False: dataclasses.replace makes a plan with an empty one
+    _drops: dict[tuple[str, Side], list[int]] = field(default_factory=dict, init=False,
+                                                      compare=False, repr=False)
 
     def __post_init__(self) -> None:
         by_id = {g.id: g for g in self.groups}

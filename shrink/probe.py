@@ -40,8 +40,8 @@ from torch.overrides import TorchFunctionMode
 
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
-from shrink.fastmeta import fast_meta
 from shrink.plan import ChannelGroup, Decision, Plan
+from shrink.report import counted
 from shrink.rewrite import apply
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,15 @@ class ShapeProbe:
         self._inputs = to_meta(parts if parts else example_inputs)
         self.runs = 0
         self._dense_calls: list[_Call] | None = None
+        self._last_fit: tuple[Plan, int] | None = None  # the last plan that fitted, its MACs
         try:
-            out = self._forward(self._base)
+            out, self._dense_macs = self._forward(self._base)
         except Exception as e:  # an op without a meta kernel: probe real copies
             log.info("shape probe: the model does not run on meta (%s); probing on real "
                      "tensors", _first_line(e))
             self._on_real()
             try:
-                out = self._forward(self._base)
+                out, self._dense_macs = self._forward(self._base)
             except Exception as e2:
                 where = _user_frame(e2.__traceback__)
                 raise CaptureError(
@@ -102,12 +103,27 @@ class ShapeProbe:
     def _on_real(self) -> None:
         self._base, self._inputs, self._dense_calls = self._model, self._real_inputs, None
 
-    def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None) -> Any:
-        with torch.no_grad(), contextlib.nullcontext() if mode is None else mode, fast_meta():
-            if self._parts:
-                return [model.get_submodule(fqn).eval()(*args, **kwargs)
-                        for fqn, args, kwargs in self._inputs]
-            return model.eval()(*self._inputs)
+    def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None
+                 ) -> tuple[Any, int]:
+        """The outputs of a run and its MACs, counted as :func:`shrink.report.count_macs`
+        counts them (so the report needs no runs of its own, see :meth:`macs`)."""
+        def run() -> Any:
+            with contextlib.nullcontext() if mode is None else mode:
+                if self._parts:
+                    return [model.get_submodule(fqn).eval()(*args, **kwargs)
+                            for fqn, args, kwargs in self._inputs]
+                return model.eval()(*self._inputs)
+
+        return counted(run)
+
+    def macs(self, plan: Plan) -> tuple[int, int] | None:
+        """MACs of the dense model and of ``plan``'s pruned model, when the last plan that
+        fitted is ``plan`` and both were run whole on meta, which is how
+        :func:`shrink.report.count_macs` counts; None otherwise."""
+        if self._parts or self._base is self._model or self._last_fit is None:
+            return None
+        fitted, macs = self._last_fit
+        return (self._dense_macs, macs) if fitted is plan else None
 
     def check(self, plan: Plan) -> Failure | None:
         """Apply ``plan`` to the probe's copy and run it once; None when it fits."""
@@ -124,10 +140,13 @@ class ShapeProbe:
                 return self.check(plan)
             return Failure(str(e), layer=e.module)
         try:
-            out = self._forward(pruned)
+            out, macs = self._forward(pruned)
         except Exception as e:
             return Failure(_first_line(e), where=_user_frame(e.__traceback__))
-        return _compare(list(_leaves(out)), self._dense)
+        failure = _compare(list(_leaves(out)), self._dense)
+        if failure is None:
+            self._last_fit = (plan, macs)
+        return failure
 
     def culprits(self, plan: Plan) -> dict[str, str]:
         """The decided groups whose pruning breaks the architecture, with the reason for each.

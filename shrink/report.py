@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from shrink.modcopy import copy_module
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,29 +94,53 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
     """Multiply-accumulates of one eval-mode forward pass (aten conv/mm/bmm/attention).
 
-    Counted with FlopCounterMode on a weightless meta-device copy (no compute), falling back to
-    a real run for models with ops that cannot run on meta. ``model`` is not modified.
+    Counted with FlopCounterMode's formulas on a weightless meta-device copy (no compute),
+    falling back to FlopCounterMode itself, then to a real run for models with ops that cannot
+    run on meta. ``model`` is not modified.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     from shrink.capture import meta_copy, to_meta
-    from shrink.fastmeta import fast_meta
-
-    def run(m: nn.Module, inputs: tuple[Any, ...]) -> int:
-        counter = FlopCounterMode(display=False)
-        # nn.MultiheadAttention's inference fast path is one fused op the counter does not see
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with torch.no_grad(), fast_meta(), counter:
-                m(*inputs)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
-        return int(counter.get_total_flops()) // 2
 
     try:
-        return run(meta_copy(model).eval(), to_meta(example_inputs))
+        return count_run(meta_copy(model).eval(), to_meta(example_inputs))
     except Exception:  # an op without a meta kernel: count on a real copy
-        import copy
+        return count_run(copy_module(model).eval(), example_inputs, lean=False)
 
-        return run(copy.deepcopy(model).eval(), example_inputs)
+
+def count_run(model: nn.Module, inputs: tuple[Any, ...], *, lean: bool = True) -> int:
+    """MACs of ``model(*inputs)``, run under ``no_grad`` with :func:`~shrink.fastmeta.fast_meta`.
+
+    ``lean``: count in that mode, then, should that fail (a higher-order op), with
+    FlopCounterMode, whose total it equals (``tests/unit/test_macs.py``).
+    """
+    return counted(lambda: model(*inputs), lean=lean)[1]
+
+
+T = TypeVar("T")
+
+
+def counted(run: Callable[[], T], *, lean: bool = True) -> tuple[T, int]:
+    """``run()`` (a forward pass) and its MACs, under ``no_grad`` and
+    :func:`~shrink.fastmeta.fast_meta`; see :func:`count_run`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shrink.fastmeta import fast_meta
+
+    # nn.MultiheadAttention's inference fast path is one fused op the counter does not see
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if lean:
+            try:
+                with torch.no_grad(), fast_meta(count=True) as mode:
+                    out = run()
+                return out, mode.flops // 2
+            except NotImplementedError as e:
+                log.debug("count_run: %s; counting with FlopCounterMode", e)
+        full = FlopCounterMode(display=False)
+        # fast_meta inside the counter: the ops it answers (norms, pointwise, mean, cat) have
+        # no flop formula, and the counter would decompose them first
+        with torch.no_grad(), full, fast_meta():
+            out = run()
+        return out, int(full.get_total_flops()) // 2
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)

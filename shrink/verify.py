@@ -119,6 +119,7 @@ def verify(
     rtol: float = 1e-5,
     strict: bool = True,
     parts: Sequence[str] = (),
+    macs: tuple[int, int] | None = None,
 ) -> Report:
     """Check ``pruned`` against the masked original and measure params and MACs.
 
@@ -136,6 +137,8 @@ def verify(
         rtol: largest allowed ``max|pruned - masked| / max|masked|``.
         strict: raise when the error exceeds ``rtol``; otherwise only report it.
         parts: the module FQNs of a model captured in parts.
+        macs: the MACs of ``original`` and ``pruned`` on ``example_inputs`` when already
+            counted (:meth:`shrink.probe.ShapeProbe.macs`); counted here when None.
 
     Raises:
         VerificationError: when the error exceeds rtol: the numbers differ.
@@ -189,9 +192,10 @@ def verify(
         # inexact groups is not seen by the MAC counter (tiny ViT: 754k instead of 828k). In
         # parts, the plainly masked original: it takes the pruned model's data-dependent path
         # (the boxes NMS keeps decide a detector's ROI-head work), the original may not
-        macs_before=count_macs(_shared_reference(original, plan, renormalize=False) if parts
-                               else original, example_inputs),
-        macs_after=count_macs(test, example_inputs),
+        macs_before=macs[0] if macs else count_macs(
+            _shared_reference(original, plan, renormalize=False) if parts else original,
+            example_inputs),
+        macs_after=macs[1] if macs else count_macs(test, example_inputs),
         groups=rows,
         max_rel_error=err,
         oracle_dtype=oracle_dtype,

@@ -96,3 +96,14 @@ def test_copy_module_of_a_graph_module_runs_its_code() -> None:
     new = copy_module(gm)
     x = torch.randn(4, 2)
     torch.testing.assert_close(new(x), gm(x))
+
+
+def test_copy_module_of_many_layers_copies_every_one() -> None:
+    # regression: memoising the temporary state dicts let a later dict reuse a dead one's id
+    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+                            for _ in range(40)])
+    new = copy_module(model, {id(p): p for p in model.parameters()})
+    for old, copied in zip(model.modules(), new.modules(), strict=True):
+        assert type(copied) is type(old)
+        assert list(copied._parameters) == list(old._parameters)
+        assert list(copied._buffers) == list(old._buffers)

@@ -312,3 +312,21 @@ def test_from_masks_keeps_dead_channels_that_forward_reads_as_a_size() -> None:
     assert res.model.a.out_channels == 16
     assert res.model.m1.out_channels == int((~dead).sum())
     assert any("a:out" in note and "Tensor.view" in note for note in res.report.diagnostics)
+
+
+@pytest.mark.parametrize(("cls", "shape"), [(c[0], c[1]) for c in CASES], ids=IDS)
+def test_report_macs_counted_on_the_probe_runs_equal_count_macs(
+    cls: type[nn.Module], shape: tuple[int, ...]
+) -> None:
+    from shrink.report import count_macs
+
+    model, x = cls().eval(), torch.randn(shape)
+    res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1))
+    assert res.report is not None
+    assert res.report.macs_before == count_macs(model, (x,))
+    assert res.report.macs_after == count_macs(res.model, (x,))
+    probe = ShapeProbe(model, (x,))
+    assert probe.culprits(res.plan) == {}
+    assert probe.macs(res.plan) == (res.report.macs_before, res.report.macs_after)
+    other = res.plan.with_decisions(res.plan.decisions)
+    assert probe.macs(other) is None  # only the plan that last fitted

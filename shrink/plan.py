@@ -198,6 +198,11 @@ class Plan:
             if g.pinned is not None and len(d.keep) != g.size:
                 raise PlanError(f"decision drops channels of pinned group {d.group!r}: {g.pinned}")
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Plan:
+        """A plan is an immutable value (its caches are derived from it), so a deep copy of a
+        model that carries its plans (:mod:`shrink.provenance`) shares them."""
+        return self
+
     def with_decisions(self, decisions: Iterable[Decision]) -> Plan:
         """This plan's groups with other decisions (the groups are not checked again).
 

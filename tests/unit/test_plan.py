@@ -138,3 +138,15 @@ def test_plan_refuses_bad_positions(index: tuple[int, ...], channel: tuple[int, 
 
 def test_plan_accepts_disjoint_positions() -> None:
     assert Plan("fp", _two_groups((2, 3), (0, 3)), ()).groups[1].id == "b"
+
+
+def test_a_deep_copy_of_a_pruned_model_shares_its_immutable_plan() -> None:
+    import copy
+
+    from shrink.provenance import plans_of
+
+    small = shrink.compress(_model(), 0.5, (torch.randn(1, 3, 6, 6),))
+    (plan,) = plans_of(small)
+    assert copy.deepcopy(plan) is plan
+    (copied,) = plans_of(copy.deepcopy(small))
+    assert copied is plan

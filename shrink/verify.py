@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from shrink.errors import InvariantError, VerificationError
-from shrink.modcopy import copy_module
+from shrink.modcopy import copy_module, shared_copy
 from shrink.plan import Plan, Side
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
@@ -62,18 +62,7 @@ def _shared_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tr
             rule = rule_for(original.get_submodule(fqn))
             if rule is not None and type(rule).mask_ is not ModuleRule.mask_:
                 writes.add(fqn)
-    return _mask(_shared_copy(original, writes), plan, renormalize)
-
-
-def _shared_copy(model: nn.Module, own: Collection[str] = ()) -> nn.Module:
-    """A copy of ``model`` in eval mode that shares its parameters (read, never written: the
-    copy only runs forward under ``no_grad``); buffers, which a forward may update, and every
-    tensor of the modules in ``own`` are copied. New module objects take the eval flags and
-    the oracle's hooks without touching ``model``; sharing saves copying the weights (530 MB
-    for VGG-11) twice per verification."""
-    owned = {id(t) for fqn in own for t in model.get_submodule(fqn).parameters()}
-    memo: dict[int, Any] = {id(p): p for p in model.parameters() if id(p) not in owned}
-    return copy_module(model, memo).eval()
+    return _mask(shared_copy(original, writes).eval(), plan, renormalize)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -150,7 +139,7 @@ def verify(
     """
     versions = _versions(original, pruned)
     ref = _shared_reference(original, plan)
-    test = _shared_copy(pruned)
+    test = shared_copy(pruned).eval()
     check = _check(ref, test, example_inputs, parts)
     err, oracle_dtype = check.error, check.dtype
     if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):

@@ -107,3 +107,34 @@ def test_copy_module_of_many_layers_copies_every_one() -> None:
         assert type(copied) is type(old)
         assert list(copied._parameters) == list(old._parameters)
         assert list(copied._buffers) == list(old._buffers)
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.hooked = nn.Conv2d(2, 2, 1)
+        self.hooked.register_forward_pre_hook(lambda *_: None)
+        self.renorm = nn.Embedding(5, 2, max_norm=1.0)
+        self.plain = nn.Embedding(5, 2)
+        self.head = nn.Linear(2, 5)
+        self.head.weight = self.renorm.weight  # tied to a layer that writes it
+        self.sub = nn.Sequential(nn.Linear(2, 2))
+        self.bn = nn.BatchNorm2d(2)
+
+
+def test_shared_copy_shares_only_weights_that_forward_reads() -> None:
+    from shrink.modcopy import shared_copy
+
+    model = _Mixed()
+    new = shared_copy(model, own=("sub",))
+    assert new.conv.weight is model.conv.weight
+    assert new.plain.weight is model.plain.weight
+    assert new.bn.weight is model.bn.weight
+    assert new.bn.running_mean is not model.bn.running_mean  # buffers: always copied
+    assert new.hooked.weight is not model.hooked.weight  # a hook may write
+    assert new.renorm.weight is not model.renorm.weight  # max_norm renormalises in place
+    assert new.head.weight is new.renorm.weight  # tied to it: copied, still tied
+    assert new.sub[0].weight is not model.sub[0].weight  # named in own
+    assert new is not model
+    assert new.conv is not model.conv

@@ -126,7 +126,7 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    plan, analysis, macs = _plan(model, inputs, analysis, scores, config.policy, captured)
+    plan, analysis, probe = _plan(model, inputs, analysis, scores, config.policy, captured)
     with stage("apply"):
         pruned = apply(model, plan)
     report = None
@@ -134,7 +134,7 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
         parts = () if captured.parts is None else captured.parts.captured
         with stage("verify"):
             report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts,
-                             macs=macs)
+                             probe=probe)
         note = pruned.__dict__.get(hf.NOTE_ATTR)
         if note:
             report = dataclasses.replace(report, diagnostics=(note, *report.diagnostics))
@@ -147,13 +147,13 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
           scores: Mapping[str, torch.Tensor], policy: Policy,
-          captured: Captured) -> tuple[Plan, Analysis, tuple[int, int] | None]:
+          captured: Captured) -> tuple[Plan, Analysis, ShapeProbe]:
     """select, then the shape probe: pin the groups whose pruning breaks a shape and select
     again (the budget goes to the other groups), until the pruned architecture fits. A model
     captured in parts is probed part by part, on each part's recorded inputs.
 
     Returns the plan, the analysis with the probe's pins (and a diagnostic for each), and the
-    MACs before and after that the probe counted on its runs (None when it did not).
+    probe (whose runs tell verify the MACs and the dense model's layer calls).
     """
     parts = () if captured.parts is None else part_calls(captured.graph_modules,
                                                           captured.graph_inputs)
@@ -181,10 +181,10 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
             groups = pin(groups, found)
             plan = select(groups, scores, concrete(), analysis.model)
     if not pinned:
-        return plan, analysis, probe.macs(plan)
+        return plan, analysis, probe
     notes = tuple(Diagnostic("pinned", f"{gid}: {why}") for gid, why in pinned.items())
     return plan, Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
-                          frontend=analysis.frontend), probe.macs(plan)
+                          frontend=analysis.frontend), probe
 
 
 def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,

@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
 from shrink.plan import ChannelGroup, Decision, Plan
+from shrink.reduced import DenseRun, recording_calls, signature
 from shrink.report import counted
 from shrink.rewrite import apply
 
@@ -84,13 +85,16 @@ class ShapeProbe:
         self._dense_calls: list[_Call] | None = None
         self._last_fit: tuple[Plan, int] | None = None  # the last plan that fitted, its MACs
         try:
-            out, self._dense_macs = self._forward(self._base)
+            with recording_calls(self._base) as calls:
+                out, macs = self._forward(self._base)
+            self._dense_run: DenseRun | None = DenseRun(macs, signature(out), tuple(calls))
         except Exception as e:  # an op without a meta kernel: probe real copies
             log.info("shape probe: the model does not run on meta (%s); probing on real "
                      "tensors", _first_line(e))
             self._on_real()
+            self._dense_run = None
             try:
-                out, self._dense_macs = self._forward(self._base)
+                out, _ = self._forward(self._base)
             except Exception as e2:
                 where = _user_frame(e2.__traceback__)
                 raise CaptureError(
@@ -116,14 +120,19 @@ class ShapeProbe:
 
         return counted(run)
 
-    def macs(self, plan: Plan) -> tuple[int, int] | None:
-        """MACs of the dense model and of ``plan``'s pruned model, when the last plan that
-        fitted is ``plan`` and both were run whole on meta, which is how
-        :func:`shrink.report.count_macs` counts; None otherwise."""
+    def dense_run(self) -> DenseRun | None:
+        """The dense model's MACs, output signature and layer calls on the example inputs,
+        from the probe's first run (for :func:`shrink.verify`); None for a model probed in
+        parts or on real tensors."""
+        return None if self._parts or self._base is self._model else self._dense_run
+
+    def pruned_macs(self, plan: Plan) -> int | None:
+        """MACs of ``plan``'s pruned model when ``plan`` is the last plan that fitted and it
+        ran whole on meta, as :func:`shrink.report.count_macs` counts; None otherwise."""
         if self._parts or self._base is self._model or self._last_fit is None:
             return None
         fitted, macs = self._last_fit
-        return (self._dense_macs, macs) if fitted is plan else None
+        return macs if fitted is plan else None
 
     def check(self, plan: Plan) -> Failure | None:
         """Apply ``plan`` to the probe's copy and run it once; None when it fits."""

@@ -40,6 +40,9 @@ class Report:
     #: max relative deviation of the pruned model from the plainly masked original, when inexact
     #: groups (channels a LayerNorm normalises) were pruned; None when every pruned group is exact
     deviation: float | None = None
+    #: shape of the smaller input the oracle compared on (:mod:`shrink.reduced`), e.g.
+    #: ``"1x3x112x112"``; None when it compared on the example inputs
+    oracle_input: str | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -65,8 +68,11 @@ class Report:
             f"{'MACs':12}{self.macs_before:>16,}{self.macs_after:>16,}{self.mac_ratio:>9.3f}",
         ]
         if self.max_rel_error is not None:
+            on = "" if self.oracle_input is None else (
+                f", on every other pixel of the input: {self.oracle_input}")
             lines.append(
-                f"masked-oracle max relative error: {self.max_rel_error:.2e} ({self.oracle_dtype})"
+                f"masked-oracle max relative error: {self.max_rel_error:.2e} "
+                f"({self.oracle_dtype}{on})"
             )
         if self.deviation is not None:
             lines.append(

@@ -10,10 +10,11 @@ computed, but nothing reads them. ``verify`` checks exactly that, in the model's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,9 +23,21 @@ from torch.utils import _pytree as pytree
 from shrink.errors import InvariantError, VerificationError
 from shrink.modcopy import copy_module, shared_copy
 from shrink.plan import Plan, Side
+from shrink.reduced import (
+    VIEWS,
+    DenseRun,
+    dense_run,
+    describe,
+    recording_calls,
+    reduced_inputs,
+    signature,
+)
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
 from shrink.rules.base import ModuleRule
+
+if TYPE_CHECKING:
+    from shrink.probe import ShapeProbe
 
 
 def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = True) -> nn.Module:
@@ -108,7 +121,7 @@ def verify(
     rtol: float = 1e-5,
     strict: bool = True,
     parts: Sequence[str] = (),
-    macs: tuple[int, int] | None = None,
+    probe: ShapeProbe | None = None,
 ) -> Report:
     """Check ``pruned`` against the masked original and measure params and MACs.
 
@@ -118,6 +131,9 @@ def verify(
     too, but only reported: between parts runs code that was not captured, often data-dependent
     (top-k, NMS, score thresholds), where rounding can change which boxes are kept.
 
+    An image model is checked on every other pixel of its input first, where its outputs and
+    layer calls allow it (:mod:`shrink.reduced`); the example inputs decide otherwise.
+
     Args:
         original: the unpruned model (not modified).
         pruned: the model returned by :func:`shrink.apply`.
@@ -126,8 +142,9 @@ def verify(
         rtol: largest allowed ``max|pruned - masked| / max|masked|``.
         strict: raise when the error exceeds ``rtol``; otherwise only report it.
         parts: the module FQNs of a model captured in parts.
-        macs: the MACs of ``original`` and ``pruned`` on ``example_inputs`` when already
-            counted (:meth:`shrink.probe.ShapeProbe.macs`); counted here when None.
+        probe: the shape probe that vetted ``plan`` (:func:`shrink.prune` passes its own):
+            its meta runs give both models' MACs and the dense model's layer calls, so no meta
+            run is needed here.
 
     Raises:
         VerificationError: when the error exceeds rtol: the numbers differ.
@@ -140,14 +157,21 @@ def verify(
     versions = _versions(original, pruned)
     ref = _shared_reference(original, plan)
     test = shared_copy(pruned).eval()
-    check = _check(ref, test, example_inputs, parts)
+    dense = None if parts or probe is None else probe.dense_run()
+    small = None if parts else reduced_inputs(example_inputs)
+    check = None
+    if small is not None:
+        dense = dense or dense_run(original, example_inputs)
+        check = _check_reduced(ref, test, small, dense, rtol)
+    if check is None:
+        check = _check(ref, test, example_inputs, parts)
+        if not check.error <= rtol and check.dtype in ("float32", "float16", "bfloat16"):
+            # Deep nets with large activations lose more than rtol to fp32 rounding alone; a
+            # real mismatch stays O(1) in float64, rounding does not.
+            check64 = _check(_to64(ref), _to64(test), _to64(example_inputs), parts)
+            if check64.error <= rtol:
+                check = dataclasses.replace(check64, dtype="float64")
     err, oracle_dtype = check.error, check.dtype
-    if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):
-        # Deep nets with large activations lose more than rtol to fp32 rounding alone; a real
-        # mismatch stays O(1) in float64, rounding does not.
-        check64 = _check(_to64(ref), _to64(test), _to64(example_inputs), parts)
-        if check64.error <= rtol:
-            check, err, oracle_dtype = check64, check64.error, "float64"
     inexact = [d.group for d in plan.decisions if not plan.group(d.group).exact]
     deviation = None
     if inexact:
@@ -181,13 +205,14 @@ def verify(
         # inexact groups is not seen by the MAC counter (tiny ViT: 754k instead of 828k). In
         # parts, the plainly masked original: it takes the pruned model's data-dependent path
         # (the boxes NMS keeps decide a detector's ROI-head work), the original may not
-        macs_before=macs[0] if macs else count_macs(
+        macs_before=dense.macs if dense is not None else count_macs(
             _shared_reference(original, plan, renormalize=False) if parts else original,
             example_inputs),
-        macs_after=macs[1] if macs else count_macs(test, example_inputs),
+        macs_after=_pruned_macs(probe, plan, test, example_inputs),
         groups=rows,
         max_rel_error=err,
         oracle_dtype=oracle_dtype,
+        oracle_input=check.input,
         diagnostics=() if not parts else (check.note(rtol),),
         deviation=deviation,
     )
@@ -201,6 +226,7 @@ class _Check:
     worst: str | None = None  # the part with the largest error
     whole: float | None = None  # the whole model's error, for a model captured in parts
     whole_why: str = ""  # why the whole model's outputs cannot be compared
+    input: str | None = None  # the reduced input compared on; None: the example inputs
 
     def note(self, rtol: float) -> str:
         checked = (f"each captured part equals its masked original on the masked original's "
@@ -213,6 +239,26 @@ class _Check:
             "they pass through code outside the captured parts, where data-dependent steps "
             "(top-k, NMS, score thresholds) can keep other elements after rounding differences"
         )
+
+
+def _check_reduced(ref: nn.Module, test: nn.Module, small: tuple[torch.Tensor],
+                   dense: DenseRun, rtol: float) -> _Check | None:
+    """The check on the reduced input, when :mod:`shrink.reduced`'s conditions hold and it
+    passes; None to check on the example inputs instead."""
+    try:
+        with recording_calls(ref) as calls:
+            check = _check(ref, test, small, ())
+    except Exception:  # the model does not run at this size: the example inputs decide
+        return None
+    if tuple(calls) != dense.calls or signature(check.expected, VIEWS) != dense.outputs:
+        return None
+    return dataclasses.replace(check, input=describe(small)) if check.error <= rtol else None
+
+
+def _pruned_macs(probe: ShapeProbe | None, plan: Plan, test: nn.Module,
+                 inputs: tuple[Any, ...]) -> int:
+    counted = None if probe is None else probe.pruned_macs(plan)
+    return counted if counted is not None else count_macs(test, inputs)
 
 
 def _check(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...],

@@ -327,6 +327,9 @@ def test_report_macs_counted_on_the_probe_runs_equal_count_macs(
     assert res.report.macs_after == count_macs(res.model, (x,))
     probe = ShapeProbe(model, (x,))
     assert probe.culprits(res.plan) == {}
-    assert probe.macs(res.plan) == (res.report.macs_before, res.report.macs_after)
+    dense = probe.dense_run()
+    assert dense is not None
+    assert dense.macs == res.report.macs_before
+    assert probe.pruned_macs(res.plan) == res.report.macs_after
     other = res.plan.with_decisions(res.plan.decisions)
-    assert probe.macs(other) is None  # only the plan that last fitted
+    assert probe.pruned_macs(other) is None  # only the plan that last fitted

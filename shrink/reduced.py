@@ -1,0 +1,131 @@
+"""A smaller input for the masked oracle, where the model allows it.
+
+The oracle's cost is two real forward passes (the masked original and the pruned model); on a
+ResNet-50 at 224x224 they cost more than the rest of pruning. A conv net whose head pools
+adaptively runs at any spatial size with the same channel maps: every layer reads the same
+channels, each on fewer positions. :func:`reduced_inputs` takes every other pixel of an image
+input (224x224 becomes 112x112), and :func:`shrink.verify` checks on it first, accepting the
+result only when all of these hold:
+
+1. the dense model's outputs have the same structure, shapes and dtypes at both sizes
+   (:class:`DenseRun`, from a meta run at the example input's size), so whatever forward
+   computes from the spatial size cancels before the outputs (adaptive pooling does; a flatten
+   into a Linear does not, and such a model is checked at its own size);
+2. the same layers are called in the same order at both sizes (no branch on a size skips one);
+3. the pruned model equals the masked original there within ``rtol``.
+
+Otherwise (a difference, an error, or an error above ``rtol``) the example inputs decide, as
+before, float64 recheck included: a model that fails on the smaller input is never passed for
+it, and one that passes there passes a check of the same channel maps.
+
+Why that check is as strict. A wrong plan (a wrong kept index, a mis-grouped or mis-sliced
+member) makes some layer read another channel than the masked original reads; the outputs then
+differ unless the two channels agree at every position they have. Halving each side leaves
+ResNet-50 16 positions per channel in its last stage (49 at 224) and 3136 in its first, so
+confusing two distinct channels still changes the output; ``tests/unit/test_reduced.py``
+checks that a plan with one wrong kept index, in any one group, fails at the reduced size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+#: spatial sides at least this long are halved (and no side goes below half of it)
+MIN_SIDE = 64
+#: how many half-resolution views of the input the reduced input stacks on the batch axis
+VIEWS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DenseRun:
+    """What one run of the dense model on the example inputs shows.
+
+    Attributes:
+        macs: its multiply-accumulates (:func:`shrink.report.count_macs`).
+        outputs: the :func:`signature` of its outputs.
+        calls: FQNs of its submodules in the order they were called.
+    """
+
+    macs: int
+    outputs: object
+    calls: tuple[str, ...]
+
+
+def reduced_inputs(inputs: tuple[Any, ...]) -> tuple[torch.Tensor] | None:
+    """Two half-resolution views of a single image-like input, stacked on the batch axis: the
+    even and the odd pixels of a floating tensor ``(N, C, *spatial)`` whose spatial sides are
+    all at least :data:`MIN_SIDE` (``(2N, C, *spatial // 2)``); None for any other inputs."""
+    if len(inputs) != 1:
+        return None
+    (x,) = inputs
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 3
+            and all(side >= MIN_SIDE for side in x.shape[2:])):
+        return None
+    views = [x[(slice(None), slice(None), *(slice(start, side - side % 2, 2)
+                                           for side in x.shape[2:]))]
+             for start in range(VIEWS)]
+    return (torch.cat(views, 0),)
+
+
+def describe(inputs: tuple[torch.Tensor]) -> str:
+    """How a report names the reduced input, e.g. ``"1x3x112x112"``."""
+    return "x".join(str(s) for s in inputs[0].shape)
+
+
+def signature(value: Any, batch: int = 1) -> object:
+    """The structure of a model's outputs with each tensor's shape and dtype (and each other
+    value's type): what must not change with the input's size. ``batch``: the factor by which
+    the input's batch grew, divided out of every tensor's first axis (which must be the batch
+    axis: anything else leaves a signature that cannot match)."""
+    leaves, spec = pytree.tree_flatten(value)
+    return spec, tuple(_leaf(v, batch) for v in leaves)
+
+
+def _leaf(v: Any, batch: int) -> object:
+    if not isinstance(v, torch.Tensor):
+        return type(v)
+    shape = tuple(v.shape)
+    if batch > 1:
+        if not shape or shape[0] % batch:
+            return ("not batched", shape)
+        shape = (shape[0] // batch, *shape[1:])
+    return shape, v.dtype
+
+
+@contextmanager
+def recording_calls(model: nn.Module) -> Iterator[list[str]]:
+    """Record the FQN of every submodule of ``model`` each time it is called (hooks removed on
+    exit)."""
+    calls: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, fqn=fqn: calls.append(fqn))
+               for fqn, m in model.named_modules()]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def dense_run(model: nn.Module, inputs: tuple[Any, ...]) -> DenseRun:
+    """Run a weightless (meta) copy of ``model`` on ``inputs``, counting MACs as
+    :func:`shrink.report.count_macs` does (a real copy when the model cannot run on meta)."""
+    from shrink.capture import meta_copy, to_meta
+    from shrink.modcopy import copy_module
+    from shrink.report import counted
+
+    def run(m: nn.Module, x: tuple[Any, ...], lean: bool) -> DenseRun:
+        with recording_calls(m) as calls:
+            out, macs = counted(lambda: m(*x), lean=lean)
+        return DenseRun(macs, signature(out), tuple(calls))
+
+    try:
+        return run(meta_copy(model).eval(), to_meta(inputs), True)
+    except Exception:  # an op without a meta kernel: run a real copy, as count_macs does
+        return run(copy_module(model).eval(), inputs, False)

@@ -7,12 +7,12 @@ every one of its fifteen hook dicts through ``__reduce_ex__``, about 500 calls p
 
 :func:`copy_module` gives the same result as ``copy.deepcopy(module, memo)``. For a module
 whose class copies the way ``nn.Module`` does (no ``__deepcopy__``, ``__reduce__``, slots or
-state methods of its own, nothing in ``copyreg``), ``deepcopy`` makes ``cls.__new__(cls)``,
-deep-copies ``__getstate__()`` (the ``__dict__`` without a compiled forward) and calls
-``__setstate__``; this does the same, but answers the common values directly: atoms and tuples
-of atoms are shared (``deepcopy`` returns them as they are), empty dicts and sets are new, child
-modules recurse. Everything else, and every module of another kind, goes to ``copy.deepcopy``
-with the same memo.
+``__getstate__`` of its own, nothing in ``copyreg``), ``deepcopy`` makes ``cls.__new__(cls)``,
+deep-copies ``__getstate__()`` (the ``__dict__`` without a compiled forward) and calls the
+class's ``__setstate__``; this does the same, but answers the common values directly: atoms and
+tuples of atoms are shared (``deepcopy`` returns them as they are), empty dicts and sets are
+new, parameters and buffers are looked up in the memo, child modules recurse. Everything else,
+and every module of another kind, goes to ``copy.deepcopy`` with the same memo.
 
 :func:`shared_copy` builds on it: a copy for running forward that shares the weights of layers
 whose forward only reads them.
@@ -58,10 +58,27 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
             for name, child in value.items():
                 children[name] = child if child is None else copy_module(child, memo)
             copied[key] = children
+        elif key in ("_parameters", "_buffers") and type(value) is dict:
+            copied[key] = _tensors(value, memo)
         else:
             copied[key] = _value(value, memo)
     new.__setstate__(copied)
     return new
+
+
+def _tensors(tensors: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
+    """A module's ``_parameters`` or ``_buffers``: what ``deepcopy`` makes of the dict, with the
+    memo's tensors looked up directly."""
+    new: dict[str, Any] = {}
+    memo[id(tensors)] = new
+    _keep_alive(tensors, memo)
+    for name, t in tensors.items():
+        found = memo.get(id(t), _MISSING)
+        new[name] = found if found is not _MISSING else copy.deepcopy(t, memo)
+    return new
+
+
+_MISSING = object()
 
 
 def _value(value: Any, memo: dict[int, Any]) -> Any:
@@ -88,7 +105,9 @@ _PLAIN: dict[type, bool] = {}
 
 
 def _copies_plainly(cls: type) -> bool:
-    """Whether ``deepcopy`` copies instances of ``cls`` exactly as ``nn.Module`` instances."""
+    """Whether ``deepcopy`` copies instances of ``cls`` exactly as ``nn.Module`` instances:
+    ``cls.__new__``, then the class's own ``__setstate__`` (conv's sets a default padding mode)
+    on the deep-copied ``__getstate__``."""
     known = _PLAIN.get(cls)
     if known is None:
         known = _PLAIN[cls] = (
@@ -96,7 +115,6 @@ def _copies_plainly(cls: type) -> bool:
             and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__
             and getattr(cls, "__getstate__", None) is nn.Module.__getstate__
-            and getattr(cls, "__setstate__", None) is nn.Module.__setstate__
             and cls not in copyreg.dispatch_table
             and cls not in copy._deepcopy_dispatch  # type: ignore[attr-defined]
             and not copyreg._slotnames(cls)  # type: ignore[attr-defined]

@@ -11,7 +11,8 @@ result only when all of these hold:
    (:class:`DenseRun`, from a meta run at the example input's size), so whatever forward
    computes from the spatial size cancels before the outputs (adaptive pooling does; a flatten
    into a Linear does not, and such a model is checked at its own size);
-2. the same layers are called in the same order at both sizes (no branch on a size skips one);
+2. the same layers and the same torch functions are called in the same order at both sizes
+   (no branch on a size changes what runs, or how channels are concatenated or split);
 3. the pruned model equals the masked original there within ``rtol``.
 
 Otherwise (a difference, an error, or an error above ``rtol``) the example inputs decide, as
@@ -28,13 +29,13 @@ checks that a plan with one wrong kept index, in any one group, fails at the red
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 #: spatial sides at least this long are halved (and no side goes below half of it)
@@ -50,7 +51,8 @@ class DenseRun:
     Attributes:
         macs: its multiply-accumulates (:func:`shrink.report.count_macs`).
         outputs: the :func:`signature` of its outputs.
-        calls: FQNs of its submodules in the order they were called.
+        calls: FQNs of its submodules and names of torch functions, in the order they were
+            called (:func:`recording_calls`).
     """
 
     macs: int
@@ -99,18 +101,67 @@ def _leaf(v: Any, batch: int) -> object:
     return shape, v.dtype
 
 
-@contextmanager
-def recording_calls(model: nn.Module) -> Iterator[list[str]]:
-    """Record the FQN of every submodule of ``model`` each time it is called (hooks removed on
-    exit)."""
-    calls: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, fqn=fqn: calls.append(fqn))
-               for fqn, m in model.named_modules()]
-    try:
-        yield calls
-    finally:
-        for h in handles:
+class recording_calls:  # noqa: N801 (a context manager, used as a function)
+    """Record, in order, the FQN of every submodule of ``model`` each time it is called and the
+    name of every torch function that ``forward`` code calls while ``model`` runs, leaving out
+    what the modules' hooks call (the oracle's masks are hooks; the dense run has none). The
+    hooks are removed on exit; ``calls`` (also what ``with`` gives) holds the record.
+
+    Example:
+        >>> with recording_calls(model) as calls:
+        ...     model(x)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls: list[str] = []
+        self._mode = _Functions(self.calls)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> list[str]:
+        calls, mode = self.calls, self._mode
+
+        def called(fqn: str) -> Callable[..., None]:
+            def pre(_m: nn.Module, _a: Any) -> None:
+                calls.append(fqn)
+                mode.in_hooks = True
+            return pre
+
+        def in_hooks(*_: Any) -> None:
+            mode.in_hooks = True
+
+        def in_forward(*_: Any) -> None:
+            mode.in_hooks = False
+
+        for fqn, m in self.model.named_modules():  # ours run first and last around the others
+            self._handles += [m.register_forward_pre_hook(called(fqn), prepend=True),
+                              m.register_forward_pre_hook(in_forward),
+                              m.register_forward_hook(in_hooks, prepend=True),
+                              m.register_forward_hook(in_hooks if fqn == "" else in_forward)]
+        mode.__enter__()
+        return calls
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        for h in self._handles:
             h.remove()
+        self._handles = []
+
+
+class _Functions(TorchFunctionMode):
+    """Appends the name of every torch function called outside module hooks, from the model's
+    first pre-hook on until its forward hooks (outside: as if in hooks)."""
+
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__()
+        self.calls = calls
+        self.in_hooks = True
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        if not self.in_hooks:
+            self.calls.append(f"torch:{getattr(func, '__qualname__', None) or func!r}")
+        return func(*args, **(kwargs or {}))
 
 
 def dense_run(model: nn.Module, inputs: tuple[Any, ...]) -> DenseRun:

@@ -9,10 +9,12 @@ computed, but nothing reads them. ``verify`` checks exactly that, in the model's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -245,11 +247,12 @@ def _check_reduced(ref: nn.Module, test: nn.Module, small: tuple[torch.Tensor],
                    dense: DenseRun, rtol: float) -> _Check | None:
     """The check on the reduced input, when :mod:`shrink.reduced`'s conditions hold and it
     passes; None to check on the example inputs instead."""
+    recording = recording_calls(ref)
     try:
-        with recording_calls(ref) as calls:
-            check = _check(ref, test, small, ())
+        check = _check(ref, test, small, (), around_ref=recording)
     except Exception:  # the model does not run at this size: the example inputs decide
         return None
+    calls = recording.calls
     if tuple(calls) != dense.calls or signature(check.expected, VIEWS) != dense.outputs:
         return None
     return dataclasses.replace(check, input=describe(small)) if check.error <= rtol else None
@@ -262,12 +265,14 @@ def _pruned_macs(probe: ShapeProbe | None, plan: Plan, test: nn.Module,
 
 
 def _check(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...],
-           parts: Sequence[str]) -> _Check:
-    """Run both models; compare the whole outputs or, with ``parts``, each part's calls."""
+           parts: Sequence[str],
+           around_ref: AbstractContextManager[Any] | None = None) -> _Check:
+    """Run both models; compare the whole outputs or, with ``parts``, each part's calls.
+    ``around_ref``: a context the reference's run alone runs in."""
     calls: dict[str, list[tuple[Any, Any, Any]]] = {p: [] for p in parts}
     handles = [h for p in parts for h in _recorder(ref.get_submodule(p), calls[p])]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), around_ref or contextlib.nullcontext():
             expected = ref(*inputs)
     finally:
         for h in handles:

@@ -74,6 +74,16 @@ class _Branchy(nn.Module):
         return self.pool(self.b(y)).flatten(1)
 
 
+class _FunctionBranch(_Branchy):
+    """A function, not a layer, that runs only on large inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        if x.shape[-1] > 40:
+            y = torch.flip(y, [1])  # the channels reach self.b in another order
+        return self.pool(self.b(y)).flatten(1)
+
+
 def _prune(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, Plan]:
     model = randomize_(model, seed=0).eval()
     res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1, verify=False))
@@ -108,7 +118,8 @@ def test_a_pooled_conv_net_is_verified_on_the_reduced_input() -> None:
     assert "2x3x32x32" in str(report)
 
 
-@pytest.mark.parametrize("make", [_Flat, _Maps, _Branchy], ids=["flatten", "maps", "branch"])
+@pytest.mark.parametrize("make", [_Flat, _Maps, _Branchy, _FunctionBranch],
+                         ids=["flatten", "maps", "layer_branch", "function_branch"])
 def test_models_that_change_with_the_size_are_verified_on_the_example_input(
     make: type[nn.Module],
 ) -> None:

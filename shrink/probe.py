@@ -18,6 +18,10 @@ frame outside torch and shrink), found by one more run that records every torch 
 
 Models with an op that cannot run on meta are probed on a real copy instead (one real forward
 per step).
+
+Every run counts its MACs on the way (:func:`shrink.report.counted`), and the first records the
+dense model's layer and torch calls: :func:`shrink.verify` takes both from the probe instead of
+running the models on meta again.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ class ShapeProbe:
     def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None
                  ) -> tuple[Any, int]:
         """The outputs of a run and its MACs, counted as :func:`shrink.report.count_macs`
-        counts them (so the report needs no runs of its own, see :meth:`macs`)."""
+        counts them (so verify needs no runs of its own: :meth:`dense_run`,
+        :meth:`pruned_macs`)."""
         def run() -> Any:
             with contextlib.nullcontext() if mode is None else mode:
                 if self._parts:

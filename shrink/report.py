@@ -41,7 +41,7 @@ class Report:
     #: groups (channels a LayerNorm normalises) were pruned; None when every pruned group is exact
     deviation: float | None = None
     #: shape of the smaller input the oracle compared on (:mod:`shrink.reduced`), e.g.
-    #: ``"1x3x112x112"``; None when it compared on the example inputs
+    #: ``"2x3x112x112"``; None when it compared on the example inputs
     oracle_input: str | None = None
 
     @property
@@ -69,7 +69,7 @@ class Report:
         ]
         if self.max_rel_error is not None:
             on = "" if self.oracle_input is None else (
-                f", on every other pixel of the input: {self.oracle_input}")
+                f", on two half-resolution views of the input: {self.oracle_input}")
             lines.append(
                 f"masked-oracle max relative error: {self.max_rel_error:.2e} "
                 f"({self.oracle_dtype}{on})"

@@ -5,12 +5,16 @@ eval, element-wise ops, residual adds, concat/split and flatten only move channe
 pruning equals running the *original* model with the dropped channels zeroed where they are
 consumed: at the input of every layer whose IN axis loses them. The dropped channels are still
 computed, but nothing reads them. ``verify`` checks exactly that, in the model's own dtype.
+
+Cost. The two models run as copies that share the weights their layers only read
+(:func:`~shrink.modcopy.shared_copy`), the MACs and the dense model's shapes come from the shape
+probe's meta runs when :func:`shrink.prune` passes it, and an image model is compared on two
+half-resolution views of its input where it runs the same code there (:mod:`shrink.reduced`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
@@ -49,7 +53,7 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
     their statistics over the kept channels, as the pruned model does; without it they see the
     zeroed channels, which is the plainly masked original the inexact deviation is measured to.
     """
-    return _mask(copy.deepcopy(original).eval(), plan, renormalize)
+    return _mask(copy_module(original).eval(), plan, renormalize)
 
 
 def _mask(ref: nn.Module, plan: Plan, renormalize: bool) -> nn.Module:
@@ -68,9 +72,10 @@ def _mask(ref: nn.Module, plan: Plan, renormalize: bool) -> nn.Module:
 
 
 def _shared_reference(original: nn.Module, plan: Plan, *, renormalize: bool = True) -> nn.Module:
-    """:func:`masked_reference` on a :func:`_shared_copy`: the masks are hooks on new module
-    objects, so ``original``'s parameters are only read; the layers whose rule masks by writing
-    to weights (attention heads: :meth:`ModuleRule.mask_` overridden) get their own copies."""
+    """:func:`masked_reference` on a :func:`~shrink.modcopy.shared_copy`: the masks are hooks on
+    new module objects, so ``original``'s shared weights are only read; the layers whose rule
+    masks by writing to weights (attention heads: :meth:`ModuleRule.mask_` overridden) get their
+    own copies."""
     writes = set()
     for (fqn, side) in plan.drops():
         if side.tensor_axis is None and side is not Side.ATTR:
@@ -133,8 +138,9 @@ def verify(
     too, but only reported: between parts runs code that was not captured, often data-dependent
     (top-k, NMS, score thresholds), where rounding can change which boxes are kept.
 
-    An image model is checked on every other pixel of its input first, where its outputs and
-    layer calls allow it (:mod:`shrink.reduced`); the example inputs decide otherwise.
+    An image model is checked first on two half-resolution views of its input (the even and
+    the odd pixels), where its outputs, layers and torch calls are the same as on the example
+    inputs (:mod:`shrink.reduced`); the example inputs decide otherwise.
 
     Args:
         original: the unpruned model (not modified).
@@ -372,8 +378,9 @@ def _versions(*models: nn.Module) -> dict[int, int]:
 
 
 def _check_untouched(versions: dict[int, int], *models: nn.Module) -> None:
-    """The oracle's copies share parameters with the caller's models: a forward that wrote to
-    one (nothing in torch does, under no_grad in eval mode) is reported, never passed over."""
+    """The oracle's copies share with the caller's models the weights of layers whose forward
+    only reads them (:func:`~shrink.modcopy.shared_copy`); should a forward write one anyway
+    (a hook added since, a torch that changed), it is reported, never passed over."""
     for m in models:
         for name, p in m.named_parameters():
             if versions.get(id(p), p._version) != p._version:

@@ -157,7 +157,11 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     """
     parts = () if captured.parts is None else part_calls(captured.graph_modules,
                                                           captured.graph_inputs)
-    probe = ShapeProbe(model, inputs, parts)
+    # the meta copy torch.fx traced: only read since, so the probe need not make another
+    traced = getattr(captured.graph_module, "_shrink_source", None) if (
+        captured.on_meta and captured.frontend == "fx") else None
+    probe = ShapeProbe(model, inputs, parts,
+                       base=traced if isinstance(traced, nn.Module) else None)
     groups = analysis.groups
     pinned: dict[str, str] = {}
 

@@ -74,16 +74,19 @@ class ShapeProbe:
     """
 
     def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...],
-                 parts: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]] = ()) -> None:
+                 parts: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]] = (),
+                 base: nn.Module | None = None) -> None:
         """``parts``: for a model captured in parts, ``(part FQN, args, kwargs)`` of each
         recorded part call (:func:`shrink.capture_parts.part_calls`). The probe then runs those
         calls instead of the whole model, whose output sizes may depend on the data (the boxes
-        a detector keeps) and whose code outside the parts is never pruned."""
+        a detector keeps) and whose code outside the parts is never pruned. ``base``: a meta
+        copy of ``model`` in eval mode to probe (the one torch.fx traced), instead of a new
+        one; it is only read."""
         self._model = model
         self._parts = tuple(parts)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         self._real_inputs = _zeros_like(parts, device) if parts else example_inputs
-        self._base: nn.Module = meta_copy(model).eval()
+        self._base: nn.Module = meta_copy(model).eval() if base is None else base
         self._inputs = to_meta(parts if parts else example_inputs)
         self.runs = 0
         self._dense_calls: list[_Call] | None = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import itertools
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -123,28 +124,31 @@ def _copies_plainly(cls: type) -> bool:
 
 
 def shared_copy(model: nn.Module, own: Collection[str] = ()) -> nn.Module:
-    """A copy of ``model`` (new module objects: they take their own mode flags and hooks) that
-    shares the parameters of layers whose forward only reads them, and copies the rest.
+    """A copy of ``model`` in eval mode (new module objects: they take their own mode flags and
+    hooks) that shares the tensors of layers whose eval-mode forward only reads them, and copies
+    the rest.
 
     The masked oracle runs copies of the caller's models; sharing saves copying their weights
-    (530 MB for VGG-11) twice per verification. A parameter is shared only when every module
-    holding it is one of the torch layers in ``_READS_ONLY`` (exactly that class, so no
+    (530 MB for VGG-11) twice per verification. A parameter or buffer is shared only when every
+    module holding it is one of the torch layers in ``_READS_ONLY`` (exactly that class, so no
     subclass's forward), without hooks and not named in ``own`` (with its submodules); anything
     a forward may write (``nn.Embedding(max_norm=...)`` renormalises its rows in place, a hook
-    may do anything, buffers hold running statistics) is copied, as ``copy.deepcopy`` would.
+    may do anything, other modules' buffers may hold running state) is copied, as
+    ``copy.deepcopy`` would. (BatchNorm updates its statistics in training mode only.)
 
     Example:
-        >>> ref = shared_copy(model).eval()   # model's flags, hooks and tensors untouched
+        >>> ref = shared_copy(model)   # model's flags, hooks and tensors untouched
     """
     inside = tuple(f"{fqn}." for fqn in own)
     readers: dict[int, bool] = {}
     for fqn, mod in model.named_modules(remove_duplicate=False):
         reads_only = _reads_only(mod) and fqn not in own and not fqn.startswith(inside)
-        for p in mod._parameters.values():
-            if p is not None:
-                readers[id(p)] = readers.get(id(p), True) and reads_only
-    memo: dict[int, Any] = {id(p): p for p in model.parameters() if readers.get(id(p))}
-    return copy_module(model, memo)
+        for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
+            if t is not None:
+                readers[id(t)] = readers.get(id(t), True) and reads_only
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+                            if readers.get(id(t))}
+    return copy_module(model, memo).eval()
 
 
 _READS_ONLY = frozenset({

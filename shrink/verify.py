@@ -82,7 +82,7 @@ def _shared_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tr
             rule = rule_for(original.get_submodule(fqn))
             if rule is not None and type(rule).mask_ is not ModuleRule.mask_:
                 writes.add(fqn)
-    return _mask(shared_copy(original, writes).eval(), plan, renormalize)
+    return _mask(shared_copy(original, writes), plan, renormalize)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -164,7 +164,7 @@ def verify(
     """
     versions = _versions(original, pruned)
     ref = _shared_reference(original, plan)
-    test = shared_copy(pruned).eval()
+    test = shared_copy(pruned)
     dense = None if parts or probe is None else probe.dense_run()
     small = None if parts else reduced_inputs(example_inputs)
     check = None
@@ -374,18 +374,19 @@ def _to64(v: Any) -> Any:
 
 
 def _versions(*models: nn.Module) -> dict[int, int]:
-    return {id(p): p._version for m in models for p in m.parameters()}
+    return {id(t): t._version for m in models
+            for t in itertools.chain(m.parameters(), m.buffers())}
 
 
 def _check_untouched(versions: dict[int, int], *models: nn.Module) -> None:
-    """The oracle's copies share with the caller's models the weights of layers whose forward
+    """The oracle's copies share with the caller's models the tensors of layers whose forward
     only reads them (:func:`~shrink.modcopy.shared_copy`); should a forward write one anyway
     (a hook added since, a torch that changed), it is reported, never passed over."""
     for m in models:
-        for name, p in m.named_parameters():
-            if versions.get(id(p), p._version) != p._version:
+        for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            if versions.get(id(t), t._version) != t._version:
                 raise InvariantError(
-                    f"the forward pass wrote to parameter {name!r} of {type(m).__name__} in "
+                    f"the forward pass wrote to tensor {name!r} of {type(m).__name__} in "
                     "place during verification, so the model has changed; verify a copy "
                     "(copy.deepcopy(model)) of a model whose forward updates its parameters"
                 )

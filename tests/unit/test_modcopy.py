@@ -131,7 +131,9 @@ def test_shared_copy_shares_only_weights_that_forward_reads() -> None:
     assert new.conv.weight is model.conv.weight
     assert new.plain.weight is model.plain.weight
     assert new.bn.weight is model.bn.weight
-    assert new.bn.running_mean is not model.bn.running_mean  # buffers: always copied
+    assert new.bn.running_mean is model.bn.running_mean  # BN writes it in training only
+    assert not new.training
+    assert model.training
     assert new.hooked.weight is not model.hooked.weight  # a hook may write
     assert new.renorm.weight is not model.renorm.weight  # max_norm renormalises in place
     assert new.head.weight is new.renorm.weight  # tied to it: copied, still tied

@@ -127,14 +127,16 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    plan, analysis, latency = _plan(model, inputs, analysis, scores, config.policy, captured)
+    plan, analysis, latency, probe = _plan(model, inputs, analysis, scores, config.policy,
+                                           captured)
     with stage("apply"):
         pruned = apply(model, plan)
     report = None
     if config.verify:
         parts = () if captured.parts is None else captured.parts.captured
         with stage("verify"):
-            report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts)
+            report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts,
+                             probe=probe)
         note = pruned.__dict__.get(hf.NOTE_ATTR)
         if note:
             report = dataclasses.replace(report, diagnostics=(note, *report.diagnostics))
@@ -149,17 +151,22 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
           scores: Mapping[str, torch.Tensor], policy: Policy | LatencyTarget,
-          captured: Captured) -> tuple[Plan, Analysis, LatencyReport | None]:
+          captured: Captured) -> tuple[Plan, Analysis, LatencyReport | None, ShapeProbe]:
     """select, then the shape probe: pin the groups whose pruning breaks a shape and select
     again (the budget goes to the other groups), until the pruned architecture fits. A model
     captured in parts is probed part by part, on each part's recorded inputs.
 
     Returns the plan, the analysis with the probe's pins (and a diagnostic for each, and one
-    for the latency target's outcome), and the latency report of a latency target.
+    for the latency target's outcome), the latency report of a latency target, and the probe
+    (whose runs tell verify the MACs and the dense model's layer calls).
     """
     parts = () if captured.parts is None else part_calls(captured.graph_modules,
                                                           captured.graph_inputs)
-    probe = ShapeProbe(model, inputs, parts)
+    # the meta copy torch.fx traced: only read since, so the probe need not make another
+    traced = getattr(captured.graph_module, "_shrink_source", None) if (
+        captured.on_meta and captured.frontend == "fx") else None
+    probe = ShapeProbe(model, inputs, parts,
+                       base=traced if isinstance(traced, nn.Module) else None)
     groups = analysis.groups
     pinned: dict[str, str] = {}
     latency: list[LatencyReport] = []
@@ -206,7 +213,7 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     if notes:
         analysis = Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
                             frontend=analysis.frontend)
-    return plan, analysis, latency[-1] if latency else None
+    return plan, analysis, latency[-1] if latency else None, probe
 
 
 def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,

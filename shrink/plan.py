@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -172,6 +172,9 @@ class Plan:
     decisions: tuple[Decision, ...]
     schema: int = SCHEMA
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict, compare=False, repr=False)
+    # computed on first use; init=False: dataclasses.replace makes a plan with an empty one
+    _drops: dict[tuple[str, Side], list[int]] = field(default_factory=dict, init=False,
+                                                      compare=False, repr=False)
 
     def __post_init__(self) -> None:
         by_id = {g.id: g for g in self.groups}
@@ -195,6 +198,11 @@ class Plan:
             if g.pinned is not None and len(d.keep) != g.size:
                 raise PlanError(f"decision drops channels of pinned group {d.group!r}: {g.pinned}")
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Plan:
+        """A plan is an immutable value (its caches are derived from it), so a deep copy of a
+        model that carries its plans (:mod:`shrink.provenance`) shares them."""
+        return self
+
     def with_decisions(self, decisions: Iterable[Decision]) -> Plan:
         """This plan's groups with other decisions (the groups are not checked again).
 
@@ -202,9 +210,10 @@ class Plan:
             >>> half = plan.with_decisions(plan.decisions[: len(plan.decisions) // 2])
         """
         new = object.__new__(Plan)
-        values = (self.model, self.groups, tuple(decisions), self.schema, self._by_id)
-        for name, value in zip(("model", "groups", "decisions", "schema", "_by_id"), values,
-                               strict=True):
+        values: tuple[object, ...] = (self.model, self.groups, tuple(decisions), self.schema,
+                                      self._by_id, {})
+        for name, value in zip(("model", "groups", "decisions", "schema", "_by_id", "_drops"),
+                               values, strict=True):
             object.__setattr__(new, name, value)
         new._check_decisions()
         return new
@@ -213,7 +222,13 @@ class Plan:
         return self._by_id[gid]
 
     def drops(self) -> dict[tuple[str, Side], list[int]]:
-        """Axis positions to remove, per (module FQN, side), ascending."""
+        """Axis positions to remove, per (module FQN, side), ascending (computed once per
+        plan: treat the lists as read-only)."""
+        if not self._drops:
+            self._drops.update(self._compute_drops())
+        return dict(self._drops)
+
+    def _compute_drops(self) -> dict[tuple[str, Side], list[int]]:
         out: dict[tuple[str, Side], set[int]] = {}
         for d in self.decisions:
             g = self._by_id[d.group]
@@ -310,12 +325,27 @@ class Plan:
             raise PlanError(f"plan JSON is malformed: {type(e).__name__}: {e}") from e
 
 
-def _check_positions(groups: Iterable[ChannelGroup]) -> None:
+def _check_positions(groups: Sequence[ChannelGroup]) -> None:
     """Every index map stays inside its axis and its group; no axis position is listed twice.
 
     (An out-of-range position would otherwise be ignored by apply on one layer but not on the
-    layers it must fit, building a model that fails at run time.)
+    layers it must fit, building a model that fails at run time.) Checked with set and min/max
+    over whole maps; :func:`_find_bad_position` names the first bad position.
     """
+    seen: dict[tuple[str, Side], set[int]] = {}
+    for g in groups:
+        for m in g.members:
+            index, channel = m.index_map.index, m.index_map.channel
+            axis = seen.setdefault((m.module, m.side), set())
+            before = len(axis)
+            axis.update(index)
+            if index and (len(axis) != before + len(index) or min(index) < 0
+                          or max(index) >= m.extent or min(channel) < 0
+                          or max(channel) >= g.size):
+                _find_bad_position(groups)
+
+
+def _find_bad_position(groups: Sequence[ChannelGroup]) -> None:
     seen: set[tuple[str, Side, int]] = set()
     for g in groups:
         for m in g.members:

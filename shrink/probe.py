@@ -18,6 +18,10 @@ frame outside torch and shrink), found by one more run that records every torch 
 
 Models with an op that cannot run on meta are probed on a real copy instead (one real forward
 per step).
+
+Every run counts its MACs on the way (:func:`shrink.report.counted`), and the first records the
+dense model's layer and torch calls: :func:`shrink.verify` takes both from the probe instead of
+running the models on meta again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from torch.overrides import TorchFunctionMode
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
 from shrink.plan import ChannelGroup, Decision, Plan
+from shrink.reduced import DenseRun, recording_calls, signature
+from shrink.report import counted
 from shrink.rewrite import apply
 
 log = logging.getLogger(__name__)
@@ -68,27 +74,34 @@ class ShapeProbe:
     """
 
     def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...],
-                 parts: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]] = ()) -> None:
+                 parts: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]] = (),
+                 base: nn.Module | None = None) -> None:
         """``parts``: for a model captured in parts, ``(part FQN, args, kwargs)`` of each
         recorded part call (:func:`shrink.capture_parts.part_calls`). The probe then runs those
         calls instead of the whole model, whose output sizes may depend on the data (the boxes
-        a detector keeps) and whose code outside the parts is never pruned."""
+        a detector keeps) and whose code outside the parts is never pruned. ``base``: a meta
+        copy of ``model`` in eval mode to probe (the one torch.fx traced), instead of a new
+        one; it is only read."""
         self._model = model
         self._parts = tuple(parts)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         self._real_inputs = _zeros_like(parts, device) if parts else example_inputs
-        self._base: nn.Module = meta_copy(model).eval()
+        self._base: nn.Module = meta_copy(model).eval() if base is None else base
         self._inputs = to_meta(parts if parts else example_inputs)
         self.runs = 0
         self._dense_calls: list[_Call] | None = None
+        self._last_fit: tuple[Plan, int] | None = None  # the last plan that fitted, its MACs
         try:
-            out = self._forward(self._base)
+            with recording_calls(self._base) as calls:
+                out, macs = self._forward(self._base)
+            self._dense_run: DenseRun | None = DenseRun(macs, signature(out), tuple(calls))
         except Exception as e:  # an op without a meta kernel: probe real copies
             log.info("shape probe: the model does not run on meta (%s); probing on real "
                      "tensors", _first_line(e))
             self._on_real()
+            self._dense_run = None
             try:
-                out = self._forward(self._base)
+                out, _ = self._forward(self._base)
             except Exception as e2:
                 where = _user_frame(e2.__traceback__)
                 raise CaptureError(
@@ -101,19 +114,39 @@ class ShapeProbe:
     def _on_real(self) -> None:
         self._base, self._inputs, self._dense_calls = self._model, self._real_inputs, None
 
-    def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None) -> Any:
-        # the model may be the caller's own (a model that cannot run on meta): its modes are
-        # put back afterwards
-        modes = [(m, m.training) for m in model.modules()]
-        try:
+    def _forward(self, model: nn.Module, mode: TorchFunctionMode | None = None
+                 ) -> tuple[Any, int]:
+        """The outputs of a run and its MACs, counted as :func:`shrink.report.count_macs`
+        counts them (so verify needs no runs of its own: :meth:`dense_run`,
+        :meth:`pruned_macs`). The model may be the caller's own (a model that cannot run on
+        meta): its modes are put back afterwards."""
+        def run() -> Any:
             with torch.no_grad(), contextlib.nullcontext() if mode is None else mode:
                 if self._parts:
                     return [model.get_submodule(fqn).eval()(*args, **kwargs)
                             for fqn, args, kwargs in self._inputs]
                 return model.eval()(*self._inputs)
+
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            return counted(run)
         finally:
             for m, training in modes:
                 m.training = training
+
+    def dense_run(self) -> DenseRun | None:
+        """The dense model's MACs, output signature and layer calls on the example inputs,
+        from the probe's first run (for :func:`shrink.verify`); None for a model probed in
+        parts or on real tensors."""
+        return None if self._parts or self._base is self._model else self._dense_run
+
+    def pruned_macs(self, plan: Plan) -> int | None:
+        """MACs of ``plan``'s pruned model when ``plan`` is the last plan that fitted and it
+        ran whole on meta, as :func:`shrink.report.count_macs` counts; None otherwise."""
+        if self._parts or self._base is self._model or self._last_fit is None:
+            return None
+        fitted, macs = self._last_fit
+        return macs if fitted is plan else None
 
     def check(self, plan: Plan) -> Failure | None:
         """Apply ``plan`` to the probe's copy and run it once; None when it fits."""
@@ -130,10 +163,13 @@ class ShapeProbe:
                 return self.check(plan)
             return Failure(str(e), layer=e.module)
         try:
-            out = self._forward(pruned)
+            out, macs = self._forward(pruned)
         except Exception as e:
             return Failure(_first_line(e), where=_user_frame(e.__traceback__))
-        return _compare(list(_leaves(out)), self._dense)
+        failure = _compare(list(_leaves(out)), self._dense)
+        if failure is None:
+            self._last_fit = (plan, macs)
+        return failure
 
     def culprits(self, plan: Plan) -> dict[str, str]:
         """The decided groups whose pruning breaks the architecture, with the reason for each.

@@ -8,7 +8,7 @@ on its parent. Nothing else of the model changes: other attributes, hooks, mode 
 
 from __future__ import annotations
 
-import copy
+import itertools
 import logging
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from shrink.bind import describe_gaps, describe_mismatch
 from shrink.errors import InvariantError, PlanError, RewriteError
 from shrink.interop import hf
+from shrink.modcopy import copy_module
 from shrink.plan import Plan, Side, fingerprint
 from shrink.provenance import plans_of, record
 from shrink.rules import rule_for
@@ -43,7 +44,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     memo: dict[int, object] = {id(model.get_submodule(f)): new for f, new in replaced.items()}
     for fqn, new_t in _rebuild_tensors(model, plan).items():
         memo[id(_tensor(model, fqn))] = new_t
-    out = copy.deepcopy(model, memo)
+    out = copy_module(model, memo)
     _retie(model, out)
     _set_attributes(out, plan)
     # (the shape probe applies plans to meta copies many times: nothing to describe there)
@@ -156,8 +157,7 @@ def _rebuild_tensors(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
         if axis is None:
             continue
         old = out.get(fqn, _tensor(model, fqn))
-        gone = set(dropped)
-        keep = [i for i in range(extents[(fqn, side)]) if i not in gone]
+        keep = sorted(set(range(extents[(fqn, side)])).difference(dropped))
         with torch.no_grad():
             data = old.detach().index_select(axis, torch.as_tensor(keep, device=old.device)).clone()
         out[fqn] = (nn.Parameter(data, requires_grad=old.requires_grad)
@@ -172,10 +172,8 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
     for (fqn, side), dropped in plan.drops().items():
         if side.tensor_axis is not None or side is Side.ATTR:
             continue
-        gone = set(dropped)
         per_module.setdefault(fqn, {})[side] = tuple(
-            i for i in range(extents[(fqn, side)]) if i not in gone
-        )
+            sorted(set(range(extents[(fqn, side)])).difference(dropped)))
     out: dict[str, nn.Module] = {}
     for fqn, keeps in per_module.items():
         old = model.get_submodule(fqn)
@@ -192,7 +190,24 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
                 f"{type(e).__name__}: {e}",
                 module=fqn,
             ) from e
+        _check_materialized(fqn, old, new)
         for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             getattr(new, hook_dict).update(getattr(old, hook_dict))
         out[fqn] = new
     return out
+
+
+def _check_materialized(fqn: str, old: nn.Module, new: nn.Module) -> None:
+    """Rules build layers on the meta device and set every tensor from ``old``'s slices
+    (:func:`shrink.rules.base.set_param_`): one left on meta was forgotten.
+
+    Raises:
+        InvariantError: ``new`` holds a meta tensor and ``old`` holds none.
+    """
+    left = [n for n, t in itertools.chain(new.named_parameters(), new.named_buffers())
+            if t.is_meta]
+    if left and not any(t.is_meta for t in itertools.chain(old.parameters(), old.buffers())):
+        raise InvariantError(
+            f"the rebuilt {fqn!r} ({type(new).__name__}) still holds meta tensors {left}: its "
+            "rule did not set them; this is a shrink bug, please report it"
+        )

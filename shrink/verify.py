@@ -5,23 +5,45 @@ eval, element-wise ops, residual adds, concat/split and flatten only move channe
 pruning equals running the *original* model with the dropped channels zeroed where they are
 consumed: at the input of every layer whose IN axis loses them. The dropped channels are still
 computed, but nothing reads them. ``verify`` checks exactly that, in the model's own dtype.
+
+Cost. The two models run as copies that share the weights their layers only read
+(:func:`~shrink.modcopy.shared_copy`), the MACs and the dense model's shapes come from the shape
+probe's meta runs when :func:`shrink.prune` passes it, and an image model is compared on two
+half-resolution views of its input where it runs the same code there (:mod:`shrink.reduced`).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from shrink.errors import InvariantError, VerificationError
+from shrink.modcopy import copy_module, shared_copy
 from shrink.plan import Plan, Side
+from shrink.reduced import (
+    VIEWS,
+    DenseRun,
+    dense_run,
+    describe,
+    recording_calls,
+    reduced_inputs,
+    signature,
+)
 from shrink.report import GroupRow, Report, count_macs, count_params
 from shrink.rules import rule_for
+from shrink.rules.base import ModuleRule
+
+if TYPE_CHECKING:
+    from shrink.probe import ShapeProbe
 
 
 def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = True) -> nn.Module:
@@ -31,7 +53,10 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
     their statistics over the kept channels, as the pruned model does; without it they see the
     zeroed channels, which is the plainly masked original the inexact deviation is measured to.
     """
-    ref = copy.deepcopy(original).eval()
+    return _mask(copy_module(original).eval(), plan, renormalize)
+
+
+def _mask(ref: nn.Module, plan: Plan, renormalize: bool) -> nn.Module:
     for (fqn, side), dropped in plan.drops().items():
         if side.tensor_axis is not None or side is Side.ATTR:
             continue  # a tensor used in forward: its dropped entries are never read downstream
@@ -44,6 +69,20 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
         if renormalize or rule.exact_for(mod):
             rule.mask_(mod, side, dropped)
     return ref
+
+
+def _shared_reference(original: nn.Module, plan: Plan, *, renormalize: bool = True) -> nn.Module:
+    """:func:`masked_reference` on a :func:`~shrink.modcopy.shared_copy`: the masks are hooks on
+    new module objects, so ``original``'s shared weights are only read; the layers whose rule
+    masks by writing to weights (attention heads: :meth:`ModuleRule.mask_` overridden) get their
+    own copies."""
+    writes = set()
+    for (fqn, side) in plan.drops():
+        if side.tensor_axis is None and side is not Side.ATTR:
+            rule = rule_for(original.get_submodule(fqn))
+            if rule is not None and type(rule).mask_ is not ModuleRule.mask_:
+                writes.add(fqn)
+    return _mask(shared_copy(original, writes), plan, renormalize)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -89,6 +128,7 @@ def verify(
     rtol: float = 1e-5,
     strict: bool = True,
     parts: Sequence[str] = (),
+    probe: ShapeProbe | None = None,
 ) -> Report:
     """Check ``pruned`` against the masked original and measure params and MACs.
 
@@ -98,6 +138,10 @@ def verify(
     too, but only reported: between parts runs code that was not captured, often data-dependent
     (top-k, NMS, score thresholds), where rounding can change which boxes are kept.
 
+    An image model is checked first on two half-resolution views of its input (the even and
+    the odd pixels), where its outputs, layers and torch calls are the same as on the example
+    inputs (:mod:`shrink.reduced`); the example inputs decide otherwise.
+
     Args:
         original: the unpruned model (not modified).
         pruned: the model returned by :func:`shrink.apply`.
@@ -106,6 +150,9 @@ def verify(
         rtol: largest allowed ``max|pruned - masked| / max|masked|``.
         strict: raise when the error exceeds ``rtol``; otherwise only report it.
         parts: the module FQNs of a model captured in parts.
+        probe: the shape probe that vetted ``plan`` (:func:`shrink.prune` passes its own):
+            its meta runs give both models' MACs and the dense model's layer calls, so no meta
+            run is needed here.
 
     Raises:
         VerificationError: when the error exceeds rtol: the numbers differ.
@@ -115,21 +162,30 @@ def verify(
     Example:
         >>> print(shrink.verify(model, pruned, plan, (x,)))
     """
-    ref = masked_reference(original, plan)
-    test = copy.deepcopy(pruned).eval()
-    check = _check(ref, test, example_inputs, parts)
+    versions = _versions(original, pruned)
+    ref = _shared_reference(original, plan)
+    test = shared_copy(pruned)
+    dense = None if parts or probe is None else probe.dense_run()
+    small = None if parts else reduced_inputs(example_inputs)
+    check = None
+    if small is not None:
+        dense = dense or dense_run(original, example_inputs)
+        check = _check_reduced(ref, test, small, dense, rtol)
+    if check is None:
+        check = _check(ref, test, example_inputs, parts)
+        if not check.error <= rtol and check.dtype in ("float32", "float16", "bfloat16"):
+            # Deep nets with large activations lose more than rtol to fp32 rounding alone; a
+            # real mismatch stays O(1) in float64, rounding does not.
+            check64 = _check(_to64(ref), _to64(test), _to64(example_inputs), parts)
+            if check64.error <= rtol:
+                check = dataclasses.replace(check64, dtype="float64")
     err, oracle_dtype = check.error, check.dtype
-    if not err <= rtol and oracle_dtype in ("float32", "float16", "bfloat16"):
-        # Deep nets with large activations lose more than rtol to fp32 rounding alone; a real
-        # mismatch stays O(1) in float64, rounding does not.
-        check64 = _check(_to64(ref), _to64(test), _to64(example_inputs), parts)
-        if check64.error <= rtol:
-            check, err, oracle_dtype = check64, check64.error, "float64"
     inexact = [d.group for d in plan.decisions if not plan.group(d.group).exact]
     deviation = None
     if inexact:
-        plain = masked_reference(original, plan, renormalize=False)
+        plain = _shared_reference(original, plan, renormalize=False)
         deviation = _check(plain, test, example_inputs, parts).error
+    _check_untouched(versions, original, pruned)
     if strict and not err <= rtol:
         scale = max((float(t.detach().abs().max()) for t in _tensors(check.expected)
                      if t.is_floating_point() and t.numel()), default=0.0)
@@ -157,12 +213,14 @@ def verify(
         # inexact groups is not seen by the MAC counter (tiny ViT: 754k instead of 828k). In
         # parts, the plainly masked original: it takes the pruned model's data-dependent path
         # (the boxes NMS keeps decide a detector's ROI-head work), the original may not
-        macs_before=count_macs(masked_reference(original, plan, renormalize=False) if parts
-                               else original, example_inputs),
-        macs_after=count_macs(test, example_inputs),
+        macs_before=dense.macs if dense is not None else count_macs(
+            _shared_reference(original, plan, renormalize=False) if parts else original,
+            example_inputs),
+        macs_after=_pruned_macs(probe, plan, test, example_inputs),
         groups=rows,
         max_rel_error=err,
         oracle_dtype=oracle_dtype,
+        oracle_input=check.input,
         diagnostics=() if not parts else (check.note(rtol),),
         deviation=deviation,
     )
@@ -176,6 +234,7 @@ class _Check:
     worst: str | None = None  # the part with the largest error
     whole: float | None = None  # the whole model's error, for a model captured in parts
     whole_why: str = ""  # why the whole model's outputs cannot be compared
+    input: str | None = None  # the reduced input compared on; None: the example inputs
 
     def note(self, rtol: float) -> str:
         checked = (f"each captured part equals its masked original on the masked original's "
@@ -190,13 +249,36 @@ class _Check:
         )
 
 
+def _check_reduced(ref: nn.Module, test: nn.Module, small: tuple[torch.Tensor],
+                   dense: DenseRun, rtol: float) -> _Check | None:
+    """The check on the reduced input, when :mod:`shrink.reduced`'s conditions hold and it
+    passes; None to check on the example inputs instead."""
+    recording = recording_calls(ref)
+    try:
+        check = _check(ref, test, small, (), around_ref=recording)
+    except Exception:  # the model does not run at this size: the example inputs decide
+        return None
+    calls = recording.calls
+    if tuple(calls) != dense.calls or signature(check.expected, VIEWS) != dense.outputs:
+        return None
+    return dataclasses.replace(check, input=describe(small)) if check.error <= rtol else None
+
+
+def _pruned_macs(probe: ShapeProbe | None, plan: Plan, test: nn.Module,
+                 inputs: tuple[Any, ...]) -> int:
+    counted = None if probe is None else probe.pruned_macs(plan)
+    return counted if counted is not None else count_macs(test, inputs)
+
+
 def _check(ref: nn.Module, test: nn.Module, inputs: tuple[Any, ...],
-           parts: Sequence[str]) -> _Check:
-    """Run both models; compare the whole outputs or, with ``parts``, each part's calls."""
+           parts: Sequence[str],
+           around_ref: AbstractContextManager[Any] | None = None) -> _Check:
+    """Run both models; compare the whole outputs or, with ``parts``, each part's calls.
+    ``around_ref``: a context the reference's run alone runs in."""
     calls: dict[str, list[tuple[Any, Any, Any]]] = {p: [] for p in parts}
     handles = [h for p in parts for h in _recorder(ref.get_submodule(p), calls[p])]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), around_ref or contextlib.nullcontext():
             expected = ref(*inputs)
     finally:
         for h in handles:
@@ -275,7 +357,13 @@ def _dtype_name(value: Any) -> str:
 def _to64(v: Any) -> Any:
     """A float64 CPU copy of a model, or of inputs (floating tensors only)."""
     if isinstance(v, nn.Module):
-        return copy.deepcopy(v).to("cpu", torch.float64)
+        memo: dict[int, Any] = {}
+        for t in itertools.chain(v.parameters(), v.buffers()):
+            if id(t) not in memo:
+                c = _to64(t) if t.is_floating_point() else t.detach().to("cpu").clone()
+                memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(
+                    t, nn.Parameter) else c
+        return copy_module(v, memo)
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.detach().to("cpu", torch.float64)
     if isinstance(v, (tuple, list)):
@@ -283,3 +371,22 @@ def _to64(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _to64(i) for k, i in v.items()}
     return v
+
+
+def _versions(*models: nn.Module) -> dict[int, int]:
+    return {id(t): t._version for m in models
+            for t in itertools.chain(m.parameters(), m.buffers())}
+
+
+def _check_untouched(versions: dict[int, int], *models: nn.Module) -> None:
+    """The oracle's copies share with the caller's models the tensors of layers whose forward
+    only reads them (:func:`~shrink.modcopy.shared_copy`); should a forward write one anyway
+    (a hook added since, a torch that changed), it is reported, never passed over."""
+    for m in models:
+        for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            if versions.get(id(t), t._version) != t._version:
+                raise InvariantError(
+                    f"the forward pass wrote to tensor {name!r} of {type(m).__name__} in "
+                    "place during verification, so the model has changed; verify a copy "
+                    "(copy.deepcopy(model)) of a model whose forward updates its parameters"
+                )

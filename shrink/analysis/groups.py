@@ -48,36 +48,27 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
         clu[r] = cfind(r)
     cluster = clu[root]
 
-    # channel order: first appearance in batch order; group label: its first batch
-    cluster_channels: dict[int, list[int]] = defaultdict(list)
-    channel_of: dict[int, int] = {}
-    label_of: dict[int, str] = {}
-    for b in t.batches:
-        sl = slice(b.start, b.start + b.size)
-        for r, c in zip(root[sl].tolist(), cluster[sl].tolist(), strict=False):
-            if r not in channel_of:
-                label_of.setdefault(c, b.label)
-                channel_of[r] = len(cluster_channels[c])
-                cluster_channels[c].append(r)
+    cluster_channels, channel_of, label_of = _channels(t, root, cluster)
 
     # members
     members: dict[int, list[Member]] = defaultdict(list)
     for (fqn, side), rec in sorted(t.members.items(), key=lambda kv: kv[1].order):
-        rr = root[rec.ids]
         cl = cluster[rec.ids]
         extent = extents.get((fqn, side), len(rec.ids))
         if extent != len(rec.ids):
             raise InvariantError(
                 f"{fqn} {side.value}-axis has {extent} positions but analysis saw {len(rec.ids)}"
             )
-        chans = [channel_of[r] for r in rr.tolist()]
-        by_cluster: dict[int, tuple[list[int], list[int]]] = {}
-        for k, (c, ch) in enumerate(zip(cl.tolist(), chans, strict=False)):
-            pos, cs = by_cluster.setdefault(c, ([], []))
-            pos.append(k)
-            cs.append(ch)
-        for c, (pos, cs) in by_cluster.items():
-            members[c].append(Member(fqn, side, extent, IndexMap(tuple(pos), tuple(cs))))
+        chans = channel_of[root[rec.ids]]
+        if cl.size and bool((cl == cl[0]).all()):  # the usual case: the axis is one group's
+            members[int(cl[0])].append(Member(fqn, side, extent, IndexMap(
+                tuple(range(len(cl))), tuple(chans.tolist()))))
+            continue
+        _, firsts = np.unique(cl, return_index=True)
+        for c in cl[np.sort(firsts)].tolist():  # groups in order of their first position
+            pos = np.flatnonzero(cl == c)
+            members[c].append(Member(fqn, side, extent, IndexMap(
+                tuple(pos.tolist()), tuple(chans[pos].tolist()))))
 
     # pins, inexactness, block constraints
     pin_reasons: dict[int, list[str]] = defaultdict(list)
@@ -120,6 +111,35 @@ def _first_batch(chans: list[int], root: np.ndarray, t: Tracker) -> int:
     return min(chans)
 
 
+def _channels(t: Tracker, root: np.ndarray, cluster: np.ndarray
+              ) -> tuple[dict[int, list[int]], np.ndarray, dict[int, str]]:
+    """Group channels: each root is one channel of its cluster, numbered in order of first
+    appearance over the ids (which is batch order: batches are allocated one after another);
+    a cluster's label is the label of the batch its first id belongs to.
+
+    Returns ``{cluster: roots in channel order}``, the channel of every root (an array indexed
+    by root id; -1 elsewhere) and ``{cluster: label}``.
+    """
+    roots, first = np.unique(root, return_index=True)  # every root and its first id
+    by_cluster = np.lexsort((first, cluster[first]))  # by cluster, then first appearance
+    clusters = cluster[first][by_cluster]
+    starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])
+    rank = np.arange(len(by_cluster)) - np.repeat(starts, np.diff(np.r_[starts, len(clusters)]))
+    channel_of = np.full(len(root), -1, dtype=np.int64)
+    channel_of[roots[by_cluster]] = rank
+    batch_starts = np.asarray([b.start for b in t.batches], dtype=np.int64)
+    ordered = roots[by_cluster].tolist()
+    ends = [*starts[1:].tolist(), len(ordered)]
+    cluster_channels: dict[int, list[int]] = {}
+    label_of: dict[int, str] = {}
+    for s, e in zip(starts.tolist(), ends, strict=True):
+        c = int(clusters[s])
+        cluster_channels[c] = ordered[s:e]
+        batch = int(np.searchsorted(batch_starts, first[by_cluster[s]], side="right")) - 1
+        label_of[c] = t.batches[batch].label
+    return cluster_channels, channel_of, label_of
+
+
 def _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, blocks,  # type: ignore[no-untyped-def]
                   pin_reasons) -> None:
     """Turn 'these positions form nblocks equal blocks' into a block label per group channel."""
@@ -133,7 +153,7 @@ def _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, 
         for k, i in enumerate(ids.tolist()):
             r = int(root[i])
             c = cfind(r)
-            ch = channel_of[r]
+            ch = int(channel_of[r])
             if labels[c].setdefault(ch, k // per) != k // per:
                 why = f"grouped conv {fqn} would need one channel in two of its conv groups"
                 break

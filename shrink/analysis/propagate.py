@@ -7,6 +7,7 @@ target; a node without a rule pins every id it touches and produces pinned ids (
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch import fx, nn
 
 from shrink.capture import Captured, describe, source_location, to_meta
 from shrink.errors import CaptureError
+from shrink.fastmeta import fast_meta
 from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values
 from shrink.plan import Side
 from shrink.rules import function_rule, rule_for
@@ -172,7 +174,8 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
                 inputs = to_meta(inputs)
             prop = Propagator(gm, tracker)
             try:
-                prop.run(*inputs)
+                with fast_meta() if captured.on_meta else contextlib.nullcontext():
+                    prop.run(*inputs)
             except Exception as e:
                 if captured.on_meta:
                     raise MetaUnsupportedError from e

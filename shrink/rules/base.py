@@ -150,6 +150,26 @@ def copy_param_(dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
         dst.copy_(src)
 
 
+def set_param_(m: nn.Module, name: str, value: torch.Tensor | None,
+               like: torch.Tensor | None) -> None:
+    """Set parameter ``name`` of ``m``, a layer its rule constructed on the meta device (so the
+    constructor validated the sizes without drawing random weights that would be overwritten),
+    to ``value``: a new tensor sliced from ``like``, keeping ``like``'s ``requires_grad``.
+
+    Raises:
+        InvariantError: ``value`` does not have the shape the constructor gave the parameter.
+    """
+    if value is None or like is None:
+        return
+    built = getattr(m, name)
+    if tuple(built.shape) != tuple(value.shape):
+        raise InvariantError(
+            f"the rebuilt {type(m).__name__}.{name} has shape {tuple(built.shape)} but its kept "
+            f"slice has {tuple(value.shape)}; this is a shrink bug, please report it"
+        )
+    setattr(m, name, nn.Parameter(value.detach().contiguous(), requires_grad=like.requires_grad))
+
+
 def index(t: torch.Tensor, dim: int, keep: Sequence[int]) -> torch.Tensor:
     return t.index_select(dim, torch.as_tensor(list(keep), dtype=torch.long, device=t.device))
 

@@ -31,10 +31,10 @@ from shrink.rules.base import (
     LayerOp,
     ModuleRule,
     construct,
-    copy_param_,
     finish,
     index,
     narrow,
+    set_param_,
 )
 from shrink.rules.registry import register_rule
 
@@ -117,7 +117,7 @@ class ConvRule(ModuleRule):
             c, (nn.Conv1d, nn.Conv2d, nn.Conv3d),
             len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
             dilation=c.dilation, groups=groups, bias=c.bias is not None,
-            padding_mode=c.padding_mode, device=c.weight.device, dtype=c.weight.dtype,
+            padding_mode=c.padding_mode, device="meta", dtype=c.weight.dtype,
         )
         w = index(c.weight, 0, kout)
         if kind == "dense":
@@ -125,11 +125,9 @@ class ConvRule(ModuleRule):
         elif kind == "grouped":
             cols = _grouped_columns(m, kin, kout, w.shape)
             w = w.gather(1, cols) if cols.numel() else w
-        copy_param_(new.weight, w)
-        new.weight.requires_grad_(c.weight.requires_grad)
-        if c.bias is not None and new.bias is not None:
-            copy_param_(new.bias, index(c.bias, 0, kout))
-            new.bias.requires_grad_(c.bias.requires_grad)
+        set_param_(new, "weight", w, c.weight)
+        if c.bias is not None:
+            set_param_(new, "bias", index(c.bias, 0, kout), c.bias)
         return finish(new, m)
 
 
@@ -216,11 +214,9 @@ class ConvTransposeRule(ModuleRule):
             len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
             output_padding=c.output_padding, groups=1, bias=c.bias is not None,
             dilation=c.dilation, padding_mode=c.padding_mode,
-            device=c.weight.device, dtype=c.weight.dtype,
+            device="meta", dtype=c.weight.dtype,
         )
-        copy_param_(new.weight, index(index(c.weight, 0, kin), 1, kout))
-        new.weight.requires_grad_(c.weight.requires_grad)
-        if c.bias is not None and new.bias is not None:
-            copy_param_(new.bias, index(c.bias, 0, kout))
-            new.bias.requires_grad_(c.bias.requires_grad)
+        set_param_(new, "weight", index(index(c.weight, 0, kin), 1, kout), c.weight)
+        if c.bias is not None:
+            set_param_(new, "bias", index(c.bias, 0, kout), c.bias)
         return finish(new, m)

@@ -20,10 +20,10 @@ from shrink.rules.base import (
     LayerOp,
     ModuleRule,
     construct,
-    copy_param_,
     finish,
     index,
     narrow,
+    set_param_,
 )
 from shrink.rules.registry import register_rule, register_rule_by_name
 
@@ -65,12 +65,10 @@ class LinearRule(ModuleRule):
         kin = keep.resolve(Side.IN, lin.in_features)
         kout = keep.resolve(Side.OUT, lin.out_features)
         new = construct(lin, (nn.Linear,), len(kin), len(kout), bias=lin.bias is not None,
-                        device=lin.weight.device, dtype=lin.weight.dtype)
-        copy_param_(new.weight, index(index(lin.weight, 0, kout), 1, kin))
-        new.weight.requires_grad_(lin.weight.requires_grad)
+                        device="meta", dtype=lin.weight.dtype)
+        set_param_(new, "weight", index(index(lin.weight, 0, kout), 1, kin), lin.weight)
         if lin.bias is not None:
-            copy_param_(new.bias, index(lin.bias, 0, kout))
-            new.bias.requires_grad_(lin.bias.requires_grad)
+            set_param_(new, "bias", index(lin.bias, 0, kout), lin.bias)
         return finish(new, m)
 
 

@@ -54,3 +54,18 @@ def test_oracle_masks_something() -> None:
     plan = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1, verify=False)).plan
     with torch.no_grad():
         assert not torch.allclose(independent_masked_original(model, plan)(x), model(x))
+
+
+def test_verify_leaves_both_models_untouched_when_forward_writes_a_weight() -> None:
+    # nn.Embedding(max_norm=...) renormalises the rows it looks up, in place, even in eval mode:
+    # the oracle's copies share only weights that forward reads
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)  # every row longer than max_norm
+    x = torch.randint(0, 10, (2, 3))
+    res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1, verify=False))
+    before = [p.detach().clone() for p in (*model.parameters(), *res.model.parameters())]
+    shrink.verify(model, res.model, res.plan, (x,))
+    after = [p.detach() for p in (*model.parameters(), *res.model.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -104,3 +104,49 @@ def test_with_decisions_keeps_the_groups_and_checks_the_decisions() -> None:
         plan.with_decisions([Decision("no such group", d.keep)])
     with pytest.raises(shrink.PlanError, match="strictly ascending"):
         plan.with_decisions([Decision(d.group, tuple(reversed(d.keep)))])
+
+
+def test_drops_follow_the_decisions_of_a_replaced_or_rebuilt_plan() -> None:
+    import dataclasses
+
+    plan = _plan(_model())
+    assert plan.drops()  # computed and cached
+    (d,) = [d for d in plan.decisions if len(d.keep) < plan.group(d.group).size]
+    other = (Decision(d.group, tuple(range(plan.group(d.group).size))),)
+    for changed in (dataclasses.replace(plan, decisions=other), plan.with_decisions(other)):
+        assert changed.drops() == {}
+    assert plan.drops()
+
+
+def _two_groups(index: tuple[int, ...], channel: tuple[int, ...]) -> tuple[ChannelGroup, ...]:
+    a = ChannelGroup("a", 4, (Member("conv", Side.OUT, 4, IndexMap((0, 1), (0, 1))),))
+    b = ChannelGroup("b", 4, (Member("conv", Side.OUT, 4, IndexMap(index, channel)),))
+    return a, b
+
+
+@pytest.mark.parametrize(
+    ("index", "channel"),
+    [((1, 2), (0, 1)), ((2, 2), (0, 1)), ((2, 4), (0, 1)), ((2, -1), (0, 1)), ((2, 3), (0, 4)),
+     ((2, 3), (-1, 0))],
+    ids=["twice_across_groups", "twice_in_one_map", "past_the_axis", "negative_position",
+         "channel_past_the_group", "negative_channel"],
+)
+def test_plan_refuses_bad_positions(index: tuple[int, ...], channel: tuple[int, ...]) -> None:
+    with pytest.raises(shrink.PlanError, match="outside the axis or group, or listed twice"):
+        Plan("fp", _two_groups(index, channel), ())
+
+
+def test_plan_accepts_disjoint_positions() -> None:
+    assert Plan("fp", _two_groups((2, 3), (0, 3)), ()).groups[1].id == "b"
+
+
+def test_a_deep_copy_of_a_pruned_model_shares_its_immutable_plan() -> None:
+    import copy
+
+    from shrink.provenance import plans_of
+
+    small = shrink.compress(_model(), 0.5, (torch.randn(1, 3, 6, 6),))
+    (plan,) = plans_of(small)
+    assert copy.deepcopy(plan) is plan
+    (copied,) = plans_of(copy.deepcopy(small))
+    assert copied is plan

@@ -319,3 +319,24 @@ def test_probing_on_real_tensors_leaves_the_callers_model_in_its_mode() -> None:
     model, x = ViewFromShapeNotOnMeta().train(), torch.randn(1, 3, 8, 8)
     shrink.prune(model, x, shrink.PruneConfig(0.5, verify=False))
     assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize(("cls", "shape"), [(c[0], c[1]) for c in CASES], ids=IDS)
+def test_report_macs_counted_on_the_probe_runs_equal_count_macs(
+    cls: type[nn.Module], shape: tuple[int, ...]
+) -> None:
+    from shrink.report import count_macs
+
+    model, x = cls().eval(), torch.randn(shape)
+    res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1))
+    assert res.report is not None
+    assert res.report.macs_before == count_macs(model, (x,))
+    assert res.report.macs_after == count_macs(res.model, (x,))
+    probe = ShapeProbe(model, (x,))
+    assert probe.culprits(res.plan) == {}
+    dense = probe.dense_run()
+    assert dense is not None
+    assert dense.macs == res.report.macs_before
+    assert probe.pruned_macs(res.plan) == res.report.macs_after
+    other = res.plan.with_decisions(res.plan.decisions)
+    assert probe.pruned_macs(other) is None  # only the plan that last fitted

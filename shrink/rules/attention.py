@@ -149,9 +149,6 @@ class MultiheadAttentionRule(AttentionHeadsRule):
     label = "MultiheadAttention"
     replacement = PrunedMultiheadAttention
 
-    def num_heads(self, m: nn.Module) -> int:
-        return int(m.num_heads)  # type: ignore[arg-type]
-
     def projections(self, m: nn.Module) -> Projections:
         a: Any = m
         out = a.out_proj.weight

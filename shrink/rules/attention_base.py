@@ -125,17 +125,19 @@ class AttentionHeadsRule(ModuleRule):
     """Heads (and, for self-attention, the embed dim) of one attention layer.
 
     A subclass defines :attr:`label`, :attr:`replacement` (called as ``replacement(src,
-    kept_heads, kept_in, kept_out)``; None for an unchanged axis), :meth:`num_heads` and
-    :meth:`projections`. It may override :meth:`qkv_inputs` (the arguments that feed q, k and v;
-    default the first), :meth:`embed_blocker` and :meth:`heads_blocker` (why the embed dim or the
-    heads cannot shrink; default: nothing stops them).
+    kept_heads, kept_in, kept_out)``; None for an unchanged axis), :meth:`projections`, and
+    :attr:`heads_attr` (the layer's attribute that counts its heads) or :meth:`num_heads`. It
+    may override :meth:`qkv_inputs` (the arguments that feed q, k and v; default the first),
+    :meth:`embed_blocker` and :meth:`heads_blocker` (why the embed dim or the heads cannot
+    shrink; default: nothing stops them).
     """
 
     label: ClassVar[str] = "attention"
     replacement: ClassVar[Callable[..., nn.Module]]
+    heads_attr: ClassVar[str] = "num_heads"
 
     def num_heads(self, m: nn.Module) -> int:
-        raise NotImplementedError
+        return int(getattr(m, self.heads_attr))
 
     def projections(self, m: nn.Module) -> Projections:
         raise NotImplementedError

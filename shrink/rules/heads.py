@@ -192,9 +192,6 @@ class TimmAttentionRule(AttentionHeadsRule):
     label = "timm Attention"
     replacement = PrunedTimmAttention
 
-    def num_heads(self, m: nn.Module) -> int:
-        return int(m.num_heads)  # type: ignore[arg-type]
-
     def heads_blocker(self, m: nn.Module, call: Call) -> str | None:
         if not isinstance(m.norm, nn.Identity):
             name = type(m.norm).__name__
@@ -213,9 +210,7 @@ class MaxVitAttentionRule(AttentionHeadsRule):
 
     label = "MaxViT attention"
     replacement = PrunedRelativePositionalMultiHeadAttention
-
-    def num_heads(self, m: nn.Module) -> int:
-        return int(m.n_heads)  # type: ignore[arg-type]
+    heads_attr = "n_heads"
 
     def projections(self, m: nn.Module) -> Projections:
         a: Any = m

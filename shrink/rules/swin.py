@@ -210,9 +210,6 @@ class ShiftedWindowAttentionRule(AttentionHeadsRule):
     label = "ShiftedWindowAttention"
     replacement = PrunedShiftedWindowAttention
 
-    def num_heads(self, m: nn.Module) -> int:
-        return int(m.num_heads)  # type: ignore[arg-type]
-
     def projections(self, m: nn.Module) -> Projections:
         a: Any = m
         qkv = PerHead(a.qkv.weight, parts=3)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,34 +31,45 @@ from shrink.rules.registry import register_rule, register_rule_by_name
 @register_rule_by_name("timm.layers.linear.Linear")  # Linear with a dtype cast in forward
 @register_rule(nn.Linear)
 class LinearRule(ModuleRule):
+    """``y = x W^T + b`` over the last axis. A layer of another storage (Hugging Face's
+    transposed ``Conv1D``) subclasses it with its own attribute names and weight layout."""
+
+    in_attr: ClassVar[str] = "in_features"
+    out_attr: ClassVar[str] = "out_features"
+    out_dim: ClassVar[int] = 0  # the weight's axis of output features (the other: inputs)
+
+    def _size(self, m: nn.Module, side: Side) -> int:
+        return int(getattr(m, self.in_attr if side is Side.IN else self.out_attr))
+
     def example_input_shape(self, m: nn.Module) -> tuple[int, ...] | None:
-        return (1, int(m.in_features))  # type: ignore[arg-type]
+        return (1, self._size(m, Side.IN))
 
     def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
         x = call.args[0]
         t.member(fqn, Side.IN, channel_ids(t, x, -1))
-        out_ids = t.fresh(m.out_features, f"{fqn}:out")  # type: ignore[arg-type]
+        out_ids = t.fresh(self._size(m, Side.OUT), f"{fqn}:out")
         t.member(fqn, Side.OUT, out_ids)
         return ids_on_axis(out_ids, tuple(call.out.shape), -1)
 
     def extent(self, m: nn.Module, side: Side) -> int | None:
-        return int(m.in_features if side is Side.IN else m.out_features)  # type: ignore[arg-type]
+        return self._size(m, side)
 
     def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
-        return ((m.weight, 0 if side is Side.OUT else 1),)  # type: ignore[return-value]
+        dim = self.out_dim if side is Side.OUT else 1 - self.out_dim
+        return ((m.weight, dim),)  # type: ignore[return-value]
 
     def input_weights(self, m: nn.Module) -> Sequence[tuple[torch.Tensor, int]]:
-        return ((m.weight, 1),)  # type: ignore[return-value]
+        return ((m.weight, 1 - self.out_dim),)  # type: ignore[return-value]
 
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return ndim - 1
 
     def layer_op(self, m: nn.Module, input_shape: tuple[int, ...]) -> LayerOp | None:
-        lin = narrow(m, nn.Linear)
         if len(input_shape) < 2:
             return None
-        return LayerOp("linear", lin.in_features, lin.out_features,
-                       spatial=tuple(int(d) for d in input_shape[1:-1]), bias=lin.bias is not None)
+        return LayerOp("linear", self._size(m, Side.IN), self._size(m, Side.OUT),
+                       spatial=tuple(int(d) for d in input_shape[1:-1]),
+                       bias=getattr(m, "bias", None) is not None)
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         lin = narrow(m, nn.Linear)
@@ -78,24 +89,9 @@ class TransposedLinearRule(LinearRule):
     ``(in, out)``, with ``nx`` inputs and ``nf`` outputs. transformers is never imported: the
     rule is matched by name, and the rebuilt layer is a copy of the same class."""
 
-    def example_input_shape(self, m: nn.Module) -> tuple[int, ...] | None:
-        return (1, int(m.nx))  # type: ignore[arg-type]
-
-    def propagate(self, t: Tracker, fqn: str, m: nn.Module, call: Call) -> Any:
-        x = call.args[0]
-        t.member(fqn, Side.IN, channel_ids(t, x, -1))
-        out_ids = t.fresh(int(m.nf), f"{fqn}:out")  # type: ignore[arg-type]
-        t.member(fqn, Side.OUT, out_ids)
-        return ids_on_axis(out_ids, tuple(call.out.shape), -1)
-
-    def extent(self, m: nn.Module, side: Side) -> int | None:
-        return int(m.nx if side is Side.IN else m.nf)  # type: ignore[arg-type]
-
-    def score_params(self, m: nn.Module, side: Side) -> Sequence[tuple[torch.Tensor, int]]:
-        return ((m.weight, 1 if side is Side.OUT else 0),)  # type: ignore[return-value]
-
-    def input_weights(self, m: nn.Module) -> Sequence[tuple[torch.Tensor, int]]:
-        return ((m.weight, 0),)  # type: ignore[return-value]
+    in_attr = "nx"
+    out_attr = "nf"
+    out_dim = 1
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         weight, bias = m.weight, m.bias

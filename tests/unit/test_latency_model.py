@@ -457,3 +457,18 @@ def test_single_layer_graphs_compute_what_the_layer_computes(op: LayerOp) -> Non
     (y,) = session.run(None, {"X": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), layer(x), rtol=1e-4, atol=1e-5)
+
+
+def test_transposed_linear_layer_op_reads_its_own_sizes() -> None:
+    """Hugging Face's Conv1D (GPT-2) is a Linear stored transposed: its latency signature has
+    its nx inputs and nf outputs (it used to go through nn.Linear's and fail)."""
+    from shrink.rules import rule_for
+    from shrink.rules.base import LayerOp
+
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D(8, 4)  # nf=8, nx=4
+    rule = rule_for(conv1d)
+    assert rule is not None
+    assert rule.layer_op(conv1d, (2, 5, 4)) == LayerOp("linear", 4, 8, spatial=(5,), bias=True)
+    lin = nn.Linear(4, 8, bias=False)
+    assert rule_for(lin).layer_op(lin, (2, 5, 4)) == LayerOp("linear", 4, 8, spatial=(5,),
+                                                             bias=False)

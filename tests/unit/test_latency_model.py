@@ -271,6 +271,39 @@ def test_prune_to_latency_moves_coupled_members_together_and_meets_the_target(
     assert any(d.message.startswith("latency") for d in res.analysis.diagnostics)
 
 
+class Stream(nn.Module):
+    """A transformer-like residual stream: ``inp`` -> 4 x (x + fc2(relu(fc1(x)))) -> ``out``.
+    The hidden size is one group over 10 linears; each MLP width spans 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, 128)
+        self.fc1 = nn.ModuleList(nn.Linear(128, 256) for _ in range(4))
+        self.fc2 = nn.ModuleList(nn.Linear(256, 128) for _ in range(4))
+        self.out = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inp(x)
+        for fc1, fc2 in zip(self.fc1, self.fc2, strict=True):
+            y = y + fc2(torch.relu(fc1(y)))
+        return self.out(y)
+
+
+def test_a_group_is_worth_the_layers_it_spans(synthetic: SyntheticBench) -> None:
+    """The hidden size (one group over all 10 linears) is valued like the layers it sets: at
+    half the latency it keeps at least the fraction the MLP widths keep (each spans 2
+    linears), and more than half. Valued per channel against its group's mean, its 128
+    channels were worth half of one MLP layer's 256, so it was cut first (to 48 of 128, the
+    MLPs keeping about 200 of 256)."""
+    model = Stream().eval()
+    x = (torch.randn(1, 16, 32),)
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, target="latency"))
+    assert res.report.latency is not None and res.report.latency.converged
+    hidden = res.model.inp.out_features / 128
+    mlp = [fc.out_features / 256 for fc in res.model.fc1]
+    assert hidden >= max(mlp) and hidden > 0.5, (hidden, mlp)
+
+
 def test_prune_to_latency_keeps_pinned_groups_and_min_keep(synthetic: SyntheticBench) -> None:
     model = Net().eval()
     res = shrink.prune(model, X, shrink.PruneConfig(0.4, target="latency", ignore=["conv1"],

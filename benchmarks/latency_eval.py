@@ -330,16 +330,18 @@ def widths(model: nn.Module) -> str:
 
 
 def digits_variants(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
-                    timer: Timer) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """target=latency at ``ratio``, and uniform ratios searched to its measured latency."""
+                    timer: Timer, **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """target=latency at ``ratio``, and uniform ratios searched to its measured latency
+    (``kw``: more ``PruneConfig`` options, the same for both)."""
     t0 = time.perf_counter()
-    res = shrink.prune(dense, x, shrink.PruneConfig(ratio, target="latency"))
+    res = shrink.prune(dense, x, shrink.PruneConfig(ratio, target="latency", **kw))
     lat = res.report.latency
     info: dict[str, Any] = {"plan_s": time.perf_counter() - t0, "report_kept": lat.measured,
                             "converged": lat.converged, "corrections": lat.corrections,
                             "history": lat.history}
     goal = timer.kept(res.model)["pruned"]
-    found = search(lambda r: shrink.prune(dense, x, shrink.PruneConfig(r)).model, goal, timer)
+    found = search(lambda r: shrink.prune(dense, x, shrink.PruneConfig(r, **kw)).model, goal,
+                   timer)
     info.update(lat_kept_search=goal, uni_ratio=found["ratio"], uni_kept_search=found[
         "kept_search"], uni_tried=found["tried"])
     variants = {"latency": res.model, "uniform": found["model"]}
@@ -351,12 +353,12 @@ def digits_variants(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
 
 
 def digits_anchor(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
-                  timer: Timer) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+                  timer: Timer, **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """A uniform ``ratio``, and target=latency asked for the latency that plan measured."""
-    uni = shrink.prune(dense, x, shrink.PruneConfig(ratio)).model
+    uni = shrink.prune(dense, x, shrink.PruneConfig(ratio, **kw)).model
     goal = timer.kept(uni)["pruned"]
     t0 = time.perf_counter()
-    res = shrink.prune(dense, x, shrink.PruneConfig(1 - goal, target="latency"))
+    res = shrink.prune(dense, x, shrink.PruneConfig(1 - goal, target="latency", **kw))
     lat = res.report.latency
     return {"latency": res.model, "uniform": uni}, {
         "uni_ratio": ratio, "uni_kept_search": goal, "lat_ratio": 1 - goal,
@@ -403,8 +405,9 @@ def digits_one_seed(digits: Any, seed: int, args: argparse.Namespace) -> dict[st
         for kind, ratio in [("targets", r) for r in args.targets] + [("anchors", r) for r in
                                                                       args.anchors]:
             t0 = time.perf_counter()
+            kw = {"ignore": tuple(args.ignore)} if args.ignore else {}
             variants, info = (digits_variants if kind == "targets" else digits_anchor)(
-                dense, x, ratio, timer)
+                dense, x, ratio, timer, **kw)
             out = {**info, **digits_evaluate(digits, variants, data, seed, args, timer, dense),
                    "wall_s": time.perf_counter() - t0}
             row[kind][str(ratio)] = out
@@ -427,7 +430,7 @@ def run_digits(args: argparse.Namespace) -> None:
     doc = json.loads(out.read_text()) if out.exists() and args.resume else {"rows": []}
     doc["config"] = {k: getattr(args, k) for k in ("data", "noise", "shift", "batch", "epochs",
                                                    "finetune", "targets", "anchors",
-                                                   "seconds")}
+                                                   "seconds", "ignore")}
     doc["config"]["command"] = " ".join(["python", "benchmarks/latency_eval.py", *sys.argv[1:]])
     done = {r["seed"] for r in doc["rows"]}
     t0 = time.perf_counter()
@@ -469,8 +472,9 @@ def digits_tables(doc: dict[str, Any]) -> str:
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     lines = [f"data: {cfg['data']}" + (f" (noise {cfg['noise']}, shift {cfg['shift']})"
                                        if cfg["data"] != "plain" else "") +
-             f", batch {cfg['batch']}, seeds {[r['seed'] for r in rows]}, dense acc "
-             f"{_ms([r['acc_dense'] for r in rows])}, dense "
+             f", batch {cfg['batch']}, seeds {[r['seed'] for r in rows]}" +
+             (f", ignore {cfg['ignore']}" if cfg.get("ignore") else "") +
+             f", dense acc {_ms([r['acc_dense'] for r in rows])}, dense "
              f"{mean([r['targets'][str(cfg['targets'][0])]['dense_ms'][0] for r in rows]):.3f}"
              " ms", "",
              "Goals: target=latency at the ratio; uniform searched to its measured latency "
@@ -651,6 +655,8 @@ def main() -> None:
                    help="digits: fine-tune epochs (each from the pruned model)")
     p.add_argument("--data", choices=("plain", "hard"), default="plain",
                    help="digits: load_digits as is, or shifted and noisy")
+    p.add_argument("--ignore", nargs="*", default=[],
+                   help="digits: modules kept whole by every variant (PruneConfig ignore)")
     p.add_argument("--noise", type=float, default=0.2, help="digits --data hard: noise std")
     p.add_argument("--shift", type=int, default=1, help="digits --data hard: max shift, px")
     p.add_argument("--resume", action="store_true")

@@ -1,7 +1,7 @@
 """Evaluate ``target="latency"`` (issue 13, item 4): suite table, equal latency, digits, plot.
 
     python benchmarks/latency_eval.py models --size 128            # parts 1 and 2, 8 models
-    python benchmarks/latency_eval.py digits --seeds 0 1 2          # part 3
+    python benchmarks/latency_eval.py digits --seeds 0 1 2 3 4      # part 3 (--data hard)
     python benchmarks/latency_eval.py plot --models resnet18        # part 4: the PNG in docs/
     python benchmarks/latency_eval.py tables                        # markdown from the JSON files
 
@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -126,11 +127,16 @@ def _slices_kept(dense_w: torch.Tensor, pruned_w: torch.Tensor) -> list[int] | N
 # ---------------------------------------------------------------- timing
 
 class Timer:
-    """Dense ONNX file exported once; each variant exported and timed against it."""
+    """Dense ONNX file exported once; each variant exported and timed against it.
+
+    Timed at the batch of ``x`` (``shrink.compare`` re-batches to ``batches``, whose default
+    is 1).
+    """
 
     def __init__(self, dense: nn.Module, x: tuple[torch.Tensor, ...], workdir: Path,
                  seconds: float) -> None:
         self.x, self.workdir, self.seconds, self.n = x, workdir, seconds, 0
+        self.batch = int(x[0].shape[0])
         self.dense_path = self.export(dense)
 
     def export(self, model: nn.Module) -> Path:
@@ -146,12 +152,13 @@ class Timer:
         path = model if isinstance(model, Path) else self.export(model)
         oth = {k: (v if isinstance(v, Path) else self.export(v)) for k, v in (others or {}).items()}
         res = shrink.compare(self.dense_path, path, self.x, others=oth or None,
+                             batches=(self.batch,),
                              seconds=self.seconds, clock="auto", dynamo=False,
                              flush_denormals=True, workdir=self.workdir)
-        out = {"pruned": 1 / res.row("pruned").speedup}
+        out = {"pruned": 1 / res.row("pruned", batch=self.batch).speedup}
         for k in oth:
-            out[k] = 1 / res.row(k).speedup
-        out["dense_ms"] = res.row("dense").min_ms
+            out[k] = 1 / res.row(k, batch=self.batch).speedup
+        out["dense_ms"] = res.row("dense", batch=self.batch).min_ms
         return out
 
 
@@ -179,7 +186,8 @@ def search(make, goal: float, timer: Timer, tol: float = 0.02, tries: int = 5) -
         nxt = 1 - (1 - r) * (goal / kept) ** 0.5
         r = nxt if lo < nxt < hi else (lo + hi) / 2
     r, kept, model = min(seen, key=lambda t: abs(t[1] / goal - 1))
-    out = {"ratio": r, "kept_search": kept, "tries": len(seen), "model": model}
+    out = {"ratio": r, "kept_search": kept, "tries": len(seen), "model": model,
+           "tried": [t[:2] for t in seen]}
     if abs(kept / goal - 1) > tol:  # the nearest measured plans on either side of the goal
         above = [t for t in seen if t[1] >= goal]
         below = [t for t in seen if t[1] < goal]
@@ -282,51 +290,257 @@ def run_models(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- part 3: digits
 
-def run_digits(args: argparse.Namespace) -> None:
+def load_digits_example() -> Any:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("digits", ROOT / "examples" /
                                                   "02_digits_workflow.py")
+    assert spec is not None
+    assert spec.loader is not None
     digits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(digits)
-    rows = []
+    return digits
+
+
+def digits_data(digits: Any, seed: int, data: str, noise: float,
+                shift: int) -> tuple[TensorDataset, TensorDataset]:
+    """The example's split; ``data="hard"`` moves each image by up to ``shift`` pixels (zeros
+    fill) and adds Gaussian noise of std ``noise`` (images in [0, 1]), drawn once per seed."""
+    train_set, test_set = digits.load_data(seed)
+    if data == "plain":
+        return train_set, test_set
+    gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def harden(ds: TensorDataset) -> TensorDataset:
+        x, y = ds.tensors
+        n, _, h, w = x.shape
+        pad = nn.functional.pad(x, (shift,) * 4)
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+        out = torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        return TensorDataset(out + noise * torch.randn(out.shape, generator=gen), y)
+
+    return harden(train_set), harden(test_set)
+
+
+def widths(model: nn.Module) -> str:
+    """Output widths of the convs and linears, e.g. ``16-64-128-128-10``."""
+    return "-".join(str(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+                    for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+
+
+def digits_variants(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
+                    timer: Timer, **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """target=latency at ``ratio``, and uniform ratios searched to its measured latency
+    (``kw``: more ``PruneConfig`` options, the same for both)."""
+    t0 = time.perf_counter()
+    res = shrink.prune(dense, x, shrink.PruneConfig(ratio, target="latency", **kw))
+    lat = res.report.latency
+    info: dict[str, Any] = {"plan_s": time.perf_counter() - t0, "report_kept": lat.measured,
+                            "converged": lat.converged, "corrections": lat.corrections,
+                            "history": lat.history}
+    goal = timer.kept(res.model)["pruned"]
+    found = search(lambda r: shrink.prune(dense, x, shrink.PruneConfig(r, **kw)).model, goal,
+                   timer)
+    info.update(lat_kept_search=goal, uni_ratio=found["ratio"], uni_kept_search=found[
+        "kept_search"], uni_tried=found["tried"])
+    variants = {"latency": res.model, "uniform": found["model"]}
+    if "bracket" in found:  # uniform cannot land within 2%: keep both neighbours
+        (ra, _, ma), (rb, _, mb) = found["bracket"]
+        variants.update(uniform_slower=ma, uniform_faster=mb)
+        info.update(uni_slower_ratio=ra, uni_faster_ratio=rb)
+    return variants, info
+
+
+def digits_anchor(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
+                  timer: Timer, **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """A uniform ``ratio``, and target=latency asked for the latency that plan measured."""
+    uni = shrink.prune(dense, x, shrink.PruneConfig(ratio, **kw)).model
+    goal = timer.kept(uni)["pruned"]
+    t0 = time.perf_counter()
+    res = shrink.prune(dense, x, shrink.PruneConfig(1 - goal, target="latency", **kw))
+    lat = res.report.latency
+    return {"latency": res.model, "uniform": uni}, {
+        "uni_ratio": ratio, "uni_kept_search": goal, "lat_ratio": 1 - goal,
+        "plan_s": time.perf_counter() - t0, "report_kept": lat.measured,
+        "converged": lat.converged, "corrections": lat.corrections, "history": lat.history}
+
+
+def digits_evaluate(digits: Any, variants: dict[str, nn.Module], data: tuple[Any, Any],
+                    seed: int, args: argparse.Namespace, timer: Timer,
+                    dense: nn.Module) -> dict[str, Any]:
+    """Accuracy pruned and after each fine-tune, and latency kept (2 interleaved runs)."""
+    train_set, test_set = data
+    x1 = (timer.x[0][:1],)
+    p0, m0 = count_params(dense), count_macs(dense, x1)
+    done: dict[int, dict[str, float]] = {}   # a neighbour can also be the nearest
+    for m in variants.values():
+        if id(m) not in done:
+            acc = {"0": digits.accuracy(m, test_set)}
+            for ep in args.finetune:   # the same fine-tune for every variant
+                tuned = digits.train(copy.deepcopy(m), train_set, ep, lr=5e-4, seed=seed + 1)
+                acc[str(ep)] = digits.accuracy(tuned, test_set)
+            done[id(m)] = acc
+    paths = {k: timer.export(m) for k, m in variants.items()}
+    runs = [timer.kept(paths["latency"], {k: v for k, v in paths.items() if k != "latency"})
+            for _ in range(2)]
+    out: dict[str, Any] = {"variants": {}, "dense_ms": [r["dense_ms"] for r in runs]}
+    for k, m in variants.items():
+        kept = [r["pruned" if k == "latency" else k] for r in runs]
+        out["variants"][k] = {"acc": done[id(m)], "kept_final": kept,
+                              "kept": sum(kept) / len(kept), "widths": widths(m),
+                              "params": count_params(m) / p0, "macs": count_macs(m, x1) / m0}
+    return out
+
+
+def digits_one_seed(digits: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    data = digits_data(digits, seed, args.data, args.noise, args.shift)
+    dense = digits.train(digits.make_model(), data[0], args.epochs, lr=2e-3, seed=seed)
+    x = (data[1].tensors[0][:args.batch],)
+    row: dict[str, Any] = {"seed": seed, "acc_dense": digits.accuracy(dense, data[1]),
+                           "targets": {}, "anchors": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = Timer(dense, x, Path(tmp), args.seconds)
+        for kind, ratio in [("targets", r) for r in args.targets] + [("anchors", r) for r in
+                                                                      args.anchors]:
+            t0 = time.perf_counter()
+            kw = {"ignore": tuple(args.ignore)} if args.ignore else {}
+            variants, info = (digits_variants if kind == "targets" else digits_anchor)(
+                dense, x, ratio, timer, **kw)
+            out = {**info, **digits_evaluate(digits, variants, data, seed, args, timer, dense),
+                   "wall_s": time.perf_counter() - t0}
+            row[kind][str(ratio)] = out
+            log.info("seed %d %s %s: %s", seed, kind, ratio, json.dumps(
+                {k: (v["widths"], round(v["kept"], 3), v["acc"]) for k, v in
+                 out["variants"].items()}))
+    return row
+
+
+def digits_path(args: argparse.Namespace) -> Path:
+    return args.out or RESULTS / f"latency_eval_digits_{args.data}_b{args.batch}.json"
+
+
+def run_digits(args: argparse.Namespace) -> None:
+    """Part 3: accuracy at equal measured latency, after the same fine-tune (digits CNN)."""
+    if not os.environ.get("SHRINK_CACHE_DIR"):   # a cold latency cache, shared by the seeds
+        os.environ["SHRINK_CACHE_DIR"] = tempfile.mkdtemp(prefix="shrink-cache-")
+    digits = load_digits_example()
+    out = digits_path(args)
+    doc = json.loads(out.read_text()) if out.exists() and args.resume else {"rows": []}
+    doc["config"] = {k: getattr(args, k) for k in ("data", "noise", "shift", "batch", "epochs",
+                                                   "finetune", "targets", "anchors",
+                                                   "seconds", "ignore")}
+    doc["config"]["command"] = " ".join(["python", "benchmarks/latency_eval.py", *sys.argv[1:]])
+    done = {r["seed"] for r in doc["rows"]}
+    t0 = time.perf_counter()
     for seed in args.seeds:
-        torch.manual_seed(seed)
-        train_set, test_set = digits.load_data(seed)
-        dense = digits.train(digits.make_model(), train_set, args.epochs, lr=2e-3, seed=seed)
-        x = (test_set.tensors[0][:args.batch],)
-        row: dict[str, Any] = {"seed": seed, "acc_dense": digits.accuracy(dense, test_set)}
-        with tempfile.TemporaryDirectory() as tmp:
-            timer = Timer(dense, x, Path(tmp), args.seconds)
-            res = shrink.prune(dense, x, shrink.PruneConfig(args.ratio, target="latency"))
-            lat_kept = timer.kept(res.model)["pruned"]
-            found = search(lambda r, d=dense, x=x: shrink.prune(d, x, shrink.PruneConfig(r)).model,
-                           lat_kept, timer)
-            variants = {"latency": res.model, "uniform": found["model"]}
-            if "bracket" in found:  # uniform cannot land within 2%: fine-tune both neighbours
-                (ra, _, ma), (rb, _, mb) = found["bracket"]
-                variants.update({"uniform_slower": ma, "uniform_faster": mb})
-                row.update(uni_slower_ratio=ra, uni_faster_ratio=rb)
-            for k, m in variants.items():
-                tuned = digits.train(copy.deepcopy(m), train_set, 5, lr=5e-4, seed=seed + 1)
-                variants[k] = tuned
-                row[f"acc_{k}_pruned"] = digits.accuracy(m, test_set)
-                row[f"acc_{k}"] = digits.accuracy(tuned, test_set)
-                row[f"params_{k}"] = count_params(m) / count_params(dense)
-                row[f"macs_{k}"] = count_macs(m, x) / count_macs(dense, x)
-            final = timer.kept(variants["latency"], {k: v for k, v in variants.items()
-                                                     if k != "latency"})
-            for k in variants:
-                if k.startswith("uniform_"):
-                    row[f"{k}_kept"] = final[k]
-            row.update(report_kept=res.report.latency.measured, lat_kept=final["pruned"],
-                       uni_kept=final["uniform"], uni_ratio=found["ratio"],
-                       dense_ms=final["dense_ms"], converged=res.report.latency.converged)
-        log.info("%s", row)
-        rows.append(row)
-    out = RESULTS / f"latency_eval_digits_b{args.batch}.json"
-    RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+        if seed in done:
+            continue
+        doc["rows"].append(digits_one_seed(digits, seed, args))
+        doc["wall_s"] = doc.get("wall_s", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        RESULTS.mkdir(exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1))
+    sys.stdout.write(digits_tables(doc))
+
+
+def _ms(v: list[float]) -> str:
+    import statistics
+
+    if len(v) < 2:
+        return f"{v[0]:.1f}" if v else "-"
+    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
+
+
+def _conservative(variants: dict[str, Any]) -> str:
+    """The uniform variant at least as slow as the latency-aware one, where one was timed."""
+    return "uniform_slower" if "uniform_slower" in variants else "uniform"
+
+
+def _delta_cells(al: list[float], au: list[float]) -> str:
+    d = [a - b for a, b in zip(al, au, strict=True)]
+    wtl = (sum(v > 0 for v in d), sum(v == 0 for v in d), sum(v < 0 for v in d))
+    return f"{_ms(al)} | {_ms(au)} | {_ms(d)} | {wtl[0]}/{wtl[1]}/{wtl[2]}"
+
+
+def digits_tables(doc: dict[str, Any]) -> str:
+    """Markdown: summaries per (setting, fine-tune epochs), then every configuration per seed."""
+    rows, cfg = doc["rows"], doc["config"]
+    eps = ["0", *map(str, cfg["finetune"])]
+    epname = {e: ("none" if e == "0" else e) for e in eps}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    lines = [f"data: {cfg['data']}" + (f" (noise {cfg['noise']}, shift {cfg['shift']})"
+                                       if cfg["data"] != "plain" else "") +
+             f", batch {cfg['batch']}, seeds {[r['seed'] for r in rows]}" +
+             (f", ignore {cfg['ignore']}" if cfg.get("ignore") else "") +
+             f", dense acc {_ms([r['acc_dense'] for r in rows])}, dense "
+             f"{mean([r['targets'][str(cfg['targets'][0])]['dense_ms'][0] for r in rows]):.3f}"
+             " ms", "",
+             "Goals: target=latency at the ratio; uniform searched to its measured latency "
+             "(nearest; the other columns: the slower neighbour where it could not land within "
+             "2%, else the nearest).", "",
+             "| latency removed | fine-tune epochs | kept: latency / uniform nearest / slower "
+             "| acc target=latency | acc uniform nearest | Δ (lat - uni) | wins/ties/losses "
+             "| acc target=latency | acc uniform, slower | Δ | w/t/l |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ratio in cfg["targets"]:
+        tr = [r["targets"][str(ratio)]["variants"] for r in rows]
+        kl = mean([t["latency"]["kept"] for t in tr])
+        ku = mean([t["uniform"]["kept"] for t in tr])
+        ks = mean([t[_conservative(t)]["kept"] for t in tr])
+        for ep in eps:
+            al = [t["latency"]["acc"][ep] for t in tr]
+            au = [t["uniform"]["acc"][ep] for t in tr]
+            ac = [t[_conservative(t)]["acc"][ep] for t in tr]
+            lines.append(f"| {ratio} | {epname[ep]} | {kl:.3f} / {ku:.3f} / {ks:.3f} | "
+                         f"{_delta_cells(al, au)} | {_delta_cells(al, ac)} |")
+    if cfg.get("anchors") and rows and rows[0].get("anchors"):
+        lines += ["", "Anchors: a uniform ratio; target=latency asked for the latency that "
+                  "uniform plan measured.", "",
+                  "| uniform ratio | uniform widths | fine-tune epochs | kept: latency / "
+                  "uniform | acc target=latency | acc uniform | Δ (lat - uni) | "
+                  "wins/ties/losses |", "|---|---|---|---|---|---|---|---|"]
+        for ratio in cfg["anchors"]:
+            tr = [r["anchors"][str(ratio)]["variants"] for r in rows]
+            kl = mean([t["latency"]["kept"] for t in tr])
+            ku = mean([t["uniform"]["kept"] for t in tr])
+            wu = ", ".join(sorted({t["uniform"]["widths"] for t in tr}))
+            for ep in eps:
+                al = [t["latency"]["acc"][ep] for t in tr]
+                au = [t["uniform"]["acc"][ep] for t in tr]
+                lines.append(f"| {ratio} | {wu} | {epname[ep]} | {kl:.3f} / {ku:.3f} | "
+                             f"{_delta_cells(al, au)} |")
+    lines += ["", "| seed | setting | variant | ratio | widths | latency kept (2 runs) | "
+              "params | MACs | acc: " + " / ".join("pruned" if e == "0" else f"ft {e}"
+                                                   for e in eps) + " |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for kind in ("targets", "anchors"):
+            for ratio in cfg.get(kind) or []:
+                t = r[kind][str(ratio)]
+                for k, v in t["variants"].items():
+                    rr = {"latency": t.get("lat_ratio", ratio), "uniform": t["uni_ratio"],
+                          "uniform_slower": t.get("uni_slower_ratio"),
+                          "uniform_faster": t.get("uni_faster_ratio")}[k]
+                    kf = ", ".join(f"{q:.3f}" for q in v["kept_final"])
+                    lines.append(
+                        f"| {r['seed']} | {kind[:-1]} {ratio} | {k} | {rr:.3f} | {v['widths']} "
+                        f"| {v['kept']:.3f} ({kf}) | {v['params']:.3f} | {v['macs']:.3f} | " +
+                        " / ".join(f"{v['acc'][e]:.1f}" for e in eps) + " |")
+    lines += ["", "Uniform ratios tried for each goal (ratio: latency kept in the search):"]
+    for r in rows:
+        for ratio in cfg["targets"]:
+            t = r["targets"][str(ratio)]
+            tried = ", ".join(f"{a:.3f}: {b:.3f}" for a, b in t["uni_tried"])
+            lines.append(f"* seed {r['seed']}, {ratio} removed (target=latency measured "
+                         f"{t['lat_kept_search']:.3f}, its report {t['report_kept']:.3f}, "
+                         f"{t['corrections']} corrections): {tried}")
+    return "\n".join(lines) + "\n"
+
+
+def run_digits_tables(args: argparse.Namespace) -> None:
+    sys.stdout.write(digits_tables(json.loads(digits_path(args).read_text())))
 
 
 # ---------------------------------------------------------------- part 4: plot
@@ -421,7 +635,8 @@ def tables(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=("models", "digits", "plot", "tables", "_one"))
+    p.add_argument("part", choices=("models", "digits", "digits-tables", "plot", "tables",
+                                     "_one"))
     p.add_argument("name", nargs="?")
     p.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,"
                    "efficientnet_b0,densenet121,regnet_y_400mf,vgg11_bn")
@@ -430,8 +645,20 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64, help="digits: batch timed")
     p.add_argument("--epochs", type=int, default=15, help="digits: dense training epochs")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.85],
+                   help="digits: fractions of measured latency removed")
+    p.add_argument("--anchors", type=float, nargs="+", default=[0.3, 0.45, 0.55, 0.7],
+                   help="digits: uniform ratios; target=latency asked for their latency")
+    p.add_argument("--finetune", type=int, nargs="+", default=[1, 5],
+                   help="digits: fine-tune epochs (each from the pruned model)")
+    p.add_argument("--data", choices=("plain", "hard"), default="plain",
+                   help="digits: load_digits as is, or shifted and noisy")
+    p.add_argument("--ignore", nargs="*", default=[],
+                   help="digits: modules kept whole by every variant (PruneConfig ignore)")
+    p.add_argument("--noise", type=float, default=0.2, help="digits --data hard: noise std")
+    p.add_argument("--shift", type=int, default=1, help="digits --data hard: max shift, px")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -443,8 +670,8 @@ def main() -> None:
     if args.part == "_one":
         print(json.dumps(one_model(args.name, args.size, args.ratio, args.seconds)))
     else:
-        {"models": run_models, "digits": run_digits, "plot": run_plot,
-         "tables": tables}[args.part](args)
+        {"models": run_models, "digits": run_digits, "digits-tables": run_digits_tables,
+         "plot": run_plot, "tables": tables}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ a fraction of the dense model's, ``r`` its measured kept fraction of latency. Th
   bracket the goal, the next plan interpolates their counts instead (group by group, snapped
   to each group's candidate counts), which walks between them in plan space.
 * **Nudge.** Otherwise the next budget steps past that plan's layer fraction towards the goal
-  (by 0.01 of the dense latency, doubling), at most :data:`MAX_NUDGES` times.
+  (by 0.01 of the dense latency, doubling), at most :data:`MAX_NUDGES` times, and never as far
+  as a measured plan on the goal's other side: a plan past it is further from the goal.
 
 The loop stops when a plan is within half the tolerance (a margin for the noise of a later
 timing), after ``max_corrections`` corrections, or when nothing new can be tried; the closest
@@ -69,6 +70,7 @@ class Corrections:
         self.band = target.tolerance / 4
         self._seen: dict[Key, int] = {}
         self.nudges = 0
+        self._edged: set[Key] = set()   # plans nudged up to the other side's layer fraction
 
     def predicted(self, s: float) -> float:
         """The uncalibrated model's kept fraction at layer fraction ``s``."""
@@ -127,13 +129,27 @@ class Corrections:
         """The next budget after one that gave the plan of ``counts``, measured before: just
         past that plan's layer fraction, towards the goal, by a step that doubles with every
         nudge (0.01, 0.02, ... of the dense latency); None ends the loop (after
-        :data:`MAX_NUDGES`, at an end of the range, or when that plan is close enough)."""
-        p = self.history[self._seen[key(counts)]]
+        :data:`MAX_NUDGES`, at an end of the range, or when that plan is close enough).
+
+        A measured plan on the goal's other side bounds the step: a budget at or past its
+        layer fraction gives plans further from the goal than it (they were measured, twice, on
+        the digits CNN), so the step stops at 0.9 of the way there, once per plan, and then the
+        loop ends (nothing new between the two)."""
+        k = key(counts)
+        p = self.history[self._seen[k]]
         if self.close(p.r) or self.nudges >= MAX_NUDGES:
             return None
+        up = p.r < self.goal
         step = min(0.2, 0.01 * 2 ** self.nudges)
         self.nudges += 1
-        s = p.s + (step if p.r < self.goal else -step)
+        other = [q.s for q in self.history if (q.r > self.goal) == up]
+        gap = ((min(other) - p.s) if up else (p.s - max(other))) if other else float("inf")
+        if 0.0 < gap <= step + 1e-12:   # at or past it
+            if k in self._edged:
+                return None
+            self._edged.add(k)
+            step = 0.9 * gap
+        s = p.s + (step if up else -step)
         return s if 0.0 < s < 1.0 else None
 
     def record(self, point: Point) -> None:

@@ -374,6 +374,29 @@ def test_corrections_walk_between_plans_that_bracket_a_jump() -> None:
     assert loop.nudge({"a": 16, "b": 8}) == pytest.approx(0.52)
 
 
+def test_nudges_stop_short_of_a_measured_plan_on_the_other_side_of_the_goal() -> None:
+    """Found on the digits CNN (benchmarks/latency_eval.py digits --data hard): with the goal
+    between two plans one step apart, the doubling nudge went past the other plan and measured
+    two plans further from the goal than either (kept 0.75 and 0.51 for a goal of 0.64)."""
+    loop = Corrections(LatencyTarget(0.5), f=1.0)
+    loop.record(_point(0.5, 0.45, {"a": 16}))
+    loop.record(_point(0.6, 0.60, {"a": 32}))
+    steps = [loop.nudge({"a": 16}) for _ in range(4)]
+    assert steps == pytest.approx([0.51, 0.52, 0.54, 0.58])   # doubling, towards the goal
+    assert loop.nudge({"a": 16}) == pytest.approx(0.59)       # 0.66 would pass (0.6, 0.60)
+    assert loop.nudge({"a": 16}) is None                      # nothing new between the two
+    down = Corrections(LatencyTarget(0.5), f=1.0)
+    down.record(_point(0.5, 0.45, {"a": 16}))
+    down.record(_point(0.52, 0.60, {"a": 32}))
+    assert down.nudge({"a": 32}) == pytest.approx(0.51)
+    assert down.nudge({"a": 32}) == pytest.approx(0.502)      # 0.9 of the way to 0.5
+    assert down.nudge({"a": 32}) is None
+    alone = Corrections(LatencyTarget(0.5), f=1.0)             # no plan on the other side
+    alone.record(_point(0.5, 0.45, {"a": 16}))
+    assert [alone.nudge({"a": 16}) for _ in range(6)] == pytest.approx(
+        [0.51, 0.52, 0.54, 0.58, 0.66, 0.7])
+
+
 # -- the cache ------------------------------------------------------------------------------
 
 KEY = {"runtime": "onnxruntime-cpu", "version": "onnxruntime 1.0", "device": "cpu",

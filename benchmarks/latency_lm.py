@@ -70,7 +70,8 @@ log = logging.getLogger("latency_lm")
 def load_example() -> Any:
     """``examples/06_tiny_llm.py`` as a module (its data, model, training and evaluation)."""
     spec = importlib.util.spec_from_file_location("tiny_llm", ROOT / "examples" / "06_tiny_llm.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules["tiny_llm"] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
@@ -117,11 +118,12 @@ def run_seed(args: argparse.Namespace, setup: Any, seed: int, data: tuple) -> di
     x = (calib[0][:1],)  # batch 1 x seq tokens: the example's example input, the timed shape
     cal = calibration(args.importance, calib)
     p0 = count_params(dense)
-    common: dict[str, Any] = {"capture": "export", "importance": args.importance, "data": cal}
+    common: dict[str, Any] = {"capture": "export", "importance": args.importance, "data": cal,
+                              "exact_only": args.exact_only}
     out: dict[str, Any] = {"seed": seed, "train_s": train_s, "finetune_steps": ft_steps,
                            "prompt": list(x[0].shape), "dense_params": p0, "variants": []}
-    log.info("seed %d: dense trained in %.0f s, loss %.4f", seed, train_s,
-             tiny.held_out_loss(dense, windows, setup.batch))
+    out["dense_loss"] = tiny.held_out_loss(dense, windows, setup.batch)
+    log.info("seed %d: dense trained in %.0f s, loss %.4f", seed, train_s, out["dense_loss"])
     variants: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -306,7 +308,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    choices=("ln", "activation", "activation_weighted", "taylor"))
     p.add_argument("--finetune-fraction", type=float, default=0.2)
     p.add_argument("--tol", type=float, default=0.02, help="uniform search: relative tolerance")
-    p.add_argument("--tries", type=int, default=5, help="uniform search: plans measured")
+    p.add_argument("--tries", type=int, default=8, help="uniform search: plans measured")
+    p.add_argument("--exact-only", action="store_true",
+                   help="both methods with exact_only=True (hidden size kept: a diagnostic)")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per interleaved timing")
     p.add_argument("--final", type=int, default=2, help="final interleaved timings per seed")
     p.add_argument("--quick", action="store_true", help="tiny model and data, no files")
@@ -346,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds = [run_seed(args, setup, seed, (train_data, windows)) for seed in args.seeds]
     result = {"setup": setup.__dict__, "steps": args.steps, "ratios": args.ratios,
               "importance": args.importance, "tol": args.tol, "final": args.final,
+              "exact_only": args.exact_only, "command": command.strip(),
               "seconds_per_timing": args.seconds, "seeds": seeds,
               "seconds": time.perf_counter() - started,
               "versions": {"torch": torch.__version__,

@@ -30,8 +30,13 @@ The ONNX files are exported with the dynamo exporter at a fixed batch of 1 (the 
 exporter has no ``aten::diff``, which transformers' mask code uses; the latency loop falls back
 to the same exporter). The latency tables start cold (a fresh ``SHRINK_CACHE_DIR`` per run).
 
-Markdown goes to ``--out`` (default ``docs/tiny_llm_latency.md``, none with ``--quick``) and
-the JSON to ``benchmarks/results/latency_lm.json`` (or beside ``--out``).
+The JSON goes to ``benchmarks/results/latency_lm.json`` (``latency_lm_exact.json`` with
+``--exact-only``: the same experiment with the hidden size kept, a diagnostic) and the markdown,
+rendered from both, to ``--out`` (default ``docs/tiny_llm_latency.md``; nothing is written with
+``--quick``). ``--render`` only re-renders the markdown; a ``## Conclusion`` section written by
+hand at the end of the file is kept.
+
+    python benchmarks/latency_lm.py --steps 938 --exact-only     # the diagnostic
 """
 
 from __future__ import annotations
@@ -252,46 +257,105 @@ def summary(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(result: dict[str, Any], command: str) -> str:
+def mean_lines(result: dict[str, Any]) -> list[str]:
+    """Mean over seeds of the perplexity ratio latency / uniform, per ratio and uniform kind."""
+    out = []
+    comps = comparisons(result)
+    for ratio in result["ratios"]:
+        for kind in dict.fromkeys(c["uniform"] for c in comps if c["ratio"] == ratio):
+            cs = [c for c in comps if c["ratio"] == ratio and c["uniform"] == kind]
+            rel = [c["lat_ppl"] / c["uni_ppl"] - 1 for c in cs]
+            wins = sum(r < 0 for r in rel)
+            out.append(f"- {ratio:.0%} of latency removed, vs {kind}: perplexity after "
+                       f"fine-tune {statistics.mean(rel):+.1%} on average (target=\"latency\" "
+                       f"lower on {wins} of {len(cs)} seed(s)); latency kept "
+                       f"{statistics.mean(c['lat_kept'] for c in cs):.3f} vs "
+                       f"{statistics.mean(c['uni_kept'] for c in cs):.3f}, params kept "
+                       f"{statistics.mean(c['lat_params'] for c in cs):.3f} vs "
+                       f"{statistics.mean(c['uni_params'] for c in cs):.3f}.")
+    return out
+
+
+def section(result: dict[str, Any]) -> list[str]:
+    """The table and the generated comparison of one run."""
+    return [table(result), "",
+            "`shape`: layers, hidden size, query/KV heads and MLP width per layer. "
+            "`channel ratio`: the uniform fraction of channels removed per group. Dense "
+            "latency: the dense model's best-of milliseconds in each final timing.", "",
+            "Generated from the table: each seed, then the mean over seeds.", "",
+            *summary(result), "", *mean_lines(result)]
+
+
+CONCLUSION = "## Conclusion"
+
+
+def markdown(result: dict[str, Any], exact: dict[str, Any] | None, keep: str) -> str:
+    """The document: setup, the main run, the ``--exact-only`` run when there is one, and
+    ``keep`` (the hand-written conclusion of the file being replaced)."""
     s = result["setup"]
     seeds = result["seeds"]
+    extra: list[str] = []
+    if exact is not None:
+        extra = ["## Diagnostic: hidden size kept (`exact_only=True`, both methods)", "",
+                 "```bash", exact["command"], "```", "",
+                 f"{exact['seconds'] / 60:.1f} min. The same experiment with `exact_only=True` "
+                 "for both methods: the RMSNorm-normalised hidden size (an inexact group) is "
+                 "kept, so only query/KV heads and MLP widths are pruned.", "",
+                 *section(exact), ""]
     return "\n".join([
         "# Tiny Llama: perplexity at equal measured latency, target=\"latency\" vs uniform", "",
-        "```bash", command, "```", "",
-        f"{result['seconds'] / 60:.1f} min in all on {os.cpu_count()} shared CPU cores; "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+        "```bash", result["command"], "```", "",
+        f"{result['seconds'] / 60:.1f} min in all on {os.cpu_count()} CPU cores shared with "
+        "other work; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ". "
+        "Written by `benchmarks/latency_lm.py` (JSON in `benchmarks/results/latency_lm*.json`); "
+        "the conclusion at the end is kept when the file is rewritten.", "",
         "**Setup.** The model, data, training and fine-tune of `examples/06_tiny_llm.py` "
         f"([tiny_llm.md](tiny_llm.md)): `LlamaForCausalLM`, {s['layers']} layers, hidden "
         f"{s['hidden']}, {s['heads']} query / {s['kv_heads']} KV heads, MLP {s['intermediate']}, "
         f"{seeds[0]['dense_params']:,} parameters, trained {result['steps']} steps of "
         f"{s['batch']} x {s['seq']} bytes (seed {', '.join(str(x['seed']) for x in seeds)}). "
         f"Deployment shape timed: batch {seeds[0]['prompt'][0]} x {seeds[0]['prompt'][1]} tokens "
-        "(one prefill), onnxruntime CPU, 1 intra-op thread. "
+        "(one prefill, logits of every position), onnxruntime CPU, 1 intra-op thread. "
         f"Importance `{result['importance']}` on the example's {s['calib_batches']} calibration "
         "batches for both methods, `capture=\"export\"`.", "",
         "* `target=\"latency\"`: `shrink.prune(model, (prompt,), PruneConfig(ratio, "
         "target=\"latency\", runtime=\"onnxruntime-cpu\", threads=1, capture=\"export\", "
         f"importance=\"{result['importance']}\", data=...))`, ratio = fraction of measured "
-        "latency removed; a cold latency cache.",
-        "* uniform: the same with `scope=\"local\"` (target `channels`: every group, hidden size "
-        "included, loses the same fraction of its channels; both round kept counts to the "
-        "runtime's block, the default). Its channel ratio is searched "
-        "(`benchmarks/latency_eval.py`'s `search`) until its measured latency is within "
-        f"{result['tol']:.0%} of the latency-aware model's; when no ratio lands there, the "
-        "two measured neighbours are both kept (`uniform (slower)`, `uniform (faster)`).",
+        "latency removed; the latency cache starts cold.",
+        "* uniform: the same importance and data with `scope=\"local\"` (every group, hidden "
+        "size included, loses the same fraction of its channels; kept counts rounded to the "
+        "runtime's block of 16, the default of both methods). Its channel ratio is searched "
+        "(`benchmarks/latency_eval.py`'s `search`: power-law step, then bisection) until its "
+        f"measured latency is within {result['tol']:.0%} of the latency-aware model's; when no "
+        "ratio lands there, the nearest measured neighbours on both sides are both kept "
+        "(`uniform (slower)`, `uniform (faster)`).",
         f"* Every model, and the dense one as the reference, is then fine-tuned "
         f"{seeds[0]['finetune_steps']} steps (the example's fine-tune: same batches, schedule, "
-        f"lr {s['finetune_lr']}) and held-out perplexity per byte measured on the example's "
-        f"{s['eval_windows']} held-out windows.",
-        f"* Latency kept: measured by `shrink.compare` on `shrink.export_onnx` files, dense "
-        "and variants interleaved in one process, best-of on the thread clock, `--seconds "
-        f"{result['seconds_per_timing']:g}` per timing. *search* is the timing that chose the "
-        f"plan; *final* is every fine-tuned variant of the seed timed together, {result['final']} "
-        "times (the runs are listed).", "",
-        table(result), "",
-        "`shape`: layers, hidden size, query/KV heads and MLP width per layer. "
-        "`channel ratio`: the uniform fraction of channels removed per group.", "",
-        "## Comparison (generated from the table)", "", *summary(result), ""])
+        f"peak lr {s['finetune_lr']}); held-out perplexity per byte on the example's "
+        f"{s['eval_windows']} held-out windows, after pruning and after the fine-tune.",
+        "* Latency kept: `shrink.compare` on `shrink.export_onnx` files (dynamo exporter, batch "
+        "fixed at 1), dense and variants interleaved in one process, best-of on the thread "
+        f"clock, {result['seconds_per_timing']:g} s per timing. *search*: the timing that chose "
+        f"the plan; *final*: all fine-tuned variants of the seed timed together, "
+        f"{result['final']} times (runs listed).", "",
+        *section(result), "", *extra, keep])
+
+
+def previous_conclusion(path: Path) -> str:
+    """The hand-written conclusion of an existing document (kept when it is rewritten)."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(CONCLUSION)
+    return text[at:] if at >= 0 else ""
+
+
+def write(out: Path) -> None:
+    """Render ``out`` from the JSON results (the main run, and the diagnostic if present)."""
+    main = json.loads((RESULTS / "latency_lm.json").read_text())
+    path = RESULTS / "latency_lm_exact.json"
+    exact = json.loads(path.read_text()) if path.exists() else None
+    out.write_text(markdown(main, exact, previous_conclusion(out)).rstrip() + "\n")
 
 
 # ---------------------------------------------------------------- main
@@ -314,6 +378,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per interleaved timing")
     p.add_argument("--final", type=int, default=2, help="final interleaved timings per seed")
     p.add_argument("--quick", action="store_true", help="tiny model and data, no files")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the markdown from benchmarks/results/latency_lm*.json")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown path (default docs/tiny_llm_latency.md; none with --quick)")
     args = p.parse_args(argv)
@@ -337,6 +403,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     tiny.transformers.logging.set_verbosity_error()
     args = parse(argv)
+    if args.render:
+        write(args.out)
+        return {}
     command = "python benchmarks/latency_lm.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     setup = tiny.QUICK if args.quick else tiny.FULL
@@ -361,12 +430,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(summary(result)))
     print(f"total {result['seconds']:.0f} s")
     if args.out is not None:
-        args.out.write_text(markdown(result, command.strip()))
-        js = (RESULTS / "latency_lm.json" if args.out == ROOT / "docs" / "tiny_llm_latency.md"
-              else args.out.with_suffix(".json"))
-        js.parent.mkdir(exist_ok=True)
+        js = RESULTS / ("latency_lm_exact.json" if args.exact_only else "latency_lm.json")
+        RESULTS.mkdir(exist_ok=True)
         js.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.out} and {js}")
+        write(args.out)
+        print(f"wrote {js} and {args.out}")
     return result
 
 

@@ -257,6 +257,35 @@ def summary(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def interpolated(result: dict[str, Any]) -> list[str]:
+    """Where the uniform ratio could not land: the uniform perplexity after fine-tune linearly
+    interpolated between its slower and faster neighbours at the latency-aware model's final
+    latency (an estimate, marked as one)."""
+    out = []
+    for s in result["seeds"]:
+        for ratio in result["ratios"]:
+            at = {r["kind"]: r for r in s["variants"] if r.get("latency_ratio") == ratio}
+            slow, fast = at.get("uniform (slower)"), at.get("uniform (faster)")
+            if slow is None or fast is None:
+                continue
+            lat = at["latency"]
+            a, b, x = kept_final(slow), kept_final(fast), kept_final(lat)
+            if not b < x < a:
+                out.append(f"- seed {s['seed']}, {ratio:.0%}: the final timing does not put "
+                           f"target=\"latency\" ({x:.3f}) between the uniform neighbours "
+                           f"({b:.3f}, {a:.3f}); no interpolation.")
+                continue
+            t = (a - x) / (a - b)
+            est = math.exp(slow["loss_finetuned"] + t * (fast["loss_finetuned"]
+                                                        - slow["loss_finetuned"]))
+            rel = math.exp(lat["loss_finetuned"]) / est - 1
+            out.append(f"- seed {s['seed']}, {ratio:.0%}: uniform interpolated at latency kept "
+                       f"{x:.3f} (log-perplexity linear in latency between {b:.3f} and {a:.3f}): "
+                       f"perplexity {est:.3f}; target=\"latency\" "
+                       f"{math.exp(lat['loss_finetuned']):.3f} ({rel:+.1%}).")
+    return out
+
+
 def mean_lines(result: dict[str, Any]) -> list[str]:
     """Mean over seeds of the perplexity ratio latency / uniform, per ratio and uniform kind."""
     out = []
@@ -283,7 +312,10 @@ def section(result: dict[str, Any]) -> list[str]:
             "`channel ratio`: the uniform fraction of channels removed per group. Dense "
             "latency: the dense model's best-of milliseconds in each final timing.", "",
             "Generated from the table: each seed, then the mean over seeds.", "",
-            *summary(result), "", *mean_lines(result)]
+            *summary(result), "", *mean_lines(result), "",
+            "Uniform neighbours interpolated (an estimate: where no uniform ratio lands on the "
+            "latency, the two neighbours' log-perplexities after fine-tune, linear in final "
+            "latency kept):", "", *(interpolated(result) or ["- none (every search landed)."])]
 
 
 CONCLUSION = "## Conclusion"

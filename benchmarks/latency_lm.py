@@ -37,6 +37,7 @@ rendered from both, to ``--out`` (default ``docs/tiny_llm_latency.md``; nothing 
 hand at the end of the file is kept.
 
     python benchmarks/latency_lm.py --steps 938 --exact-only     # the diagnostic
+    python benchmarks/latency_lm.py --steps 938 --scores         # mean raw score per group
 """
 
 from __future__ import annotations
@@ -194,6 +195,26 @@ def run_seed(args: argparse.Namespace, setup: Any, seed: int, data: tuple) -> di
     return out
 
 
+def group_scores(args: argparse.Namespace, setup: Any, seed: int) -> list[str]:
+    """Per prunable group: size and mean raw ``--importance`` score per channel, and the
+    normalised value the latency allocation gives it (its size: each channel counts about 1)."""
+    train_data, _, _ = tiny.stdlib_bytes(setup.data_bytes)
+    dense = tiny.train(tiny.build_model(setup, seed), tiny.batches(train_data, args.steps, setup,
+                                                                  seed), setup.lr)
+    calib = tiny.batches(train_data, setup.calib_batches, setup, seed + 2)
+    cfg = shrink.PruneConfig(0.3, capture="export", importance=args.importance,
+                             data=calibration(args.importance, calib), exact_only=args.exact_only)
+    groups = prune(dense, (calib[0][:1],), cfg).analysis.groups
+    scores = shrink.score(groups, dense, cfg.criterion)
+    lines = ["| group | channels | mean raw score per channel | normalised value, all kept |",
+             "|---|---|---|---|"]
+    for g in groups:
+        if g.id in scores:
+            sc = scores[g.id].double()
+            lines.append(f"| `{g.id}` | {g.size} | {float(sc.mean()):.3e} | {g.size} |")
+    return lines
+
+
 # ---------------------------------------------------------------- report
 
 def ppl(loss: float) -> str:
@@ -217,6 +238,8 @@ def table(result: dict[str, Any]) -> str:
                 continue
             ch = "-" if r["kind"] == "latency" else f"{r['channel_ratio']:.3f}"
             kind = 'target="latency"' if r["kind"] == "latency" else r["kind"]
+            if r["kind"] == "uniform" and abs(r["kept_search"] / r["goal"] - 1) > result["tol"]:
+                kind += f" (nearest: not within {result['tol']:.0%})"
             runs = ", ".join(f"{k:.3f}" for k in r["kept_final"])
             lines.append(f"| {s['seed']} | {r['latency_ratio']:.0%} | {kind} | {ch} | "
                          f"{r['shape']} | {r['params']:,} ({r['params_kept']:.3f}) | "
@@ -410,6 +433,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per interleaved timing")
     p.add_argument("--final", type=int, default=2, help="final interleaved timings per seed")
     p.add_argument("--quick", action="store_true", help="tiny model and data, no files")
+    p.add_argument("--scores", action="store_true",
+                   help="only train the first seed and print every group's mean raw score")
     p.add_argument("--render", action="store_true",
                    help="only rewrite the markdown from benchmarks/results/latency_lm*.json")
     p.add_argument("--out", type=Path, default=None,
@@ -441,6 +466,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/latency_lm.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     setup = tiny.QUICK if args.quick else tiny.FULL
+    if args.scores:
+        args.steps = args.steps or tiny.steps_for(args.minutes, setup,
+                                                  tiny.stdlib_bytes(setup.data_bytes)[0],
+                                                  args.seeds[0])
+        print("\n".join(group_scores(args, setup, args.seeds[0])))
+        return {}
     started = time.perf_counter()
     train_data, held, _ = tiny.stdlib_bytes(setup.data_bytes)
     windows = tiny.eval_windows(held, setup)

@@ -22,6 +22,7 @@ import copy
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -337,10 +338,59 @@ def _export_torchscript(model: nn.Module, inputs: tuple[Any, ...], tmp: Path, op
         outputs = model(*inputs)
     out_names = [f"output_{i}" for i in range(len(flatten_outputs(outputs)))]
     axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _held_output() as held:
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(tmp), dynamo=False, opset_version=opset,
-                          input_names=names, output_names=out_names, dynamic_axes=axes)
+        try:
+            torch.onnx.export(model, inputs, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=names, output_names=out_names, dynamic_axes=axes)
+        except Exception:
+            log.debug("TorchScript exporter output:\n%s", held.read()[-20000:])
+            raise
+
+
+class _Held:
+    def __init__(self) -> None:
+        self.file: Any = None
+
+    def read(self) -> str:
+        if self.file is None:
+            return ""
+        self.file.seek(0)
+        return str(self.file.read().decode(errors="replace"))
+
+
+@contextlib.contextmanager
+def _held_output() -> Iterator[_Held]:
+    """Holds back what C++ writes to the process's stdout and stderr (file descriptors 1 and
+    2) meanwhile: when it fails, torch's TorchScript exporter prints the whole TorchScript
+    graph ("Torch IR graph at exception", 13,000 lines for a small Llama) through its ONNX
+    log, which it turns on by mistake (``setup_onnx_logging`` tests the function
+    ``_jit_is_onnx_log_enabled`` instead of calling it). Where the descriptors cannot be
+    redirected (a notebook's streams), output passes as before. Anything else printed during
+    the export (a ``print`` in the model's forward) is held back too; on failure it all goes
+    to this module's debug log."""
+    held = _Held()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = [os.dup(1), os.dup(2)]
+    except (OSError, ValueError, AttributeError):
+        yield held
+        return
+    with tempfile.TemporaryFile() as file:
+        held.file = file
+        try:
+            os.dup2(file.fileno(), 1)
+            os.dup2(file.fileno(), 2)
+            yield held
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 @contextlib.contextmanager

@@ -175,3 +175,22 @@ def test_global_pool_pass_leaves_other_reductions_alone(rank: int, axes: list[in
     proto, _ = _reduce_mean_model(rank, axes, 1)
     assert shrink.deploy.onnx_passes.global_pool_pass(proto) == 0
     assert [n.op_type for n in proto.graph.node] == ["ReduceMean"]
+
+
+class WithDiff(nn.Module):
+    """``aten::diff`` has no TorchScript ONNX symbolic (transformers' mask code uses it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.diff(x, dim=1)
+
+
+def test_a_failing_torchscript_export_prints_nothing(tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """torch's TorchScript exporter prints the whole graph ("Torch IR graph at exception") to
+    the process's stdout when it fails; shrink holds that back and raises its own error."""
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ExportError, match="aten::diff"):
+        shrink.export_onnx(WithDiff().eval(), (x,), tmp_path / "m.onnx", dynamo=False)
+    out, err = capfd.readouterr()
+    assert "Torch IR graph" not in out + err
+    assert "aten::diff" not in out + err

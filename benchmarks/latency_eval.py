@@ -399,13 +399,22 @@ def digits_one_seed(digits: Any, seed: int, args: argparse.Namespace) -> dict[st
     dense = digits.train(digits.make_model(), data[0], args.epochs, lr=2e-3, seed=seed)
     x = (data[1].tensors[0][:args.batch],)
     row: dict[str, Any] = {"seed": seed, "acc_dense": digits.accuracy(dense, data[1]),
-                           "targets": {}, "anchors": {}}
+                           "importance": args.importance, "targets": {}, "anchors": {}}
     with tempfile.TemporaryDirectory() as tmp:
         timer = Timer(dense, x, Path(tmp), args.seconds)
         for kind, ratio in [("targets", r) for r in args.targets] + [("anchors", r) for r in
                                                                       args.anchors]:
             t0 = time.perf_counter()
-            kw = {"ignore": tuple(args.ignore)} if args.ignore else {}
+            kw: dict[str, Any] = {"ignore": tuple(args.ignore)} if args.ignore else {}
+            if args.importance != "l2":  # the same criterion for every variant
+                kw["importance"] = args.importance
+            if args.importance in ("taylor", "activation"):
+                from torch.utils.data import DataLoader
+
+                kw.update(data=DataLoader(data[0], batch_size=64, shuffle=False),
+                          max_batches=8)
+                if args.importance == "taylor":
+                    kw["loss_fn"] = nn.functional.cross_entropy
             variants, info = (digits_variants if kind == "targets" else digits_anchor)(
                 dense, x, ratio, timer, **kw)
             out = {**info, **digits_evaluate(digits, variants, data, seed, args, timer, dense),
@@ -657,6 +666,8 @@ def main() -> None:
                    help="digits: load_digits as is, or shifted and noisy")
     p.add_argument("--ignore", nargs="*", default=[],
                    help="digits: modules kept whole by every variant (PruneConfig ignore)")
+    p.add_argument("--importance", default="l2",
+                   help="digits: the criterion of every variant (l2, taylor, activation)")
     p.add_argument("--noise", type=float, default=0.2, help="digits --data hard: noise std")
     p.add_argument("--shift", type=int, default=1, help="digits --data hard: max shift, px")
     p.add_argument("--resume", action="store_true")

@@ -611,7 +611,7 @@ def plot(data: dict[str, Any], path: Path, size: int) -> None:
 # ---------------------------------------------------------------- tables
 
 def tables(args: argparse.Namespace) -> None:
-    rows = json.loads((RESULTS / f"latency_eval_{args.size}.json").read_text())
+    rows = json.loads((args.out or RESULTS / f"latency_eval_{args.size}.json").read_text())
     w = sys.stdout.write
     w("| model | dense ms | latency kept (2 checks) | within ±5% | MACs kept | params kept "
       "| importance kept | planning s | corrections | report's kept |\n|---|" + "---|" * 9 + "\n")

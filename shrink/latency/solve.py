@@ -1,9 +1,8 @@
 """Allocation: the kept count of every group that keeps the most importance within a latency.
 
 The problem. Group ``g`` keeps one of its candidate counts ``k_g`` (block steps, within
-``min_keep``/``max_ratio``/``min_ratio``), worth ``V_g(k_g)`` (the fraction of the group's
-importance its ``k_g`` best channels keep, times the number of layers the group sets:
-concave in ``k_g``; see :func:`shrink.latency.target._weighted`). Every layer call ``l`` costs
+``min_keep``/``max_ratio``/``min_ratio``), worth ``V_g(k_g)`` (the sum of its ``k_g`` highest
+normalised channel scores: concave in ``k_g``). Every layer call ``l`` costs
 ``T_l(c_in, c_out)`` from its table, where ``c_in`` and ``c_out`` are affine in the counts of
 the groups on its input and output (:mod:`shrink.latency.layers`). Find
 

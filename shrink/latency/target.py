@@ -109,7 +109,6 @@ def solve_latency(
         with stage("latency tables"):
             bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
                           bench.block)
-            choices = _weighted(choices, bound)
             cold = sum(p.numel() * p.element_size() for p in model.parameters()) > llc_bytes()
             tables, measured = _tables(bound, bench, batch, cache, cold)
         problem = Problem(choices, _costs(bound, tables, choices, cold))
@@ -187,40 +186,17 @@ def _choices(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
 
 
 def _value(g: ChannelGroup, scores: torch.Tensor, k: int) -> float:
-    """Fraction of the group's importance kept by its ``k`` best channels; per block for
-    grouped convs (each block keeps ``k / blocks``). Channels without a positive score count
-    alike."""
-    s = scores.detach().double().cpu().clamp_min(0)
-    total = float(s.sum())
-    if total <= 0:
-        return k / max(g.size, 1)
+    """Importance kept by the ``k`` best channels, scores divided by the group's mean (as the
+    Global policy ranks them); per block for grouped convs (each block keeps ``k / blocks``)."""
+    s = scores.detach().double().cpu()
+    mean = float(s.mean())
+    s = s / mean if mean > 0 else s
     if not g.blocks:
-        return float(s.sort(descending=True).values[:k].sum()) / total
+        return float(s.sort(descending=True).values[:k].sum())
     labels = sorted(set(g.blocks))
     kb = k // len(labels)
     blocks = torch.as_tensor(g.blocks)
-    return float(sum(s[blocks == b].sort(descending=True).values[:kb].sum()
-                     for b in labels)) / total
-
-
-def _weighted(choices: Sequence[Choice], bound: Sequence[Term]) -> list[Choice]:
-    """Each group's value scaled by the number of layers (conv, linear) whose channels it
-    sets: a group is worth the layers it feeds and produces.
-
-    Per-channel values normalised within a group (a channel at the group's mean is worth 1,
-    as ``Global`` ranks them) make a narrow group cheap: the 32 channels of a CNN's first conv
-    or the hidden size of a transformer (one group of every layer) are worth less in total
-    than one MLP layer, while their latency spans every layer they touch, so the allocation
-    cut them first and lost accuracy against a uniform ratio at the same latency (the digits
-    CNN and the tiny LM in docs/latency.md). A group's kept fraction of importance, weighted by
-    its layers, values a residual stream like the layers it spans and a narrow stem like any
-    other layer; within a group the scores still decide which channels stay."""
-    layers: dict[str, int] = {}
-    for t in bound:
-        for gid in {g for g, _ in (*t.inp, *t.out)}:
-            layers[gid] = layers.get(gid, 0) + 1
-    return [Choice(c.id, c.counts, tuple(max(layers.get(c.id, 0), 1) * v for v in c.value))
-            for c in choices]
+    return float(sum(s[blocks == b].sort(descending=True).values[:kb].sum() for b in labels))
 
 
 def _tables(bound: Sequence[Term], bench: Bench, batch: int, cache: LatencyCache,

@@ -289,12 +289,18 @@ class Stream(nn.Module):
         return self.out(y)
 
 
+@pytest.mark.xfail(strict=True, reason="known limitation (docs/latency.md, accuracy at equal "
+                   "latency): each channel is valued at its score over its group's mean, so "
+                   "a group spanning every layer is cut first")
 def test_a_group_is_worth_the_layers_it_spans(synthetic: SyntheticBench) -> None:
-    """The hidden size (one group over all 10 linears) is valued like the layers it sets: at
-    half the latency it keeps at least the fraction the MLP widths keep (each spans 2
-    linears), and more than half. Valued per channel against its group's mean, its 128
-    channels were worth half of one MLP layer's 256, so it was cut first (to 48 of 128, the
-    MLPs keeping about 200 of 256)."""
+    """Wanted: the hidden size (one group over all 10 linears) valued like the layers it sets,
+    keeping at half the latency at least the fraction the MLP widths keep (each spans 2
+    linears), and more than half. Today each channel is worth its score over its group's mean,
+    so its 128 channels are worth half of one MLP layer's 256 and it is cut first (to 48 of
+    128, the MLPs keeping about 200 of 256). Weighting a group by its layers (tried in commit
+    1fe2ff7) passes this test but did not make accuracy at equal latency better than a
+    uniform ratio on the trained models and kept less importance on the CNN suite, so it was
+    reverted."""
     model = Stream().eval()
     x = (torch.randn(1, 16, 32),)
     res = shrink.prune(model, x, shrink.PruneConfig(0.5, target="latency"))

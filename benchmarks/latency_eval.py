@@ -330,11 +330,13 @@ def widths(model: nn.Module) -> str:
 
 
 def digits_variants(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
-                    timer: Timer, **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+                    timer: Timer, lat_kw: dict[str, Any],
+                    **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """target=latency at ``ratio``, and uniform ratios searched to its measured latency
-    (``kw``: more ``PruneConfig`` options, the same for both)."""
+    (``kw``: more ``PruneConfig`` options, the same for both; ``lat_kw``: for the latency
+    target only, e.g. its valuation)."""
     t0 = time.perf_counter()
-    res = shrink.prune(dense, x, shrink.PruneConfig(ratio, target="latency", **kw))
+    res = shrink.prune(dense, x, shrink.PruneConfig(ratio, target="latency", **kw, **lat_kw))
     lat = res.report.latency
     info: dict[str, Any] = {"plan_s": time.perf_counter() - t0, "report_kept": lat.measured,
                             "converged": lat.converged, "corrections": lat.corrections,
@@ -353,12 +355,14 @@ def digits_variants(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
 
 
 def digits_anchor(dense: nn.Module, x: tuple[torch.Tensor, ...], ratio: float,
-                  timer: Timer, **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+                  timer: Timer, lat_kw: dict[str, Any],
+                  **kw: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """A uniform ``ratio``, and target=latency asked for the latency that plan measured."""
     uni = shrink.prune(dense, x, shrink.PruneConfig(ratio, **kw)).model
     goal = timer.kept(uni)["pruned"]
     t0 = time.perf_counter()
-    res = shrink.prune(dense, x, shrink.PruneConfig(1 - goal, target="latency", **kw))
+    res = shrink.prune(dense, x, shrink.PruneConfig(1 - goal, target="latency", **kw,
+                                                    **lat_kw))
     lat = res.report.latency
     return {"latency": res.model, "uniform": uni}, {
         "uni_ratio": ratio, "uni_kept_search": goal, "lat_ratio": 1 - goal,
@@ -399,7 +403,8 @@ def digits_one_seed(digits: Any, seed: int, args: argparse.Namespace) -> dict[st
     dense = digits.train(digits.make_model(), data[0], args.epochs, lr=2e-3, seed=seed)
     x = (data[1].tensors[0][:args.batch],)
     row: dict[str, Any] = {"seed": seed, "acc_dense": digits.accuracy(dense, data[1]),
-                           "importance": args.importance, "targets": {}, "anchors": {}}
+                           "importance": args.importance, "valuation": args.valuation,
+                           "targets": {}, "anchors": {}}
     with tempfile.TemporaryDirectory() as tmp:
         timer = Timer(dense, x, Path(tmp), args.seconds)
         for kind, ratio in [("targets", r) for r in args.targets] + [("anchors", r) for r in
@@ -415,8 +420,17 @@ def digits_one_seed(digits: Any, seed: int, args: argparse.Namespace) -> dict[st
                           max_batches=8)
                 if args.importance == "taylor":
                     kw["loss_fn"] = nn.functional.cross_entropy
+            lat_kw: dict[str, Any] = {}
+            if args.valuation == "loss":   # the latency target's allocation only
+                from torch.utils.data import DataLoader
+
+                lat_kw = {"valuation": "loss", "max_batches": 8,
+                          "data": DataLoader(data[0], batch_size=64, shuffle=False),
+                          "loss_fn": nn.functional.cross_entropy}
+                if "data" in kw:
+                    lat_kw = {"valuation": "loss"}
             variants, info = (digits_variants if kind == "targets" else digits_anchor)(
-                dense, x, ratio, timer, **kw)
+                dense, x, ratio, timer, lat_kw, **kw)
             out = {**info, **digits_evaluate(digits, variants, data, seed, args, timer, dense),
                    "wall_s": time.perf_counter() - t0}
             row[kind][str(ratio)] = out
@@ -439,7 +453,8 @@ def run_digits(args: argparse.Namespace) -> None:
     doc = json.loads(out.read_text()) if out.exists() and args.resume else {"rows": []}
     doc["config"] = {k: getattr(args, k) for k in ("data", "noise", "shift", "batch", "epochs",
                                                    "finetune", "targets", "anchors",
-                                                   "seconds", "ignore")}
+                                                   "seconds", "ignore", "importance",
+                                                   "valuation")}
     doc["config"]["command"] = " ".join(["python", "benchmarks/latency_eval.py", *sys.argv[1:]])
     done = {r["seed"] for r in doc["rows"]}
     t0 = time.perf_counter()
@@ -668,6 +683,9 @@ def main() -> None:
                    help="digits: modules kept whole by every variant (PruneConfig ignore)")
     p.add_argument("--importance", default="l2",
                    help="digits: the criterion of every variant (l2, taylor, activation)")
+    p.add_argument("--valuation", choices=("scores", "loss"), default="scores",
+                   help="digits: the latency target's valuation (loss: measured on 8 training "
+                        "batches of 64)")
     p.add_argument("--noise", type=float, default=0.2, help="digits --data hard: noise std")
     p.add_argument("--shift", type=int, default=1, help="digits --data hard: max shift, px")
     p.add_argument("--resume", action="store_true")

@@ -136,9 +136,13 @@ def run_seed(args: argparse.Namespace, setup: Any, seed: int, data: tuple) -> di
         timer = LMTimer(dense, x, Path(tmp), args.seconds)
         for ratio in args.ratios:
             t1 = time.perf_counter()
+            lat_kw: dict[str, Any] = {}
+            if args.valuation == "loss":  # the latency allocation only: measured loss
+                lat_kw = {"valuation": "loss", "max_batches": args.loss_batches,
+                          "data": [{"input_ids": ids, "labels": ids} for ids in calib]}
             res = prune(dense, x, shrink.PruneConfig(ratio, target="latency",
                                                      runtime="onnxruntime-cpu", threads=1,
-                                                     **common))
+                                                     **{**common, **lat_kw}))
             lat = res.report.latency
             plan_s = time.perf_counter() - t1
             goal = timer.kept(res.model)["pruned"]
@@ -425,6 +429,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--importance", default="taylor",
                    choices=("ln", "activation", "activation_weighted", "taylor"))
+    p.add_argument("--valuation", choices=("scores", "loss"), default="scores",
+                   help="the latency target's valuation (loss: measured on the calibration "
+                        "batches, with labels)")
+    p.add_argument("--loss-batches", type=int, default=None,
+                   help="--valuation loss: at most this many calibration batches")
+    p.add_argument("--json", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/latency_lm[_exact].json)")
     p.add_argument("--finetune-fraction", type=float, default=0.2)
     p.add_argument("--tol", type=float, default=0.02, help="uniform search: relative tolerance")
     p.add_argument("--tries", type=int, default=8, help="uniform search: plans measured")
@@ -482,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds = [run_seed(args, setup, seed, (train_data, windows)) for seed in args.seeds]
     result = {"setup": setup.__dict__, "steps": args.steps, "ratios": args.ratios,
               "importance": args.importance, "tol": args.tol, "final": args.final,
-              "exact_only": args.exact_only, "command": command.strip(),
+              "exact_only": args.exact_only, "valuation": args.valuation, "command": command.strip(),
               "seconds_per_timing": args.seconds, "seeds": seeds,
               "seconds": time.perf_counter() - started,
               "versions": {"torch": torch.__version__,
@@ -493,10 +504,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(summary(result)))
     print(f"total {result['seconds']:.0f} s")
     if args.out is not None:
-        js = RESULTS / ("latency_lm_exact.json" if args.exact_only else "latency_lm.json")
-        RESULTS.mkdir(exist_ok=True)
+        js = args.json or RESULTS / ("latency_lm_exact.json" if args.exact_only
+                                     else "latency_lm.json")
+        js.parent.mkdir(parents=True, exist_ok=True)
         js.write_text(json.dumps(result, indent=1) + "\n")
-        write(args.out)
+        if args.json is None:
+            write(args.out)
         print(f"wrote {js} and {args.out}")
     return result
 

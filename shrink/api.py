@@ -170,10 +170,12 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     groups = analysis.groups
     pinned: dict[str, str] = {}
     latency: list[LatencyReport] = []
+    losses: dict[Any, float] = {}   # valuation='loss': measured once, kept across re-solves
 
     def make_plan() -> Plan:  # a target is solved over the current groups
         if isinstance(policy, LatencyTarget):
-            sol = solve_latency(model, inputs, groups, scores, policy, analysis.model)
+            sol = solve_latency(model, inputs, groups, scores, policy, analysis.model,
+                                memo=losses)
             latency.append(sol.report)
             return sol.plan
         return select(groups, scores, concrete(), analysis.model)

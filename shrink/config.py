@@ -24,7 +24,7 @@ from torch import nn
 from shrink.criteria.data import Activation, ActivationWeighted, Taylor
 from shrink.criteria.weight import BNScale, Criterion, LnNorm, Random, UserScores
 from shrink.errors import ConfigError
-from shrink.latency.options import LatencyTarget, Runtime
+from shrink.latency.options import LatencyTarget, LossValuation, Runtime
 from shrink.select import Global, Metric, Policy, Target, Uniform
 
 _TARGETS = ("channels", "macs", "params", "latency")
@@ -64,6 +64,11 @@ class PruneConfig:
             (default), ``"torch-cpu"``, ``"onnxruntime-cuda"`` or ``"torch-cuda"``.
         threads: ``target="latency"``: intra-op threads of the runtime (default 1).
         batch: ``target="latency"``: batch size timed (default: the example inputs' batch).
+        valuation: ``target="latency"``: what keeping ``k`` channels of a group is worth to the
+            allocation: ``"scores"`` (default: the sum of its ``k`` best channel scores) or
+            ``"loss"`` (the measured loss of pruning that group alone to ``k`` on ``data``,
+            with ``loss_fn`` and ``max_batches``: slower, and on trained models it keeps the
+            layers whose cuts cost accuracy; see :mod:`shrink.latency.value`).
         round_to: kept counts rounded up to a multiple; ``"auto"`` (default for
             ``target="channels"`` and ``"latency"``) rounds groups of 16+ channels to 16 (for
             a latency target: the runtime's channel block); 1 (default for a MACs/params
@@ -115,6 +120,7 @@ class PruneConfig:
     runtime: str | None = None
     threads: int | None = None
     batch: int | None = None
+    valuation: str | None = None
     round_to: int | str | None = None
     min_keep: int = 1
     max_ratio: float = 0.9
@@ -163,11 +169,12 @@ class PruneConfig:
             )
         if not self.rtol > 0:
             raise ConfigError(f"rtol must be > 0, got {self.rtol}")
-        if self.data is not None and self.depth is None and not _uses_data(self.importance):
+        if self.data is not None and self.depth is None and not _uses_data(self.importance) \
+                and self.valuation != "loss":
             raise ConfigError(
                 "data= is used only by importance='taylor', 'activation_weighted' or "
-                f"'activation', and by depth= (block influence); got importance="
-                f"{self.importance!r}"
+                f"'activation', by depth= (block influence) and by target='latency' with "
+                f"valuation='loss'; got importance={self.importance!r}"
             )
         self.criterion  # noqa: B018  # validates importance/norm now, not at prune time
         self.policy  # noqa: B018
@@ -197,9 +204,11 @@ class PruneConfig:
             return base
         if self.target == "latency":
             assert isinstance(base, Global)  # _check_latency_options refuses scope="local"
+            valuation = None if self.valuation != "loss" or self.data is None else \
+                LossValuation(self.data, self.loss_fn, self.max_batches)
             return LatencyTarget(float(self.ratio or 0), Runtime(self.runtime or "onnxruntime-cpu"),
                                  threads=1 if self.threads is None else self.threads,
-                                 batch=self.batch, policy=base)
+                                 batch=self.batch, policy=base, valuation=valuation)
         return Target(float(self.ratio or 0), Metric(self.target), base)
 
     @property
@@ -215,7 +224,8 @@ def option_names() -> tuple[str, ...]:
 
 def _check_latency_options(cfg: PruneConfig) -> None:
     if cfg.target != "latency":
-        given = [n for n in ("runtime", "threads", "batch") if getattr(cfg, n) is not None]
+        given = [n for n in ("runtime", "threads", "batch", "valuation")
+                 if getattr(cfg, n) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} apply to target='latency' only (they say "
                               f"where latency is measured); got target={cfg.target!r}")
@@ -223,6 +233,13 @@ def _check_latency_options(cfg: PruneConfig) -> None:
     if cfg.runtime is not None and cfg.runtime not in _RUNTIMES:
         raise ConfigError(f"runtime={cfg.runtime!r} is unknown: a latency target is measured "
                           f"on one of {list(_RUNTIMES)}")
+    if cfg.valuation not in (None, "scores", "loss"):
+        raise ConfigError(f"valuation must be 'scores' (channel scores) or 'loss' (the measured "
+                          f"loss of pruning each group alone, on data=); got {cfg.valuation!r}")
+    if cfg.valuation == "loss" and cfg.data is None:
+        raise ConfigError("valuation='loss' measures the loss of pruned copies on calibration "
+                          "data: pass data= (batches of (x, y), or dicts with 'labels') and "
+                          "loss_fn= (e.g. torch.nn.functional.cross_entropy)")
     if cfg.scope == "local":
         raise ConfigError("scope='local' does not apply to target='latency': latency is "
                           "allocated across groups (scope='global'); use overrides= to fix "

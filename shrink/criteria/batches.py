@@ -15,7 +15,7 @@ per step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from shrink.errors import ConfigError
+
+LOSS_FN_FIX = ("Pass e.g. loss_fn=torch.nn.functional.cross_entropy, or, for a model that "
+               "returns .loss (Hugging Face given labels), dict batches with a 'labels' key.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +116,38 @@ def check_data(data: Any, max_batches: int | None, who: str, example: str) -> No
         )
     if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
         raise ConfigError(f"{who}: max_batches must be an int >= 1 or None, got {max_batches!r}")
+
+
+def batch_loss(model: nn.Module, batch: Batch, loss_fn: Callable[[Any, Any], Any] | None,
+               who: str = "Taylor", purpose: str = "differentiate") -> torch.Tensor:
+    """The scalar loss of ``model`` on one batch: ``loss_fn(output, target)``, or the output's
+    ``.loss`` when ``loss_fn`` is None (a Hugging Face model given ``labels``).
+
+    Args:
+        who: what needs the loss, for the error messages (e.g. ``"Taylor"``).
+        purpose: what it does with the loss (``"differentiate"``, ``"measure"``).
+
+    Raises:
+        ConfigError: a ``loss_fn`` but no target in the batch; no ``loss_fn`` and no ``.loss``;
+            a loss that is not a scalar tensor.
+    """
+    if loss_fn is not None and batch.target is None:
+        raise ConfigError(
+            f"{who}: a batch has no target, so there is no loss to {purpose}. Yield "
+            "(x, y) pairs (or dicts with 'labels'), or use importance='activation', which "
+            "needs inputs only."
+        )
+    out = batch.run(model)
+    loss: Any
+    if loss_fn is not None:
+        loss = loss_fn(out, batch.target)
+    else:
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise ConfigError(
+                f"{who} needs loss_fn(output, target) -> scalar loss to {purpose}, got None, "
+                f"and the model's output ({type(out).__name__}) has no .loss. {LOSS_FN_FIX}"
+            )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ConfigError(f"{who}: the loss must be a scalar tensor, got {loss!r}")
+    return loss

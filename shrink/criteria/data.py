@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.criteria.batches import Batch, check_data, iter_batches
+from shrink.criteria.batches import LOSS_FN_FIX, Batch, batch_loss, check_data, iter_batches
 from shrink.criteria.saliency import SaliencyScores, substitute
 from shrink.criteria.weight import AxisScores
 from shrink.errors import ConfigError, InvariantError
@@ -41,8 +41,6 @@ from shrink.rules import rule_for
 
 log = logging.getLogger(__name__)
 
-_LOSS_FN_FIX = ("Pass e.g. loss_fn=torch.nn.functional.cross_entropy, or, for a model that "
-                "returns .loss (Hugging Face given labels), dict batches with a 'labels' key.")
 
 
 def _rules(model: nn.Module, fqns: set[str]) -> list[tuple[str, nn.Module, Any]]:
@@ -103,7 +101,7 @@ class Taylor:
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ConfigError(
                 "Taylor importance needs loss_fn(output, target) -> scalar loss to differentiate, "
-                f"got {self.loss_fn!r}. {_LOSS_FN_FIX}"
+                f"got {self.loss_fn!r}. {LOSS_FN_FIX}"
             )
 
     def __call__(
@@ -112,27 +110,7 @@ class Taylor:
         raise ConfigError("Taylor must be prepared on a model first: use shrink.score or prune")
 
     def _loss(self, work: nn.Module, batch: Batch) -> torch.Tensor:
-        if self.loss_fn is not None and batch.target is None:
-            raise ConfigError(
-                "Taylor: a batch has no target, so there is no loss to differentiate. Yield "
-                "(x, y) pairs (or dicts with 'labels'), or use importance='activation', which "
-                "needs inputs only."
-            )
-        out = batch.run(work)
-        loss: Any
-        if self.loss_fn is not None:
-            loss = self.loss_fn(out, batch.target)
-        else:
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise ConfigError(
-                    "Taylor importance needs loss_fn(output, target) -> scalar loss to "
-                    f"differentiate, got None, and the model's output ({type(out).__name__}) "
-                    f"has no .loss. {_LOSS_FN_FIX}"
-                )
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError(f"Taylor: the loss must be a scalar tensor, got {loss!r}")
-        return loss
+        return batch_loss(work, batch, self.loss_fn)
 
     def prepare(self, model: nn.Module, groups: tuple[ChannelGroup, ...]) -> SaliencyScores:
         """Back-propagate every batch on a copy; the copy then holds each weight's saliency."""

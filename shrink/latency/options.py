@@ -6,7 +6,9 @@ Plain frozen data, imported by :mod:`shrink.config`; the work is in :mod:`shrink
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from shrink.errors import ConfigError
 from shrink.select import AUTO, Global
@@ -23,6 +25,44 @@ class Runtime(enum.Enum):
     @property
     def cuda(self) -> bool:
         return self.value.endswith("cuda")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LossValuation:
+    """Value a group's kept counts by the measured loss of pruning it alone
+    (:mod:`shrink.latency.value`), instead of by its channel scores.
+
+    Attributes:
+        data: re-iterable calibration batches (as :class:`~shrink.criteria.Taylor` takes them):
+            ``(*inputs, target)`` tuples, or dicts of keyword arguments with ``labels`` for a
+            model that returns ``.loss``.
+        loss_fn: ``loss_fn(output, target) -> scalar``; None uses ``output.loss``.
+        max_batches: use at most this many batches (None: all of ``data``).
+        points: kept counts measured per group (the rest are interpolated), at least 2.
+        recalibrate_bn: re-estimate batch-norm statistics on ``data`` before measuring the
+            loss of the dense model and of every pruned copy (EagleEye's adaptive BN; see
+            :mod:`shrink.latency.value`).
+
+    Example:
+        >>> cfg = shrink.PruneConfig(0.5, target="latency", valuation="loss", data=loader,
+        ...                          loss_fn=torch.nn.functional.cross_entropy, max_batches=4)
+    """
+
+    data: Iterable[Any]
+    loss_fn: Callable[[Any, Any], Any] | None = None
+    max_batches: int | None = None
+    points: int = 8
+    recalibrate_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise ConfigError("valuation='loss' measures the loss of pruned copies on "
+                              "calibration data: pass data= (batches of (x, y)) and loss_fn=")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError(f"loss_fn must be callable(output, target) -> scalar loss, got "
+                              f"{self.loss_fn!r}")
+        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 2:
+            raise ConfigError(f"LossValuation.points must be an int >= 2, got {self.points!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +83,10 @@ class LatencyTarget:
             ``1 - ratio``.
         max_corrections: end-to-end measurements after the first that re-solve the budget.
         seconds: time budget of each end-to-end measurement (interleaved rounds).
+        valuation: what keeping ``k`` channels of a group is worth to the allocation: None
+            values them by their scores (the sum of the ``k`` best, over the group's mean); a
+            :class:`LossValuation` by the measured loss of pruning that group alone
+            (:mod:`shrink.latency.value`).
 
     Example:
         >>> cfg = shrink.PruneConfig(0.5, target="latency")   # builds this LatencyTarget
@@ -57,6 +101,7 @@ class LatencyTarget:
     tolerance: float = 0.05
     max_corrections: int = 4
     seconds: float = 3.0
+    valuation: LossValuation | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, float) or not (
@@ -86,3 +131,6 @@ class LatencyTarget:
             raise ConfigError(f"max_corrections must be an int >= 0, got {self.max_corrections!r}")
         if not self.seconds > 0:
             raise ConfigError(f"seconds must be > 0, got {self.seconds}")
+        if self.valuation is not None and not isinstance(self.valuation, LossValuation):
+            raise ConfigError(f"LatencyTarget.valuation must be None (channel scores) or a "
+                              f"LossValuation, got {self.valuation!r}")

@@ -42,6 +42,7 @@ from shrink.latency.measure import Bench, bench_for, llc_bytes
 from shrink.latency.options import LatencyTarget
 from shrink.latency.solve import Choice, Cost, Problem
 from shrink.latency.table import Table
+from shrink.latency.value import LossMemo, loss_values, score_value
 from shrink.plan import ChannelGroup, Plan
 from shrink.progress import stage
 from shrink.report import LatencyReport
@@ -69,6 +70,7 @@ def solve_latency(
     *,
     bench: Bench | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    memo: LossMemo | None = None,
 ) -> LatencySolution:
     """The plan that removes ``target.ratio`` of the measured latency (see the module doc).
 
@@ -81,6 +83,8 @@ def solve_latency(
         fingerprint: ``analysis.model``.
         bench: the runtime to time on (default: :func:`shrink.latency.measure.bench_for`).
         cache_dir: the cache directory (default: :func:`shrink.latency.cache.cache_root`).
+        memo: with ``target.valuation``, the losses measured by an earlier call on the same
+            model (filled in by this one).
 
     Returns:
         The plan and a :class:`~shrink.report.LatencyReport`.
@@ -106,6 +110,10 @@ def solve_latency(
         cache = LatencyCache({**bench.key(), "batch": str(batch), "input": ",".join(
             "x".join(map(str, t.shape[1:])) for t in tensors)}, cache_dir)
         choices = _choices(groups, scores, target, bench.block, fingerprint)
+        if target.valuation is not None:
+            with stage("latency valuation"):
+                choices = loss_values(model, groups, scores, choices, target.valuation,
+                                      fingerprint, memo)
         with stage("latency tables"):
             bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
                           bench.block)
@@ -181,22 +189,8 @@ def _choices(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
     out = []
     for g in targets:
         counts = (fixed[g.id],) if g.id in fixed else candidate_counts(g, policy, block)
-        out.append(Choice(g.id, counts, tuple(_value(g, scores[g.id], k) for k in counts)))
+        out.append(Choice(g.id, counts, tuple(score_value(g, scores[g.id], k) for k in counts)))
     return out
-
-
-def _value(g: ChannelGroup, scores: torch.Tensor, k: int) -> float:
-    """Importance kept by the ``k`` best channels, scores divided by the group's mean (as the
-    Global policy ranks them); per block for grouped convs (each block keeps ``k / blocks``)."""
-    s = scores.detach().double().cpu()
-    mean = float(s.mean())
-    s = s / mean if mean > 0 else s
-    if not g.blocks:
-        return float(s.sort(descending=True).values[:k].sum())
-    labels = sorted(set(g.blocks))
-    kb = k // len(labels)
-    blocks = torch.as_tensor(g.blocks)
-    return float(sum(s[blocks == b].sort(descending=True).values[:kb].sum() for b in labels))
 
 
 def _tables(bound: Sequence[Term], bench: Bench, batch: int, cache: LatencyCache,

@@ -534,3 +534,22 @@ def test_transposed_linear_layer_op_reads_its_own_sizes() -> None:
     lin = nn.Linear(4, 8, bias=False)
     assert rule_for(lin).layer_op(lin, (2, 5, 4)) == LayerOp("linear", 4, 8, spatial=(5,),
                                                              bias=False)
+
+
+def test_loss_valuation_keeps_the_stream_the_loss_depends_on(synthetic: SyntheticBench) -> None:
+    """Valued by measured loss (distilling the dense model's output), the hidden size, which
+    every layer reads, is worth what cutting it costs: at half the latency it keeps at least the
+    fraction the MLP widths keep (valued by scores it is cut first: the xfail above)."""
+    torch.manual_seed(0)
+    model = Stream().eval()
+    x = (torch.randn(1, 16, 32),)
+    with torch.no_grad():
+        data = [(xb, model(xb)) for xb in (torch.randn(4, 16, 32) for _ in range(2))]
+    res = shrink.prune(model, x, shrink.PruneConfig(0.5, target="latency", valuation="loss",
+                                                    data=data, loss_fn=nn.functional.mse_loss))
+    assert res.report.latency is not None and res.report.latency.converged
+    hidden = res.model.inp.out_features / 128
+    mlp = [fc.out_features / 256 for fc in res.model.fc1]
+    assert hidden >= max(mlp), (hidden, mlp)
+    scored = shrink.prune(model, x, shrink.PruneConfig(0.5, target="latency")).model
+    assert scored.inp.out_features < res.model.inp.out_features   # what the valuation changes

@@ -14,14 +14,16 @@ else (norms folded into convs, activations, pooling, residual adds, reorders) is
 
 and the same for the output. A grouped conv whose input and output are the same groups
 (depthwise, or whole conv groups) is *tied*: its output channels and conv groups follow the
-input's count.
+input's count. The child layers of a unit that owns their channels (the q/k/v/o projections of
+an attention layer, :meth:`shrink.rules.ModuleRule.inner_layers`) follow the unit's groups:
+the embed dim on one side, the heads (``positions / kept head``) on the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from torch import nn
 from shrink.capture import meta_copy, to_meta
 from shrink.latency.table import Axis
 from shrink.plan import ChannelGroup, Side
-from shrink.rules import LayerOp, rule_for
+from shrink.rules import InnerLayer, LayerOp, rule_for
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,17 @@ def layer_calls(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[LayerCall, .
         return _record(copy.deepcopy(model).eval(), inputs)
 
 
+def inner_layers(model: nn.Module) -> dict[str, tuple[str, InnerLayer]]:
+    """``{child fqn: (unit fqn, how it follows the unit)}`` for every unit whose rule has
+    :meth:`~shrink.rules.ModuleRule.inner_layers`."""
+    out: dict[str, tuple[str, InnerLayer]] = {}
+    for fqn, m in model.named_modules():
+        rule = rule_for(m)
+        for il in rule.inner_layers(m) if rule is not None else ():
+            out[f"{fqn}.{il.path}" if fqn else il.path] = (fqn, il)
+    return out
+
+
 def _record(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[LayerCall, ...]:
     seen: dict[tuple[str, LayerOp], int] = {}
     handles = []
@@ -134,7 +147,8 @@ def _record(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[LayerCall, ...]:
 
 
 def terms(calls: Sequence[LayerCall], groups: Sequence[ChannelGroup], variable: Collection[str],
-          block: int) -> tuple[Term, ...]:
+          block: int, inner: Mapping[str, tuple[str, InnerLayer]] | None = None,
+          ) -> tuple[Term, ...]:
     """Tie every layer call to the groups; ``variable`` are the ids whose kept count is chosen.
 
     Args:
@@ -142,17 +156,34 @@ def terms(calls: Sequence[LayerCall], groups: Sequence[ChannelGroup], variable: 
         groups: every group of the analysis.
         variable: ids of the groups whose kept count the allocation chooses.
         block: the runtime's channel block (the quantum of dense layers' axes).
+        inner: from :func:`inner_layers`: child layers that follow their unit's groups.
     """
     owners: dict[tuple[str, Side], list[tuple[ChannelGroup, int]]] = {}
     for g in groups:
         for m in g.members:
-            if m.side in (Side.IN, Side.OUT):
+            if m.side in (Side.IN, Side.OUT, Side.HEADS):
                 owners.setdefault((m.module, m.side), []).append((g, len(m.index_map.index)))
+    inner = inner or {}
+
+    def side_owners(module: str, side: Side, extent: int) -> list[tuple[ChannelGroup, int]]:
+        if module not in inner:
+            return owners.get((module, side), [])
+        unit, il = inner[module]
+        follows = il.in_side if side is Side.IN else il.out_side
+        if follows is None:
+            return []
+        if follows is not Side.HEADS:
+            return owners.get((unit, follows), [])
+        # the whole axis is heads: each kept head keeps extent / (the group's heads) positions
+        return [(g, extent) for g, _ in owners.get((unit, Side.HEADS), [])
+                if il.units is None or g.size == il.units]
+
     out = []
     for call in calls:
         op = call.op
-        inp, in_fixed = _axis_terms(owners.get((call.module, Side.IN), []), op.c_in, variable)
-        outp, out_fixed = _axis_terms(owners.get((call.module, Side.OUT), []), op.c_out,
+        inp, in_fixed = _axis_terms(side_owners(call.module, Side.IN, op.c_in), op.c_in,
+                                    variable)
+        outp, out_fixed = _axis_terms(side_owners(call.module, Side.OUT, op.c_out), op.c_out,
                                       variable)
         tied = op.groups > 1 and bool(inp) and {g for g, _ in inp} == {g for g, _ in outp}
         if tied:

@@ -22,7 +22,14 @@ bisection on ``log(lam)`` finds the smallest ``lam`` whose point meets the budge
 feasible point seen is kept. Then a greedy *fill* spends what the budget has left: while some
 group's next larger count fits, the one with the most importance per millisecond grows. Last,
 when a floor is asked for (a latency target wants the budget met, not undercut) and the plan is
-below it, *exchanges* (one group grows a step, others shrink to fit) move it into the band.
+below it, *exchanges* (one group grows a step, others shrink to fit, then the budget left is
+filled again) move it into the band.
+
+A small problem (at most :attr:`Problem.exact_max` plans in all: a few groups) is solved
+exactly instead: every plan is evaluated at once (the tables take arrays), and the best one in
+the band (else the one closest below the budget) is taken. The relaxation is a heuristic: the
+latency is not separable, and on a handful of groups with coarse steps its optimum can sit far
+below the budget with nothing a single exchange can reach.
 
 Coupled channels move together by construction: a group is one variable, whatever layers it
 spans (a residual stream is one group across every block).
@@ -76,6 +83,9 @@ class Allocation:
 
 class Problem:
     """Choices and costs; evaluates latency and solves for a budget."""
+
+    #: problems with at most this many plans are solved by enumerating them
+    exact_max: int = 50_000
 
     def __init__(self, choices: Sequence[Choice], costs: Sequence[Cost]) -> None:
         self.choices = sorted(choices, key=lambda c: c.id)
@@ -206,6 +216,7 @@ class Problem:
                 cand = self._shed(grown, budget, g)
                 if cand is None:
                     continue
+                cand = self.fill(cand, budget)   # shedding in steps can overshoot
                 c_lat = self.latency(cand)
                 if c_lat <= lat * (1 + 1e-9):
                     continue
@@ -231,6 +242,8 @@ class Problem:
         least = [0] * len(self._k)
         if self.latency(least) > budget:
             return self._result(least, False, math.inf)
+        if math.prod(len(k) for k in self._k) <= self.exact_max:
+            return self._result(self.enumerate(budget, lower), True, 0.0)
         # lam's scale: importance per millisecond of the dense model
         span = max(self.value(dense) - self.value(least), 1e-12)
         hi = span / max(self.latency(dense) - self.latency(least), 1e-12)
@@ -258,6 +271,30 @@ class Problem:
         if lower is not None:
             best = self.tighten(best, budget, lower)
         return self._result(best, True, best_lam)
+
+    def enumerate(self, budget: float, lower: float | None = None) -> list[int]:
+        """The exact solution of a small problem: of every plan within ``budget``, the most
+        valuable one at or above ``lower`` (ties keep more channels), else the one with the
+        highest latency (then value). Call only when the budget admits the smallest plan."""
+        grids = np.meshgrid(*[np.arange(len(k)) for k in self._k], indexing="ij")
+        idx = [g.ravel() for g in grids]
+        lat = np.zeros(idx[0].shape)
+        for c in self.costs:
+            cin = c.in_fixed + sum(p * self._k[i][idx[i]] for i, p in c.inp)
+            cout = c.out_fixed + sum(p * self._k[i][idx[i]] for i, p in c.out)
+            lat = lat + c.calls * c.table.at(np.broadcast_to(cin, lat.shape),
+                                             np.broadcast_to(cout, lat.shape))
+        value = np.sum([v[i] for v, i in zip(self._v, idx, strict=True)], axis=0)
+        kept = np.sum([self._k[j][i] for j, i in enumerate(idx)], axis=0)
+        ok = lat <= budget * (1 + 1e-12)
+        band = ok & (lat >= lower) if lower is not None else ok
+        if band.any():   # most value, then most channels kept, then least latency
+            order = np.lexsort((-lat, kept, value))
+            pick = order[band[order]][-1]
+        else:
+            order = np.lexsort((value, lat))
+            pick = order[ok[order]][-1]
+        return [int(i[pick]) for i in idx]
 
     def _result(self, idx: Sequence[int], feasible: bool, lam: float) -> Allocation:
         counts = {c.id: int(c.counts[i]) for c, i in zip(self.choices, idx, strict=True)}

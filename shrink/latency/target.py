@@ -37,7 +37,7 @@ from shrink.deploy.timing import rebatch
 from shrink.errors import ConfigError
 from shrink.latency.cache import LatencyCache
 from shrink.latency.correct import Corrections, Point
-from shrink.latency.layers import Term, layer_calls, terms
+from shrink.latency.layers import Term, inner_layers, layer_calls, terms
 from shrink.latency.measure import Bench, bench_for, llc_bytes
 from shrink.latency.options import LatencyTarget
 from shrink.latency.solve import Choice, Cost, Problem
@@ -116,7 +116,7 @@ def solve_latency(
                                       fingerprint, memo)
         with stage("latency tables"):
             bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
-                          bench.block)
+                          bench.block, inner_layers(model))
             cold = sum(p.numel() * p.element_size() for p in model.parameters()) > llc_bytes()
             tables, measured = _tables(bound, bench, batch, cache, cold)
         problem = Problem(choices, _costs(bound, tables, choices, cold))

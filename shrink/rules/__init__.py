@@ -19,7 +19,7 @@ from shrink.rules import (
     structural,
     swin,
 )
-from shrink.rules.base import Keep, LayerOp, ModuleRule
+from shrink.rules.base import InnerLayer, Keep, LayerOp, ModuleRule
 from shrink.rules.registry import (
     function_rule,
     register_function,
@@ -35,6 +35,7 @@ FAMILIES = (aten, attention, axes, conv, heads, hf, layers, linear, norm, pointw
 
 __all__ = [
     "FAMILIES",
+    "InnerLayer",
     "Keep",
     "LayerOp",
     "ModuleRule",

@@ -68,6 +68,27 @@ class LayerOp:
     bias: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class InnerLayer:
+    """A child layer of a unit whose channels the unit's members own (the q/k/v/o projections
+    of an attention layer), for the latency model: the child's input channels follow the
+    unit's ``in_side`` and its output channels its ``out_side`` (None: they stay).
+
+    Attributes:
+        path: the child's path below the unit (``"q_proj"``).
+        in_side, out_side: :class:`~shrink.plan.Side` of the unit, or None.
+        units: with a HEADS side: the child has this many head units on that axis and follows
+            the heads group only when the group has that many channels (key/value projections
+            shrink when whole KV groups go, not when query heads go inside every group); None:
+            it follows whatever the heads group keeps.
+    """
+
+    path: str
+    in_side: Side | None
+    out_side: Side | None
+    units: int | None = None
+
+
 class ModuleRule:
     """Base class of rules keyed by module type. Subclasses override what applies."""
 
@@ -119,6 +140,11 @@ class ModuleRule:
         None (the default) makes the layer a constant there (its time does not depend on the
         kept channels)."""
         return None
+
+    def inner_layers(self, m: nn.Module) -> Sequence[InnerLayer]:
+        """Child layers whose channels follow this unit's sides (see :class:`InnerLayer`); the
+        latency model times them with the unit's groups. Empty by default."""
+        return ()
 
     def mask_(self, m: nn.Module, side: Side, dropped: Sequence[int]) -> None:
         """Make ``m`` (a copy) ignore the ``dropped`` positions of ``side``: the masked oracle.

@@ -51,7 +51,7 @@ from shrink.errors import RewriteError
 from shrink.ids import Call, Ids, Tracker, channel_ids, ids_on_axis, iter_ids
 from shrink.plan import Side
 from shrink.rules.attention_base import head_rows
-from shrink.rules.base import Keep, ModuleRule, finish, index, sliced_copy
+from shrink.rules.base import InnerLayer, Keep, ModuleRule, finish, index, sliced_copy
 from shrink.rules.layers import EmbeddingRule
 from shrink.rules.norm import LayerNormRule, inexact_member
 from shrink.rules.registry import register_rule_by_name
@@ -292,6 +292,19 @@ class HFAttentionRule(ModuleRule):
 
     def recorded_sides(self, m: nn.Module) -> tuple[Side, ...]:
         return (Side.HEADS,)
+
+    def inner_layers(self, m: nn.Module) -> Sequence[InnerLayer]:
+        """q, k and v (or the fused qkv) read the embed dim and write heads; o reads heads and
+        writes the output dim. Key/value rows follow whole KV groups only."""
+        lay = self._lay(m)
+        s = sizes(m, lay)
+        kv = s.kv_heads if s.rep > 1 else None
+        inputs = ((lay.qkv, kv),) if lay.qkv is not None else (
+            (lay.q, None), (lay.k, kv), (lay.v, kv))
+        out = [InnerLayer(path, Side.IN, Side.HEADS, units) for path, units in inputs]
+        if lay.o is not None:
+            out.append(InnerLayer(lay.o, Side.HEADS, Side.OUT))
+        return out
 
     def in_axis(self, m: nn.Module, ndim: int) -> int:
         return ndim - 1

@@ -220,6 +220,37 @@ def test_solver_respects_min_keep_and_reports_an_infeasible_budget() -> None:
         [len(c.counts) - 1 for c in problem.choices])).counts.values())
 
 
+def test_small_problems_are_solved_exactly_and_land_in_the_band() -> None:
+    """At most ``exact_max`` plans: the best of every plan within the budget (checked against
+    a loop over all of them); the relaxation never finds a better one; with a floor, the best
+    plan in ``[lower, budget]``, and the closest below when none is in it."""
+    import itertools
+
+    sizes = [32, 64, 48, 128]
+    problem, _ = _chain_problem(sizes, _scores(sizes, seed=5), round_to="auto")
+    plans = list(itertools.product(*(range(len(c.counts)) for c in problem.choices)))
+    assert len(plans) <= problem.exact_max
+    lats = [problem.latency(p) for p in plans]
+    dense = max(lats)
+    relaxed = Problem(problem.choices, problem.costs)
+    relaxed.exact_max = 0
+    for frac in (0.3, 0.45, 0.6, 0.75, 0.9):
+        budget = frac * dense
+        best = max(problem.value(p) for p, lat in zip(plans, lats, strict=True) if lat <= budget)
+        alloc = problem.solve(budget)
+        assert alloc.latency <= budget and alloc.value == pytest.approx(best), frac
+        assert relaxed.solve(budget).value <= best + 1e-9
+        lower = budget * 0.97
+        inside = [problem.value(p) for p, lat in zip(plans, lats, strict=True)
+                  if lower <= lat <= budget]
+        banded = problem.solve(budget, lower=lower)
+        if inside:
+            assert lower <= banded.latency <= budget
+            assert banded.value == pytest.approx(max(inside)), frac
+        else:
+            assert banded.latency == max(lat for lat in lats if lat <= budget)
+
+
 def test_candidate_counts_follow_round_to_min_keep_bounds_and_conv_blocks() -> None:
     g = _group("a:out", 64)
     assert candidate_counts(g, Global(0.0, round_to="auto"), 16) == (16, 32, 48, 64)
@@ -553,3 +584,36 @@ def test_loss_valuation_keeps_the_stream_the_loss_depends_on(synthetic: Syntheti
     assert hidden >= max(mlp), (hidden, mlp)
     scored = shrink.prune(model, x, shrink.PruneConfig(0.5, target="latency")).model
     assert scored.inp.out_features < res.model.inp.out_features   # what the valuation changes
+
+
+@pytest.mark.parametrize("gqa", ["groups", "query"])
+def test_attention_projections_follow_the_embed_dim_and_the_heads(gqa: str) -> None:
+    """q/k/v/o of a Hugging Face attention layer are timed with its groups: the hidden size on
+    one side, the heads on the other (a KV group keeps n_rep query heads of q and one head of
+    k and v; query heads cut inside every group leave k and v whole)."""
+    transformers = pytest.importorskip("transformers")
+    from shrink.latency.layers import inner_layers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=8)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = (torch.randint(0, 64, (1, 8)),)
+    groups = shrink.prune(model, x, shrink.PruneConfig(0.3, gqa=gqa, verify=False)
+                          ).analysis.groups
+    heads = next(g for g in groups if g.id.endswith("self_attn:heads"))
+    assert heads.size == (2 if gqa == "groups" else 4)
+    bound = {t.call.module.rsplit(".", 1)[-1]: t for t in terms(
+        layer_calls(model, x), groups, {g.id for g in groups if g.prunable}, 16,
+        inner_layers(model))}
+    hidden = bound["q_proj"].inp
+    assert len(hidden) == 1 and hidden[0][1] == 1.0   # one position per hidden channel
+    assert bound["o_proj"].out == hidden
+    per_q = 64 / heads.size   # q has 8 heads x 8 = 64 rows
+    assert bound["q_proj"].out == ((heads.id, per_q),)
+    assert bound["o_proj"].inp == ((heads.id, per_q),)
+    for kv in ("k_proj", "v_proj"):   # 2 KV heads x 8 = 16 rows
+        if gqa == "groups":
+            assert bound[kv].out == ((heads.id, 8.0),) and bound[kv].out_fixed == 0
+        else:
+            assert bound[kv].out == () and bound[kv].out_fixed == 16

@@ -43,6 +43,8 @@ class LatencyReport:
         measured_shapes: of those, how many were timed now (the rest came from the cache).
         seconds: wall time of the whole latency allocation.
         history: ``(predicted, measured)`` kept fractions of every plan timed end to end.
+        valuation: what the allocation maximised: ``"scores"`` (channel scores) or
+            ``"loss: ..."`` (measured loss; with the pruned copies evaluated and their time).
     """
 
     runtime: str
@@ -58,6 +60,7 @@ class LatencyReport:
     measured_shapes: int
     seconds: float
     history: tuple[tuple[float, float], ...] = ()
+    valuation: str = "scores"
 
     @property
     def measured(self) -> float:
@@ -69,7 +72,7 @@ class LatencyReport:
         return (f"latency ({self.runtime}, {self.threads} thread(s), batch {self.batch}): "
                 f"{self.dense_ms:.3f} ms -> {self.pruned_ms:.3f} ms, kept {self.measured:.3f} "
                 f"(goal {self.goal:.3f}, {state}; predicted {self.predicted:.3f}, "
-                f"{self.corrections} correction(s))")
+                f"{self.corrections} correction(s); valued by {self.valuation})")
 
 
 @dataclass(frozen=True, slots=True)

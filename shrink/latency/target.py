@@ -110,10 +110,15 @@ def solve_latency(
         cache = LatencyCache({**bench.key(), "batch": str(batch), "input": ",".join(
             "x".join(map(str, t.shape[1:])) for t in tensors)}, cache_dir)
         choices = _choices(groups, scores, target, bench.block, fingerprint)
+        valuation = "scores"
         if target.valuation is not None:
             with stage("latency valuation"):
+                memo = {} if memo is None else memo
+                t0 = time.perf_counter()
                 choices = loss_values(model, groups, scores, choices, target.valuation,
                                       fingerprint, memo)
+                valuation = (f"loss ({len(memo) - 1} pruned copies, "
+                             f"{time.perf_counter() - t0:.1f} s)")
         with stage("latency tables"):
             bound = terms(layer_calls(model, inputs), groups, {c.id for c in choices},
                           bench.block, inner_layers(model))
@@ -155,7 +160,7 @@ def solve_latency(
         predicted=loop.predicted(best.s), corrections=len(loop.history) - 1,
         converged=loop.met(best.r), layer_shapes=len(tables), measured_shapes=measured,
         seconds=time.perf_counter() - start,
-        history=tuple((loop.predicted(p.s), p.r) for p in loop.history))
+        history=tuple((loop.predicted(p.s), p.r) for p in loop.history), valuation=valuation)
     log.info("shrink: %s", report)
     return LatencySolution(best.plan, report)
 

@@ -579,6 +579,7 @@ def test_loss_valuation_keeps_the_stream_the_loss_depends_on(synthetic: Syntheti
     res = shrink.prune(model, x, shrink.PruneConfig(0.5, target="latency", valuation="loss",
                                                     data=data, loss_fn=nn.functional.mse_loss))
     assert res.report.latency is not None and res.report.latency.converged
+    assert res.report.latency.valuation.startswith("loss (")
     hidden = res.model.inp.out_features / 128
     mlp = [fc.out_features / 256 for fc in res.model.fc1]
     assert hidden >= max(mlp), (hidden, mlp)

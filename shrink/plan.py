@@ -391,8 +391,17 @@ def _check_size(data: Mapping[str, object]) -> None:
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the sorted (name, shape, dtype) of every parameter and buffer."""
-    items = sorted(
-        (name, tuple(t.shape), str(t.dtype))
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
-    )
+    items = []
+    params: set[int] = set()
+    buffers: set[int] = set()
+    # named_parameters() + named_buffers() in one walk: each lists a tensor once, by the name
+    # of its first holder in named_modules() order
+    for prefix, mod in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for tensors, seen in ((mod._parameters, params), (mod._buffers, buffers)):
+            for name, t in tensors.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    items.append((dot + name, tuple(t.shape), str(t.dtype)))
+    items.sort()
     return hashlib.sha256(repr(items).encode()).hexdigest()[:16]

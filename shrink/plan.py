@@ -236,7 +236,12 @@ class Plan:
             if not dropped:
                 continue
             for m in g.members:
-                out.setdefault((m.module, m.side), set()).update(m.index_map.positions(dropped))
+                im = m.index_map
+                # a member whose positions carry the channels of the same number (the usual
+                # case): its dropped positions are the dropped channels it has
+                out.setdefault((m.module, m.side), set()).update(
+                    dropped.intersection(im.index) if im.index == im.channel
+                    else im.positions(dropped))
         ordered = sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1].value))
         return {k: sorted(v) for k, v in ordered}
 

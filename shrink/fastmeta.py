@@ -200,14 +200,14 @@ def _flops(formula: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         return formula(*args, **kwargs, out_val=out)
     try:
         shapes = _shapes((args, kwargs, out))
-    except _NotPlain:
+    except _NotPlainError:
         return formula(*args, **kwargs, out_val=out)
     a, k, out_shape = shapes
     return raw(*a, out_shape=out_shape, **k)
 
 
-class _NotPlain(Exception):
-    pass
+class _NotPlainError(Exception):
+    """A value :func:`_shapes` leaves to pytree."""
 
 
 _PLAIN_VALUES = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device,
@@ -216,7 +216,7 @@ _PLAIN_VALUES = frozenset({int, float, bool, str, type(None), torch.dtype, torch
 
 def _shapes(value: Any) -> Any:
     """``pytree.tree_map(get_shape, value)`` for the plain values of aten calls (raises
-    :class:`_NotPlain` on anything else, which pytree may treat as a container)."""
+    :class:`_NotPlainError` on anything else, which pytree may treat as a container)."""
     kind = type(value)
     if kind in _PLAIN_VALUES:
         return value
@@ -226,7 +226,7 @@ def _shapes(value: Any) -> Any:
         return kind(_shapes(v) for v in value)
     if kind is dict:
         return {k: _shapes(v) for k, v in value.items()}
-    raise _NotPlain
+    raise _NotPlainError
 
 
 @cache

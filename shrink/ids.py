@@ -229,7 +229,7 @@ class Tracker:
 
 
 def smallest_connected(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """For nodes ``0..n-1`` joined by the edges ``a[k]``–``b[k]``: the smallest node of each
+    """For nodes ``0..n-1`` joined by the edges ``a[k]``-``b[k]``: the smallest node of each
     node's connected component.
 
     The smallest label is propagated along the edges, with pointer jumping (a label's label is

@@ -127,10 +127,10 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    plan, analysis, latency, probe = _plan(model, inputs, analysis, scores, config.policy,
-                                           captured)
+    plan, analysis, latency, probe, built = _plan(model, inputs, analysis, scores,
+                                                  config.policy, captured)
     with stage("apply"):
-        pruned = apply(model, plan)
+        pruned = apply(model, plan) if built is None else built
     report = None
     if config.verify:
         parts = () if captured.parts is None else captured.parts.captured
@@ -151,14 +151,16 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
           scores: Mapping[str, torch.Tensor], policy: Policy | LatencyTarget,
-          captured: Captured) -> tuple[Plan, Analysis, LatencyReport | None, ShapeProbe]:
+          captured: Captured
+          ) -> tuple[Plan, Analysis, LatencyReport | None, ShapeProbe, nn.Module | None]:
     """select, then the shape probe: pin the groups whose pruning breaks a shape and select
     again (the budget goes to the other groups), until the pruned architecture fits. A model
     captured in parts is probed part by part, on each part's recorded inputs.
 
     Returns the plan, the analysis with the probe's pins (and a diagnostic for each, and one
-    for the latency target's outcome), the latency report of a latency target, and the probe
-    (whose runs tell verify the MACs and the dense model's layer calls).
+    for the latency target's outcome), the latency report of a latency target, the probe
+    (whose runs tell verify the MACs and the dense model's layer calls), and the pruned model
+    when the first plan fitted (it was built for the probe to check), else None.
     """
     parts = () if captured.parts is None else part_calls(captured.graph_modules,
                                                           captured.graph_inputs)
@@ -204,10 +206,13 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
         with stage("select"):
             plan = select(groups, scores, chosen, analysis.model)
     with stage("probe"):
-        while found := probe.culprits(plan):
-            pinned.update(found)
-            groups = pin(groups, found)
-            plan = make_plan()
+        built = _build(model, plan) if probe.on_meta else None
+        if built is None or not probe.fits(plan, built):
+            built = None
+            while found := probe.culprits(plan):
+                pinned.update(found)
+                groups = pin(groups, found)
+                plan = make_plan()
     notes = tuple(Diagnostic("pinned", f"{gid}: {why}") for gid, why in pinned.items())
     if latency:
         report = latency[-1]
@@ -215,7 +220,21 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     if notes:
         analysis = Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
                             frontend=analysis.frontend)
-    return plan, analysis, latency[-1] if latency else None, probe
+    return plan, analysis, latency[-1] if latency else None, probe, built
+
+
+def _build(model: nn.Module, plan: Plan) -> nn.Module | None:
+    """``apply(model, plan)``, built before the shape probe has passed the plan so that the
+    probe can check it (:meth:`ShapeProbe.fits`) instead of applying the plan to a meta copy
+    too; None when it cannot be built (the probe then finds what breaks, and the apply stage
+    raises what it raised) or for a Hugging Face model, whose config the real apply settles
+    and the probe's meta apply does not."""
+    if hf.is_hf(model):
+        return None
+    try:
+        return apply(model, plan)
+    except Exception:  # the probe and the apply stage report it, as without this step
+        return None
 
 
 def _capture_and_analyze(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig,

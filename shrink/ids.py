@@ -147,8 +147,16 @@ class Tracker:
         if not diff.any():
             return
         keys = np.unique((ra[diff] << 32) | rb[diff])
-        for key in keys.tolist():
-            self._link(key >> 32, key & 0xFFFFFFFF)
+        if len(keys) <= 8:
+            for key in keys.tolist():
+                self._link(key >> 32, key & 0xFFFFFFFF)
+            return
+        # many pairs of roots (a channel-wise union): link each component of the pairs to its
+        # smallest root at once, which is where linking pair by pair ends up too
+        nodes, node = np.unique(np.concatenate([keys >> 32, keys & 0xFFFFFFFF]),
+                                return_inverse=True)
+        label = smallest_connected(len(nodes), node[: len(keys)], node[len(keys):])
+        self._parent[nodes] = nodes[label]
 
     def union_all(self, arr: np.ndarray) -> None:
         flat = np.unique(arr)
@@ -218,6 +226,32 @@ class Tracker:
 
     def diagnose(self, severity: str, message: str) -> None:
         self.diagnostics.append((severity, message))
+
+
+def smallest_connected(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For nodes ``0..n-1`` joined by the edges ``a[k]``-``b[k]``: the smallest node of each
+    node's connected component.
+
+    The smallest label is propagated along the edges, with pointer jumping (a label's label is
+    in the same component and no larger), until nothing changes: then labels agree across
+    every edge, so each component has one label, which is its smallest node (a node's label is
+    never larger than the node).
+    """
+    label = np.arange(n, dtype=np.int64)
+    while len(a):
+        low = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, low)
+        np.minimum.at(new, b, low)
+        while True:
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            break
+        label = new
+    return label
 
 
 # ------------------------------------------------------------------ helpers on values

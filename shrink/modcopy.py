@@ -49,17 +49,24 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
         return copy.deepcopy(module, memo)
     new = type(module).__new__(type(module))
     memo[id(module)] = new
-    _keep_alive(module, memo)
+    # What this function memoises (the module, its dicts, its empty containers) is held by
+    # ``module``, which outlives the copy, so unlike ``deepcopy`` it need not keep it alive
+    # through the memo (``deepcopy`` does so for the objects it makes along the way).
     state = module.__getstate__()  # a new dict: nothing else can refer to it
     copied: dict[str, Any] = {}
     for key, value in state.items():
-        if key == "_modules" and type(value) is dict:
+        kind = type(value)
+        if kind in _ATOMS:
+            copied[key] = value
+        elif kind in _EMPTY and not value and id(value) not in memo:
+            copied[key] = memo[id(value)] = kind()  # the hook dicts, mostly
+        elif key == "_modules" and kind is dict:
             children: dict[str, Any] = {}
             memo[id(value)] = children
             for name, child in value.items():
                 children[name] = child if child is None else copy_module(child, memo)
             copied[key] = children
-        elif key in ("_parameters", "_buffers") and type(value) is dict:
+        elif key in ("_parameters", "_buffers") and kind is dict:
             copied[key] = _tensors(value, memo)
         else:
             copied[key] = _value(value, memo)
@@ -72,7 +79,6 @@ def _tensors(tensors: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
     memo's tensors looked up directly."""
     new: dict[str, Any] = {}
     memo[id(tensors)] = new
-    _keep_alive(tensors, memo)
     for name, t in tensors.items():
         found = memo.get(id(t), _MISSING)
         new[name] = found if found is not _MISSING else copy.deepcopy(t, memo)
@@ -89,17 +95,9 @@ def _value(value: Any, memo: dict[int, Any]) -> Any:
     if kind is tuple and all(type(v) in _ATOMS for v in value):
         return value
     if kind in _EMPTY and not value and id(value) not in memo:
-        new = kind()
-        memo[id(value)] = new
-        _keep_alive(value, memo)
+        new = memo[id(value)] = kind()
         return new
     return copy.deepcopy(value, memo)
-
-
-def _keep_alive(value: Any, memo: dict[int, Any]) -> None:
-    """What ``deepcopy`` does with every object it memoises: keep it alive for the memo's
-    lifetime, so that no id in the memo is reused by a new object during the copy."""
-    memo.setdefault(id(memo), []).append(value)
 
 
 _PLAIN: dict[type, bool] = {}
@@ -140,14 +138,15 @@ def shared_copy(model: nn.Module, own: Collection[str] = ()) -> nn.Module:
         >>> ref = shared_copy(model)   # model's flags, hooks and tensors untouched
     """
     inside = tuple(f"{fqn}." for fqn in own)
-    readers: dict[int, bool] = {}
+    readers: dict[int, tuple[torch.Tensor, bool]] = {}  # every tensor: shared if all read only
     for fqn, mod in model.named_modules(remove_duplicate=False):
-        reads_only = _reads_only(mod) and fqn not in own and not fqn.startswith(inside)
+        reads_only = _reads_only(mod) and (
+            not own or (fqn not in own and not fqn.startswith(inside)))
         for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
             if t is not None:
-                readers[id(t)] = readers.get(id(t), True) and reads_only
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
-                            if readers.get(id(t))}
+                seen = readers.get(id(t))
+                readers[id(t)] = (t, reads_only if seen is None else seen[1] and reads_only)
+    memo: dict[int, Any] = {i: t for i, (t, shared) in readers.items() if shared}
     return copy_module(model, memo).eval()
 
 

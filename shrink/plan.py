@@ -236,7 +236,12 @@ class Plan:
             if not dropped:
                 continue
             for m in g.members:
-                out.setdefault((m.module, m.side), set()).update(m.index_map.positions(dropped))
+                im = m.index_map
+                # a member whose positions carry the channels of the same number (the usual
+                # case): its dropped positions are the dropped channels it has
+                out.setdefault((m.module, m.side), set()).update(
+                    dropped.intersection(im.index) if im.index == im.channel
+                    else im.positions(dropped))
         ordered = sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1].value))
         return {k: sorted(v) for k, v in ordered}
 
@@ -391,8 +396,17 @@ def _check_size(data: Mapping[str, object]) -> None:
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the sorted (name, shape, dtype) of every parameter and buffer."""
-    items = sorted(
-        (name, tuple(t.shape), str(t.dtype))
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
-    )
+    items = []
+    params: set[int] = set()
+    buffers: set[int] = set()
+    # named_parameters() + named_buffers() in one walk: each lists a tensor once, by the name
+    # of its first holder in named_modules() order
+    for prefix, mod in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for tensors, seen in ((mod._parameters, params), (mod._buffers, buffers)):
+            for name, t in tensors.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    items.append((dot + name, tuple(t.shape), str(t.dtype)))
+    items.sort()
     return hashlib.sha256(repr(items).encode()).hexdigest()[:16]

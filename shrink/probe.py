@@ -134,6 +134,11 @@ class ShapeProbe:
             for m, training in modes:
                 m.training = training
 
+    @property
+    def on_meta(self) -> bool:
+        """Whether the probe runs on the meta device (False: on real copies of the model)."""
+        return self._base is not self._model
+
     def dense_run(self) -> DenseRun | None:
         """The dense model's MACs, output signature and layer calls on the example inputs,
         from the probe's first run (for :func:`shrink.verify`); None for a model probed in
@@ -170,6 +175,25 @@ class ShapeProbe:
         if failure is None:
             self._last_fit = (plan, macs)
         return failure
+
+    def fits(self, plan: Plan, pruned: nn.Module) -> bool:
+        """Whether ``plan`` fits, judged from ``pruned``, the model :func:`shrink.apply` built
+        from the caller's model and ``plan``: the run :meth:`check` makes, on a meta copy of
+        ``pruned`` instead of a plan applied to the probe's own copy (which costs as much as
+        the real apply). False when it does not fit or the probe runs on real tensors; the
+        caller then calls :meth:`culprits`, whose runs and reasons are those of a probe that
+        never saw ``pruned``."""
+        if not self.on_meta:
+            return False
+        self.runs += 1
+        try:
+            out, macs = self._forward(meta_copy(pruned))
+        except Exception:
+            return False
+        if _compare(list(_leaves(out)), self._dense) is not None:
+            return False
+        self._last_fit = (plan, macs)
+        return True
 
     def culprits(self, plan: Plan) -> dict[str, str]:
         """The decided groups whose pruning breaks the architecture, with the reason for each.

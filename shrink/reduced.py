@@ -133,6 +133,12 @@ class recording_calls:  # noqa: N801 (a context manager, used as a function)
                 mode.in_hooks = True
             return pre
 
+        def entered(fqn: str) -> Callable[..., None]:
+            def pre(_m: nn.Module, _a: Any) -> None:
+                calls.append(fqn)
+                mode.in_hooks = False
+            return pre
+
         def in_hooks(*_: Any) -> None:
             mode.in_hooks = True
 
@@ -140,10 +146,17 @@ class recording_calls:  # noqa: N801 (a context manager, used as a function)
             mode.in_hooks = False
 
         for fqn, m in self.model.named_modules():  # ours run first and last around the others
-            self._handles += [m.register_forward_pre_hook(called(fqn), prepend=True),
-                              m.register_forward_pre_hook(in_forward),
-                              m.register_forward_hook(in_hooks, prepend=True),
-                              m.register_forward_hook(in_hooks if fqn == "" else in_forward)]
+            after = in_hooks if fqn == "" else in_forward
+            if m._forward_pre_hooks:
+                self._handles += [m.register_forward_pre_hook(called(fqn), prepend=True),
+                                  m.register_forward_pre_hook(in_forward)]
+            else:  # no hooks of its own: one of ours does what both would
+                self._handles.append(m.register_forward_pre_hook(entered(fqn)))
+            if m._forward_hooks:
+                self._handles += [m.register_forward_hook(in_hooks, prepend=True),
+                                  m.register_forward_hook(after)]
+            else:
+                self._handles.append(m.register_forward_hook(after))
         mode.__enter__()
         return calls
 

@@ -373,18 +373,21 @@ def _to64(v: Any) -> Any:
     return v
 
 
-def _versions(*models: nn.Module) -> dict[int, int]:
-    return {id(t): t._version for m in models
-            for t in itertools.chain(m.parameters(), m.buffers())}
+def _versions(*models: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    return [(t, t._version) for m in models
+            for t in itertools.chain(m.parameters(), m.buffers())]
 
 
-def _check_untouched(versions: dict[int, int], *models: nn.Module) -> None:
+def _check_untouched(versions: list[tuple[torch.Tensor, int]], *models: nn.Module) -> None:
     """The oracle's copies share with the caller's models the tensors of layers whose forward
     only reads them (:func:`~shrink.modcopy.shared_copy`); should a forward write one anyway
     (a hook added since, a torch that changed), it is reported, never passed over."""
+    written = {id(t) for t, version in versions if t._version != version}
+    if not written:
+        return
     for m in models:
         for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
-            if versions.get(id(t), t._version) != t._version:
+            if id(t) in written:
                 raise InvariantError(
                     f"the forward pass wrote to tensor {name!r} of {type(m).__name__} in "
                     "place during verification, so the model has changed; verify a copy "

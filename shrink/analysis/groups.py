@@ -15,38 +15,14 @@ from collections import defaultdict
 import numpy as np
 
 from shrink.errors import InvariantError
-from shrink.ids import Tracker
+from shrink.ids import Tracker, smallest_connected
 from shrink.plan import ChannelGroup, IndexMap, Member, Side
 
 
 def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[ChannelGroup, ...]:
     n = t.n
     root = t.roots(np.arange(n, dtype=np.int64))
-
-    # cluster roots by shared allocation batch
-    cparent = {int(r): int(r) for r in np.unique(root)}
-
-    def cfind(x: int) -> int:
-        while cparent[x] != x:
-            cparent[x] = cparent[cparent[x]]
-            x = cparent[x]
-        return x
-
-    for b in t.batches:
-        rs = np.unique(root[b.start : b.start + b.size]).tolist()
-        first = cfind(rs[0])
-        for r in rs[1:]:
-            cr = cfind(r)
-            if cr != first:
-                lo, hi = min(first, cr), max(first, cr)
-                cparent[hi] = lo
-                first = lo
-
-    # vectorised lookup: id -> cluster of its root
-    clu = np.zeros(n, dtype=np.int64)
-    for r in cparent:
-        clu[r] = cfind(r)
-    cluster = clu[root]
+    cluster = _clusters(t, root)  # id -> its cluster: the smallest root sharing a batch with it
 
     cluster_channels, channel_of, label_of = _channels(t, root, cluster)
 
@@ -79,7 +55,7 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
     inexact = {int(cluster[i]) for i in t.inexact}
     blocks: dict[int, tuple[int, ...]] = {}
     for fqn, ids, nblocks in t.blocks:
-        _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, blocks,
+        _apply_blocks(fqn, ids, nblocks, root, cluster, channel_of, cluster_channels, blocks,
                       pin_reasons)
 
     groups = []
@@ -105,6 +81,23 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
             )
         )
     return tuple(groups)
+
+
+def _clusters(t: Tracker, root: np.ndarray) -> np.ndarray:
+    """The cluster of every id: roots allocated in one batch (the ids of one ``fresh``) are in
+    one cluster, transitively, and a cluster is named by its smallest root.
+
+    Computed as the connected components of the roots, with an edge from the root of every
+    id to the root of its batch's first id.
+    """
+    roots, node = np.unique(root, return_inverse=True)  # roots ascending; node: id -> index
+    if len(t.batches) == 0:
+        return root.copy()
+    starts = np.fromiter((b.start for b in t.batches), dtype=np.int64, count=len(t.batches))
+    batch = np.searchsorted(starts, np.arange(len(root), dtype=np.int64), side="right") - 1
+    edges = np.unique((node << 32) | node[starts[batch]])
+    a, b = edges >> 32, edges & 0xFFFFFFFF
+    return roots[smallest_connected(len(roots), a[a != b], b[a != b])][node]
 
 
 def _first_batch(chans: list[int], root: np.ndarray, t: Tracker) -> int:
@@ -140,34 +133,40 @@ def _channels(t: Tracker, root: np.ndarray, cluster: np.ndarray
     return cluster_channels, channel_of, label_of
 
 
-def _apply_blocks(fqn, ids, nblocks, root, cfind, channel_of, cluster_channels, blocks,  # type: ignore[no-untyped-def]
-                  pin_reasons) -> None:
+def _apply_blocks(fqn: str, ids: np.ndarray, nblocks: int, root: np.ndarray,
+                  cluster: np.ndarray, channel_of: np.ndarray,
+                  cluster_channels: dict[int, list[int]], blocks: dict[int, tuple[int, ...]],
+                  pin_reasons: dict[int, list[str]]) -> None:
     """Turn 'these positions form nblocks equal blocks' into a block label per group channel."""
     per = len(ids) // nblocks
-    clusters = {cfind(int(root[i])) for i in ids.tolist()}
+    clusters = set(cluster[ids].tolist())
     why = None
-    labels: dict[int, dict[int, int]] = {c: {} for c in clusters}
+    labels: dict[int, tuple[int, ...]] = {}
     if len(clusters) > 1:
         why = f"grouped conv {fqn} spans channels of several groups"
-    else:
-        for k, i in enumerate(ids.tolist()):
-            r = int(root[i])
-            c = cfind(r)
-            ch = int(channel_of[r])
-            if labels[c].setdefault(ch, k // per) != k // per:
-                why = f"grouped conv {fqn} would need one channel in two of its conv groups"
-                break
+    elif clusters:
+        (c,) = clusters
+        chans = channel_of[root[ids]]
+        block = np.arange(len(ids), dtype=np.int64) // per if per else np.zeros(len(ids), np.int64)
+        size = len(cluster_channels[c])
+        lo = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+        hi = np.full(size, -1, dtype=np.int64)
+        np.minimum.at(lo, chans, block)
+        np.maximum.at(hi, chans, block)
+        seen = hi >= 0
+        if bool((lo[seen] != hi[seen]).any()):
+            why = f"grouped conv {fqn} would need one channel in two of its conv groups"
+        elif not bool(seen.all()):
+            why = f"grouped conv {fqn} covers only part of its channel group"
+        else:
+            labels[c] = tuple(lo.tolist())
     for c in clusters:
         if why is None:
-            size = len(cluster_channels[c])
-            if len(labels[c]) != size:
-                why = f"grouped conv {fqn} covers only part of its channel group"
+            lab = labels[c]
+            if blocks.get(c, lab) != lab:
+                why = (f"grouped conv {fqn} and another grouped conv split the channels "
+                       "differently")
             else:
-                lab = tuple(labels[c][ch] for ch in range(size))
-                if blocks.get(c, lab) != lab:
-                    why = (f"grouped conv {fqn} and another grouped conv split the channels "
-                           "differently")
-                else:
-                    blocks[c] = lab
+                blocks[c] = lab
         if why is not None:
             pin_reasons[c].append(why)

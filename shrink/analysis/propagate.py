@@ -118,7 +118,7 @@ class Propagator(fx.Interpreter):
 
         args = fx.node.map_arg(n.args, lambda a: self.ids[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self.ids[a])
-        call = Call(tuple(args), dict(kwargs), out, n, describe(n), source_location(n))
+        call = Call(tuple(args), dict(kwargs), out, n, describe(n), t.where)  # run_node set it
         result: Any = None
         handled = False
         if n.op == "call_module":

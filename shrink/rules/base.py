@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -197,7 +198,16 @@ def set_param_(m: nn.Module, name: str, value: torch.Tensor | None,
 
 
 def index(t: torch.Tensor, dim: int, keep: Sequence[int]) -> torch.Tensor:
-    return t.index_select(dim, torch.as_tensor(list(keep), dtype=torch.long, device=t.device))
+    return t.index_select(dim, _positions(tuple(keep), t.device))
+
+
+@lru_cache(maxsize=64)
+def _positions(keep: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``keep`` as an index tensor, made once for the several tensors of a layer (a norm's
+    four) and the layers of a group that keep the same positions; only ever read. Made
+    outside inference mode, so that autograd may save it wherever it is used later."""
+    with torch.inference_mode(False):
+        return torch.as_tensor(keep, dtype=torch.long, device=device)
 
 
 def sliced_copy(m: M, names: Sequence[str], dim: int, keep: Sequence[int]) -> M:

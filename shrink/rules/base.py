@@ -275,7 +275,7 @@ def _on_meta(base: type[M], *args: Any, **kwargs: Any) -> M:
     rule replaces with sliced real ones (:func:`set_param_`; apply checks none is left). That
     initialisation was a third of the cost of rebuilding a conv."""
     new = base.__new__(base)
-    new.__class__ = _without_init(base)
+    new.__class__ = _without_init(base)  # type: ignore[assignment, arg-type]
     try:
         base.__init__(new, *args, **kwargs)
     finally:

@@ -58,15 +58,16 @@ class BatchNormRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
-        ref = m.weight if m.weight is not None else m.running_mean
-        device = None if ref is None else ref.device  # type: ignore[union-attr]
+        bn = narrow(m, nn.modules.batchnorm._BatchNorm)
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        device = None if ref is None else ref.device
         # built on meta, every tensor then set to a real slice: as if constructed on
         # ``device`` and copied into, without filling tensors that are overwritten
         new = construct(
             m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
             len(kout), eps=m.eps, momentum=m.momentum, affine=m.affine,  # type: ignore[arg-type]
             track_running_stats=m.track_running_stats,  # type: ignore[arg-type]
-            device="meta", dtype=None if ref is None else ref.dtype,  # type: ignore[union-attr]
+            device="meta", dtype=None if ref is None else ref.dtype,
         )
         for name in _STATE:
             old, built = getattr(m, name), getattr(new, name)
@@ -77,10 +78,10 @@ class BatchNormRule(ModuleRule):
                 set_param_(new, name, value, old)
             else:
                 setattr(new, name, value)
-        counted = m.num_batches_tracked
+        counted = bn.num_batches_tracked
         if counted is not None and new.num_batches_tracked is not None:
-            new.num_batches_tracked = counted.detach().to(  # type: ignore[assignment]
-                device=device, dtype=torch.long, copy=True)
+            new.num_batches_tracked = counted.detach().to(device=device, dtype=torch.long,
+                                                          copy=True)
         return finish(new, m)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -36,7 +37,7 @@ def axis_length(model: nn.Module, fqn: str, side: Side) -> int | None:
 def describe_mismatch(plan_model: nn.Module, extents: Mapping[tuple[str, Side], int]) -> str | None:
     """First plan extent that does not match the model, as a sentence; None when all match."""
     modules = dict(plan_model.named_modules())
-    tensors = dict(plan_model.named_parameters()) | dict(plan_model.named_buffers())
+    tensors: dict[str, Any] | None = None  # made for the first tensor member, if any
     for (fqn, side), extent in extents.items():
         if side is Side.ATTR:
             owner, _, attr = fqn.rpartition(".")
@@ -45,6 +46,8 @@ def describe_mismatch(plan_model: nn.Module, extents: Mapping[tuple[str, Side], 
                 return f"the plan expects attribute {fqn!r} to be {extent}, the model has {value!r}"
             continue
         if side.tensor_axis is not None:
+            if tensors is None:
+                tensors = dict(plan_model.named_parameters()) | dict(plan_model.named_buffers())
             t = tensors.get(fqn)
             if t is None:
                 return f"the plan prunes tensor {fqn!r}, which the model does not have"

@@ -18,11 +18,12 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from shrink.capture_parts import PartsSummary, capture_parts
@@ -72,6 +73,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = tuple(leaf_types)
         self.record_stack_traces = True
+        self._frame_lines: dict[tuple[CodeType, int], str] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if rule_for(m) is not None or isinstance(m, self.leaf_types):
@@ -91,16 +93,19 @@ class _Tracer(fx.Tracer):
         finally:
             self.record_stack_traces = True
         if not node.stack_trace:
-            node.stack_trace = _stack_trace(sys._getframe(1)) or None
+            node.stack_trace = _stack_trace(sys._getframe(1), self._frame_lines) or None
         return node
 
 
-def _stack_trace(frame: FrameType | None) -> str:
+def _stack_trace(frame: FrameType | None,
+                 memo: dict[tuple[CodeType, int], str] | None = None) -> str:
     """``frame``'s stack as fx records it (``TracerBase.create_node``): the frames from the
     first ``forward`` on, without those of the files fx finds uninteresting, formatted as a
-    traceback (``File "...", line N, in fn`` and the source line)."""
+    traceback (``File "...", line N, in fn`` and the source line). ``memo`` keeps each
+    (code, line)'s text across the nodes of one trace, which share most of their frames."""
     from torch.fx.experimental.symbolic_shapes import uninteresting_files
 
+    memo = {} if memo is None else memo
     frames: list[FrameType] = []
     while frame is not None:
         frames.append(frame)
@@ -113,13 +118,19 @@ def _stack_trace(frame: FrameType | None) -> str:
     lines = []
     for f in frames[first:]:
         code = f.f_code
-        if code.co_filename in skip:
-            continue
-        lines.append(f'  File "{code.co_filename}", line {f.f_lineno}, in {code.co_name}\n')
-        source = linecache.getline(code.co_filename, f.f_lineno).strip()
-        if source:
-            lines.append(f"    {source}\n")
+        key = (code, f.f_lineno)
+        text = memo.get(key)
+        if text is None:
+            text = memo[key] = "" if code.co_filename in skip else _frame_text(code, f.f_lineno)
+        if text:
+            lines.append(text)
     return "".join(lines).strip()
+
+
+def _frame_text(code: CodeType, line: int) -> str:
+    text = f'  File "{code.co_filename}", line {line}, in {code.co_name}\n'
+    source = linecache.getline(code.co_filename, line).strip()
+    return f"{text}    {source}\n" if source else text
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -308,7 +319,9 @@ def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) 
             "  fix: make that code traceable (e.g. torch.fx.wrap a helper), or keep the module "
             "that contains it opaque with leaf_types=[ThatModule] (its channels then stay)."
         ) from e
-    gm = fx.GraphModule(copied, graph, name)
+    # lazily compiled: shrink only interprets the graph, so the Python source fx would
+    # generate and compile for forward is made on the first call, if any (same module)
+    gm = _LazyGraphModule(copied, graph, name)
     object.__setattr__(gm, "_shrink_leaf_types", tuple(leaf_types))
     # the traced copy with its plain attributes (GraphModule keeps only modules and tensors):
     # rules look up int attributes that forward uses as sizes (shrink.rules.structural)

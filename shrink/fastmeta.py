@@ -12,7 +12,9 @@ is plain to state:
 * eval-mode batch norm: the input's shape, after checking that every per-channel tensor has
   ``input.size(1)`` elements;
 * ``mean`` over some dims, and ``cat`` of tensors of one dtype and rank that agree off the
-  concatenated dim.
+  concatenated dim;
+* a convolution (not transposed) of a contiguous input and weight: its output shape, and with
+  ``count`` its flops by FlopCounterMode's own formula.
 
 Only contiguous meta tensors of the exact class ``torch.Tensor`` (or ``nn.Parameter``) take
 these paths, where the default kernel also returns contiguous results; anything else, and any
@@ -123,6 +125,46 @@ def _cat(tensors: Any, dim: int = 0) -> Any:
     return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
+def _conv(x: Any, w: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
+          transposed: Any, output_padding: Any, groups: Any) -> Any:
+    """``aten.convolution`` of a contiguous meta input and weight (not transposed): the output
+    shape of ``meta_conv``, whose Python costs half a meta forward of a conv net."""
+    if transposed or not (_plain(x) and _plain(w) and x.is_floating_point()):
+        return NotImplemented
+    n = x.dim() - 2
+    if n < 1 or w.dim() != n + 2 or w.dtype != x.dtype or type(groups) is not int:
+        return NotImplemented
+    if not all(_ints(v, n) for v in (stride, padding, dilation)):
+        return NotImplemented
+    if groups < 1 or w.shape[0] % groups or w.shape[1] * groups != x.shape[1] or 0 in x.shape:
+        return NotImplemented
+    if bias is not None and not (_plain(bias) and bias.dtype == x.dtype
+                                 and tuple(bias.shape) == (w.shape[0],)):
+        return NotImplemented
+    shape = [x.shape[0], w.shape[0]]
+    for side, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation,
+                                strict=True):
+        if s < 1 or d < 1 or p < 0 or side + 2 * p < d * (k - 1) + 1:
+            return NotImplemented  # the default kernel raises the user-facing error
+        shape.append((side + 2 * p - d * (k - 1) - 1) // s + 1)
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
+def _ints(v: Any, n: int) -> bool:
+    return type(v) in (list, tuple) and len(v) == n and all(type(i) is int for i in v)
+
+
+@cache
+def _conv_flop_count() -> Any:
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count
+
+
+def _conv_flops(x: torch.Size, w: torch.Size, out: torch.Size) -> int:
+    return int(_conv_flop_count()(x, w, out, transposed=False))
+
+
 def _batch_norm(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if kwargs or len(args) < 5:
         return NotImplemented
@@ -157,6 +199,12 @@ class FastMeta(TorchDispatchMode):
         out = _fast(func, args, kwargs)  # the ops answered here have no flop formula
         if out is not NotImplemented:
             return out
+        if func is aten.convolution.default and not kwargs:
+            out = _conv(*args)
+            if out is not NotImplemented:
+                if self.count:  # FlopCounterMode's formula (conv_flop), on the same shapes
+                    self.flops += int(_conv_flops(args[0].shape, args[1].shape, out.shape))
+                return out
         if not self.count:
             return func(*args, **kwargs)
         return self._counted(func, args, kwargs)

@@ -204,6 +204,9 @@ def _check_materialized(fqn: str, old: nn.Module, new: nn.Module) -> None:
     Raises:
         InvariantError: ``new`` holds a meta tensor and ``old`` holds none.
     """
+    if not any(t is not None and t.is_meta for m in new.modules()
+               for t in itertools.chain(m._parameters.values(), m._buffers.values())):
+        return
     left = [n for n, t in itertools.chain(new.named_parameters(), new.named_buffers())
             if t.is_meta]
     if left and not any(t.is_meta for t in itertools.chain(old.parameters(), old.buffers())):

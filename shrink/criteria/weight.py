@@ -39,6 +39,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -81,10 +82,19 @@ def _scatter(total: torch.Tensor, group: ChannelGroup, member_vals: list[tuple[A
         return
     chans, picked = [], []
     for member, vals in member_vals:
-        chans.append(torch.as_tensor(member.index_map.channel, dtype=torch.long))
-        picked.append(vals[torch.as_tensor(member.index_map.index, dtype=torch.long)])
+        imap = member.index_map
+        whole = _positions(len(imap.index))  # most members: position k carries channel k
+        chans.append(torch.arange(len(whole)) if imap.channel == whole
+                     else torch.as_tensor(imap.channel, dtype=torch.long))
+        picked.append(vals if imap.index == whole and len(vals) == len(whole)
+                      else vals[torch.as_tensor(imap.index, dtype=torch.long)])
     total.scatter_reduce_(0, torch.cat(chans), torch.cat(picked), reduce=reduce,
                           include_self=False)
+
+
+@lru_cache(maxsize=256)
+def _positions(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,10 +31,10 @@ from shrink.rules.base import (
     Keep,
     ModuleRule,
     construct,
-    copy_param_,
     finish,
     index,
     narrow,
+    set_param_,
     sliced_copy,
 )
 from shrink.rules.pointwise import ElementwiseModuleRule
@@ -58,22 +58,30 @@ class BatchNormRule(ModuleRule):
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
-        ref = m.weight if m.weight is not None else m.running_mean
+        bn = narrow(m, nn.modules.batchnorm._BatchNorm)
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        device = None if ref is None else ref.device
+        # built on meta, every tensor then set to a real slice: as if constructed on
+        # ``device`` and copied into, without filling tensors that are overwritten
         new = construct(
             m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
             len(kout), eps=m.eps, momentum=m.momentum, affine=m.affine,  # type: ignore[arg-type]
             track_running_stats=m.track_running_stats,  # type: ignore[arg-type]
-            device=None if ref is None else ref.device,  # type: ignore[union-attr]
-            dtype=None if ref is None else ref.dtype,  # type: ignore[union-attr]
+            device="meta", dtype=None if ref is None else ref.dtype,
         )
         for name in _STATE:
-            old = getattr(m, name)
-            if old is not None:
-                copy_param_(getattr(new, name), index(old, 0, kout))
-                if isinstance(old, nn.Parameter):
-                    getattr(new, name).requires_grad_(old.requires_grad)
-        if m.num_batches_tracked is not None:
-            copy_param_(new.num_batches_tracked, m.num_batches_tracked)  # type: ignore[arg-type]
+            old, built = getattr(m, name), getattr(new, name)
+            if old is None or built is None:
+                continue
+            value = index(old.detach(), 0, kout).to(device=device, dtype=built.dtype)
+            if isinstance(old, nn.Parameter):
+                set_param_(new, name, value, old)
+            else:
+                setattr(new, name, value)
+        counted = bn.num_batches_tracked
+        if counted is not None and new.num_batches_tracked is not None:
+            new.num_batches_tracked = counted.detach().to(device=device, dtype=torch.long,
+                                                          copy=True)
         return finish(new, m)
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from shrink.rules import rule_for
+from shrink.rules.base import Keep
 from tests.helpers import kept, prune_checked
 
 
@@ -83,3 +85,48 @@ def test_group_norm_shrink_refuses_partial_groups() -> None:
     gn = nn.GroupNorm(2, 8)
     with pytest.raises(ValueError, match="whole groups"):
         rule_for(gn).shrink(gn, Keep(out=(0, 1, 4, 5)))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_batch_norm_rebuild_holds_real_slices_of_every_tensor(affine: bool, track: bool) -> None:
+    bn = nn.BatchNorm2d(6, affine=affine, track_running_stats=track).double().eval()
+    with torch.no_grad():
+        for t in (*bn.parameters(), *(b for b in bn.buffers() if b.is_floating_point())):
+            t.copy_(torch.rand(6, dtype=torch.float64) + 0.5)
+    if affine:
+        bn.bias.requires_grad_(False)
+    if track:
+        bn.num_batches_tracked.fill_(7)
+    keep = (0, 2, 5)
+    new = rule_for(bn).shrink(bn, Keep(None, keep))
+    assert type(new) is nn.BatchNorm2d
+    assert new.num_features == 3
+    assert not new.training
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        old, got = getattr(bn, name), getattr(new, name)
+        if old is None:
+            assert got is None
+            continue
+        assert type(got) is type(old)
+        assert got.dtype == torch.float64
+        assert not got.is_meta
+        assert got.requires_grad == old.requires_grad
+        torch.testing.assert_close(got, old[list(keep)], rtol=0, atol=0)
+    if track:
+        assert new.num_batches_tracked.item() == 7
+        assert new.num_batches_tracked.data_ptr() != bn.num_batches_tracked.data_ptr()
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(new(x[:, list(keep)]), bn(x)[:, list(keep)])
+
+
+def test_layers_built_on_meta_keep_their_class_and_validation() -> None:
+    from shrink.rules.base import construct
+
+    conv = nn.Conv2d(4, 8, 3)
+    new = construct(conv, (nn.Conv2d,), 2, 4, 3, device="meta")
+    assert type(new) is nn.Conv2d
+    assert new.weight.shape == (4, 2, 3, 3)
+    assert new.weight.is_meta
+    with pytest.raises(ValueError, match="divisible by groups"):
+        construct(conv, (nn.Conv2d,), 3, 4, 3, groups=2, device="meta")

@@ -50,6 +50,18 @@ CASES: dict[str, Callable[[], Any]] = {
     "cat": lambda: torch.cat([X, _m(2, 3, 5, 5)], 1),
     "cat_negative_dim": lambda: torch.cat([X, X], -1),
     "cat_one": lambda: torch.cat([X], 0),
+    "conv2d": lambda: F.conv2d(X, _m(4, 8, 3, 3)),
+    "conv2d_bias_stride_pad": lambda: F.conv2d(X, _m(4, 8, 3, 3), _m(4), stride=2, padding=1),
+    "conv2d_dilated": lambda: F.conv2d(X, _m(4, 8, 2, 2), dilation=2, padding=(0, 1)),
+    "conv2d_depthwise": lambda: F.conv2d(X, _m(8, 1, 3, 3), padding=1, groups=8),
+    "conv2d_grouped": lambda: F.conv2d(X, _m(6, 4, 1, 1), groups=2),
+    "conv2d_same": lambda: F.conv2d(X, _m(4, 8, 3, 3), padding="same"),
+    "conv1d": lambda: F.conv1d(_m(2, 8, 7), _m(4, 8, 3), stride=2),
+    "conv3d": lambda: F.conv3d(_m(1, 8, 4, 5, 5), _m(4, 8, 1, 3, 3), padding=(0, 1, 1)),
+    "conv2d_channels_last": lambda: F.conv2d(
+        X.contiguous(memory_format=torch.channels_last), _m(4, 8, 3, 3)),
+    "conv2d_half": lambda: F.conv2d(X.half(), _m(4, 8, 3, 3, dtype=torch.float16)),
+    "conv_transpose2d": lambda: F.conv_transpose2d(X, _m(8, 4, 3, 3), stride=2),
 }
 
 ERRORS: dict[str, Callable[[], Any]] = {
@@ -61,6 +73,8 @@ ERRORS: dict[str, Callable[[], Any]] = {
     "cat_rank": lambda: torch.cat([X, _m(2, 8, 5)], 1),
     "mean_bad_dim": lambda: X.mean((4,)),
     "mean_dim_twice": lambda: X.mean((2, 2)),
+    "conv_wrong_channels": lambda: F.conv2d(X, _m(4, 7, 3, 3)),
+    "conv_kernel_too_large": lambda: F.conv2d(X, _m(4, 8, 7, 7)),
 }
 
 
@@ -84,6 +98,8 @@ def test_fast_meta_result_equals_default_kernel(case: str) -> None:
 FAST = ("hardtanh", "hardtanh_", "hardswish", "relu", "sigmoid", "add_same", "mul_broadcast",
         "sub_broadcast_left", "add_inplace", "add_half", "bn2d", "bn1d", "bn_no_affine",
         "bn_no_training_op", "mean_keepdim", "mean_drop", "cat", "cat_negative_dim")
+CONV = ("conv2d", "conv2d_bias_stride_pad", "conv2d_dilated", "conv2d_depthwise",
+        "conv2d_grouped", "conv1d", "conv3d", "conv2d_half")
 
 
 @pytest.mark.parametrize("case", FAST)
@@ -103,6 +119,32 @@ def test_fast_meta_takes_its_own_path(case: str, monkeypatch: pytest.MonkeyPatch
     with torch.no_grad(), fast_meta():
         CASES[case]()
     assert answered
+
+
+@pytest.mark.parametrize("case", CONV)
+def test_fast_meta_answers_convolutions_and_counts_them_as_flop_counter(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import shrink.fastmeta as fm
+
+    answered: list[Any] = []
+    conv = fm._conv
+
+    def spy(*a: Any) -> Any:
+        out = conv(*a)
+        answered.append(out is not NotImplemented)
+        return out
+
+    monkeypatch.setattr(fm, "_conv", spy)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            CASES[case]()
+        with fast_meta(count=True) as mode:
+            CASES[case]()
+    assert answered == [True]
+    assert mode.flops == counter.get_total_flops() > 0
 
 
 def test_fast_meta_inplace_returns_its_input() -> None:

@@ -23,10 +23,14 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from shrink.capture_parts import PartsSummary, capture_parts
+
+try:  # torch's lazily compiled GraphModule (private API: plain GraphModule when it moves)
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover
+    _GraphModule = fx.GraphModule  # type: ignore[misc,assignment]
 from shrink.errors import CaptureError
 from shrink.interop.prune_masks import find_masks
 from shrink.modcopy import copy_module
@@ -321,7 +325,7 @@ def _trace(copied: nn.Module, leaf_types: Sequence[type[nn.Module]], name: str) 
         ) from e
     # lazily compiled: shrink only interprets the graph, so the Python source fx would
     # generate and compile for forward is made on the first call, if any (same module)
-    gm = _LazyGraphModule(copied, graph, name)
+    gm = _GraphModule(copied, graph, name)
     object.__setattr__(gm, "_shrink_leaf_types", tuple(leaf_types))
     # the traced copy with its plain attributes (GraphModule keeps only modules and tensors):
     # rules look up int attributes that forward uses as sizes (shrink.rules.structural)

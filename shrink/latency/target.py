@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -125,19 +124,12 @@ def solve_latency(
                           bench.block, inner_layers(model))
             cold = sum(p.numel() * p.element_size() for p in model.parameters()) > llc_bytes()
             tables, measured = _tables(bound, bench, batch, cache, cold)
-        layers_dense = sum(t.call.calls * float(tables[_signature(t, cold)].at(
+        problem = Problem(choices, _costs(bound, tables, choices, cold))
+        p_dense = sum(t.call.calls * float(tables[_signature(t, cold)].at(
             t.in_axis.extent, t.out_axis.extent)) for t in bound)
         with stage("latency dense"):
             m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
-        traffic = _traffic(bound, max(m_dense - layers_dense, 0.0))
-        problem = Problem(choices, _costs(bound, tables, choices, cold) + _costs(
-            bound, traffic, choices, False))
-        p_dense = layers_dense + sum(t.call.calls * float(traffic[t.signature()].at(
-            t.in_axis.extent, t.out_axis.extent)) for t in bound)
-        log.info("latency: layer tables %.3f ms, activation traffic %.3f ms, dense model %.3f "
-                 "ms", layers_dense, p_dense - layers_dense, m_dense)
-        points = f"{fingerprint}/traffic"   # the calibration of this model of the latency
-        loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(points))
+        loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
         s_goal = loop.next_s()
         while s_goal is not None:
             between = None
@@ -159,7 +151,7 @@ def solve_latency(
                      point.s, point.r, loop.goal)
             loop.record(point)
             s_goal = loop.next_s()
-        cache.add_points(points, [(p.s, p.r) for p in loop.history])
+        cache.add_points(fingerprint, [(p.s, p.r) for p in loop.history])
         cache.save()
     best = loop.best()
     report = LatencyReport(
@@ -228,29 +220,6 @@ def _tables(bound: Sequence[Term], bench: Bench, batch: int, cache: LatencyCache
         tables[sig] = table
     log.info("latency: %d layer signatures, %d measured now", len(tables), measured)
     return tables, measured
-
-
-def _traffic(bound: Sequence[Term], rest_ms: float) -> dict[str, Table]:
-    """The time the layer tables leave out (norms, activations, residual adds, pooling, the
-    attention products: ``rest_ms`` of the dense model) spread over the layer calls in
-    proportion to the activations each reads and writes (``(c_in + c_out) * positions``), as
-    a table per signature that is linear in both counts: a group's share of that time falls
-    with its kept channels. Cutting a residual stream or the heads then saves what the
-    elementwise work and attention around the layers cost, not only the layers' own time."""
-    def volume(t: Term, c_in: float, c_out: float) -> float:
-        positions = math.prod(t.call.op.spatial) if t.call.op.spatial else 1
-        if t.tied:
-            c_out = c_in * t.call.op.c_out / max(t.call.op.c_in, 1)
-        return (c_in + c_out) * positions
-
-    total = sum(t.call.calls * volume(t, t.in_axis.extent, t.out_axis.extent) for t in bound)
-    per = rest_ms / total if total > 0 else 0.0
-    out: dict[str, Table] = {}
-    for t in bound:
-        out[t.signature()] = Table(t.in_axis, t.out_axis, tuple(
-            tuple(per * volume(t, i, o) for o in t.out_axis.points())
-            for i in t.in_axis.points()))
-    return out
 
 
 def _signature(term: Term, cold: bool) -> str:

@@ -87,7 +87,9 @@ class Problem:
     #: problems with at most this many plans are solved by enumerating them
     exact_max: int = 50_000
 
-    def __init__(self, choices: Sequence[Choice], costs: Sequence[Cost]) -> None:
+    def __init__(self, choices: Sequence[Choice], costs: Sequence[Cost],
+                 offset: float = 0.0) -> None:
+        self.offset = offset   # subtracted from the summed costs (tables kept non-negative)
         self.choices = sorted(choices, key=lambda c: c.id)
         order = {c.id: i for i, c in enumerate(choices)}
         remap = {order[c.id]: i for i, c in enumerate(self.choices)}
@@ -114,7 +116,7 @@ class Problem:
             cin = c.in_fixed + sum(p * self._k[i][idx[i]] for i, p in c.inp)
             cout = c.out_fixed + sum(p * self._k[i][idx[i]] for i, p in c.out)
             total += c.calls * float(c.table.at(cin, cout))
-        return total
+        return total - self.offset
 
     def latency_of(self, counts: Mapping[str, int]) -> float:
         """:meth:`latency` of kept counts given by group id (each one of its candidates)."""
@@ -284,6 +286,7 @@ class Problem:
             cout = c.out_fixed + sum(p * self._k[i][idx[i]] for i, p in c.out)
             lat = lat + c.calls * c.table.at(np.broadcast_to(cin, lat.shape),
                                              np.broadcast_to(cout, lat.shape))
+        lat = lat - self.offset
         value = np.sum([v[i] for v, i in zip(self._v, idx, strict=True)], axis=0)
         kept = np.sum([self._k[j][i] for j, i in enumerate(idx)], axis=0)
         ok = lat <= budget * (1 + 1e-12)

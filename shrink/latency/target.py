@@ -41,7 +41,7 @@ from shrink.latency.layers import Term, inner_layers, layer_calls, terms
 from shrink.latency.measure import Bench, bench_for, llc_bytes
 from shrink.latency.options import LatencyTarget
 from shrink.latency.solve import Choice, Cost, Problem
-from shrink.latency.table import Table
+from shrink.latency.table import Axis, Table
 from shrink.latency.value import LossMemo, loss_values, score_value
 from shrink.plan import ChannelGroup, Plan
 from shrink.progress import stage
@@ -129,7 +129,17 @@ def solve_latency(
             t.in_axis.extent, t.out_axis.extent)) for t in bound)
         with stage("latency dense"):
             m_dense = bench.models_ms({"dense": model}, feed, target.seconds / 2)["dense"]
-        loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(fingerprint))
+        points = fingerprint
+        if p_dense < (1 - UNEXPLAINED) * m_dense:
+            with stage("latency group kinds"):
+                extra, offset = _kind_costs(bench, model, feed, groups, scores, bound, problem,
+                                            choices, fingerprint, m_dense,
+                                            target.seconds / 2)
+            if extra:
+                problem = Problem(choices, _costs(bound, tables, choices, cold) + extra, offset)
+                p_dense = problem.latency([len(c.counts) - 1 for c in problem.choices])
+                points = f"{fingerprint}/kinds"   # points of this model of the latency
+        loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(points))
         s_goal = loop.next_s()
         while s_goal is not None:
             between = None
@@ -151,7 +161,7 @@ def solve_latency(
                      point.s, point.r, loop.goal)
             loop.record(point)
             s_goal = loop.next_s()
-        cache.add_points(fingerprint, [(p.s, p.r) for p in loop.history])
+        cache.add_points(points, [(p.s, p.r) for p in loop.history])
         cache.save()
     best = loop.best()
     report = LatencyReport(
@@ -220,6 +230,78 @@ def _tables(bound: Sequence[Term], bench: Bench, batch: int, cache: LatencyCache
         tables[sig] = table
     log.info("latency: %d layer signatures, %d measured now", len(tables), measured)
     return tables, measured
+
+
+UNEXPLAINED = 0.25
+"""Share of the dense model's measured time the layer tables may leave out before each kind of
+group is measured end to end (:func:`_kind_costs`)."""
+
+
+def _kind_costs(bench: Bench, model: nn.Module, feed: tuple[Any, ...],
+                groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+                bound: Sequence[Term], problem: Problem, choices: Sequence[Choice],
+                fingerprint: str, m_dense: float,
+                seconds: float) -> tuple[list[Cost], float]:
+    """What cutting each kind of group saves beyond its layers' tables, measured end to end.
+
+    When the layer tables explain little of the model's time (a small transformer: norms,
+    rotary embeddings, the attention products and hundreds of small nodes outside the linears),
+    which groups are cheap to cut is not what the tables say: a hidden size saves the norms and
+    adds around every layer, a head its attention products, an MLP width only its linears. So
+    groups are sorted into *kinds* (the same layer signatures on the same sides: the MLP widths
+    of every layer are one kind, the heads of every layer another), every group of a kind is cut
+    to about half at once, the pruned model is timed against the dense one, and the time saved
+    beyond what the tables predict becomes a cost linear in each group's kept count (spread
+    over the kind's groups; negative when the tables overstate the saving).
+
+    Returns the extra costs (choice indices into ``choices``, as :class:`Problem` takes them)
+    and the offset that keeps their tables non-negative.
+    """
+    given = {c.id: i for i, c in enumerate(choices)}
+    kinds: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(problem.choices):
+        if len(c.counts) < 2:
+            continue
+        sig = tuple(sorted((t.signature(), side, per) for t in bound
+                           for side, axis in (("in", t.inp), ("out", t.out))
+                           for gid, per in axis if gid == c.id))
+        kinds.setdefault(sig, []).append(i)
+    dense_idx = [len(c.counts) - 1 for c in problem.choices]
+    extra: list[Cost] = []
+    offset = 0.0
+    for members in kinds.values():
+        idx = list(dense_idx)
+        for i in members:   # about half of each group
+            idx[i] = _near_half(problem.choices[i].counts)
+        counts_of = {problem.choices[i].id: problem.choices[i].counts[idx[i]] for i in members}
+        try:
+            plan = plan_from_counts(tuple(groups), scores, counts_of, fingerprint)
+            ms = bench.models_ms({"dense": model, "pruned": apply(model, plan)}, feed, seconds)
+        except Exception as e:  # a kind that cannot be timed keeps the tables' word
+            log.info("latency: kind of %s not timed (%s: %s)", sorted(counts_of), type(e).__name__,
+                     e)
+            continue
+        saved = (1 - ms["pruned"] / ms["dense"]) * m_dense
+        predicted = problem.latency(dense_idx) - problem.latency(idx)
+        removed = sum(problem.choices[i].counts[-1] - problem.choices[i].counts[idx[i]]
+                      for i in members)
+        per_channel = (saved - predicted) / max(removed, 1)
+        log.info("latency: kind of %d group(s) (%s, ...): %.3f ms saved at about half, tables "
+                 "predict %.3f", len(members), problem.choices[members[0]].id, saved, predicted)
+        for i in members:
+            size = problem.choices[i].counts[-1]
+            axis = Axis(size, 1, True)
+            low = min(0.0, per_channel * size)   # keep the table non-negative
+            table = Table(axis, Axis(1, 1, False), tuple(
+                (per_channel * k - low,) for k in axis.points()))
+            extra.append(Cost(table, ((given[problem.choices[i].id], 1.0),), 0.0, (), 1.0))
+            offset -= low
+    return extra, offset
+
+
+def _near_half(counts: Sequence[int]) -> int:
+    """The index of the count nearest half the largest, below the largest."""
+    return min(range(len(counts) - 1), key=lambda j: abs(counts[j] - counts[-1] / 2))
 
 
 def _signature(term: Term, cold: bool) -> str:

@@ -123,6 +123,9 @@ def loss_values(model: nn.Module, groups: tuple[ChannelGroup, ...],
             if not math.isfinite(memo[(c.id, k)]):
                 break   # this count and every smaller one are out
             losses[k] = memo[(c.id, k)]
+        if not losses:   # not even its largest candidate runs: it keeps that, valued 0
+            out.append(Choice(c.id, c.counts[-1:], (0.0,)))
+            continue
         counts = tuple(k for k in c.counts if k >= min(losses))
         out.append(Choice(c.id, counts, _monotone(counts, losses, base)))
     log.info("valuation='loss': %d groups, %d pruned copies evaluated on %d batch(es) in %.1f s "

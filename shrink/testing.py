@@ -18,6 +18,7 @@ from torch import nn
 
 from shrink.plan import Plan
 from shrink.report import Report
+from shrink.rules.norm import reestimate_batch_norms_
 from shrink.verify import verify
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -60,19 +61,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 def calibrate_bn_(model: nn.Module, make_inputs: Callable[[], tuple[Any, ...]],
                   steps: int = 4) -> nn.Module:
     """Set BN running statistics from ``steps`` train-mode passes; restores the model's modes."""
-    modes = {m: m.training for m in model.modules()}
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = {bn: bn.momentum for bn in bns}
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    model.train()
-    for _ in range(steps):
-        model(*make_inputs())
-    for bn in bns:
-        bn.momentum = saved[bn]
-    for m, mode in modes.items():
-        m.training = mode
+    reestimate_batch_norms_(model, [lambda: model(*make_inputs())] * steps, whole_model=True)
     return model
 
 

@@ -32,6 +32,7 @@ Two valuations (:attr:`shrink.latency.LatencyTarget.valuation`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ from shrink.latency.solve import Choice
 from shrink.modcopy import copy_module, shared_copy
 from shrink.plan import ChannelGroup
 from shrink.rewrite import apply
+from shrink.rules.norm import batch_norms, reestimate_batch_norms_
 from shrink.select import plan_from_counts
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def loss_values(model: nn.Module, groups: tuple[ChannelGroup, ...],
     memo = {} if memo is None else memo
     batches = list(iter_batches(valuation.data, valuation.max_batches, "valuation='loss'"))
     if "dense" not in memo:
-        own = valuation.recalibrate_bn and any(_is_bn(m) for m in model.modules())
+        own = valuation.recalibrate_bn and bool(batch_norms(model))
         # the dense model's own copy when its norms are re-estimated, else shared weights
         memo["dense"] = _judge(copy_module(model) if own else shared_copy(model), batches,
                                valuation)
@@ -157,33 +159,17 @@ def _judge(model: nn.Module, batches: Sequence[Batch], valuation: LossValuation)
     return _mean_loss(model.eval(), batches, valuation.loss_fn)
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> int:
     """Re-estimate the running statistics of every batch norm of ``model`` (modified in place)
     on ``batches``: statistics reset, a cumulative average over one pass with the norms in
-    training mode and every other module in eval mode. Returns the number of norms.
+    training mode and every other module in eval mode; the model is left in eval mode. Returns
+    the number of norms.
 
     Example:
         >>> recalibrate_bn(pruned_copy, [split_batch((x, y)) for x, y in loader])
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and _is_bn(m)]
-    if not norms:
-        return 0
     model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None   # a cumulative average over the pass
-        m.train()
-    for b in batches:
-        b.run(model)
-    model.eval()
-    return len(norms)
-
-
-def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats \
-        and m.running_mean is not None
+    return reestimate_batch_norms_(model, [functools.partial(b.run, model) for b in batches])
 
 
 @torch.no_grad()

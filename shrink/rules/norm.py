@@ -17,7 +17,7 @@ GroupNorm loses whole groups (exact); LocalResponseNorm and multi-axis LayerNorm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,45 @@ from shrink.rules.pointwise import ElementwiseModuleRule
 from shrink.rules.registry import register_rule, register_rule_by_name, rule_for
 
 _STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch norms of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.running_mean is not None]
+
+
+@torch.no_grad()
+def reestimate_batch_norms_(model: nn.Module, passes: Iterable[Callable[[], Any]], *,
+                            whole_model: bool = False) -> int:
+    """Reset the running statistics of every batch norm of ``model`` and re-estimate them as a
+    cumulative average over ``passes`` (each call runs the model once), with the norms in
+    training mode and, with ``whole_model``, every other module too (dropout, stochastic
+    depth); the others in eval mode otherwise. Modes and momenta are restored. Returns the
+    number of norms.
+
+    Example:
+        >>> reestimate_batch_norms_(copy, [lambda: copy(x) for x in calibration])
+    """
+    norms = batch_norms(model)
+    if not norms:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    model.train(whole_model)
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average
+        m.train()
+    try:
+        for run in passes:
+            run()
+    finally:
+        for bn, momentum in momenta:
+            bn.momentum = momentum
+        for mod, training in modes:
+            mod.training = training
+    return len(norms)
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

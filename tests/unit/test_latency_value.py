@@ -103,6 +103,7 @@ def test_recalibrated_statistics_are_the_batch_statistics() -> None:
     work = copy.deepcopy(model)
     n = recalibrate_bn(work, [split_batch(b) for b in data])
     assert n == 2 and not work.training
+    assert work.bn1.momentum == model.bn1.momentum == 0.1   # the cumulative average is undone
     xs = torch.cat([x for x, _ in data])
     pre = model.conv1(xs)   # the first norm's input does not depend on recalibration
     assert torch.allclose(work.bn1.running_mean, pre.mean((0, 2, 3)), atol=1e-5)

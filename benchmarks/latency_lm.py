@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "shrink": shrink.__version__, "python": sys.version.split()[0]}}
     result["comparisons"] = comparisons(result)
     print(table(result))
-    print("\n".join(summary(result)))
+    print("\n".join(summary(result) + interpolated(result)))
     print(f"total {result['seconds']:.0f} s")
     if args.out is not None:
         js = args.json or RESULTS / ("latency_lm_exact.json" if args.exact_only

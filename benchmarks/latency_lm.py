@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds = [run_seed(args, setup, seed, (train_data, windows)) for seed in args.seeds]
     result = {"setup": setup.__dict__, "steps": args.steps, "ratios": args.ratios,
               "importance": args.importance, "tol": args.tol, "final": args.final,
-              "exact_only": args.exact_only, "valuation": args.valuation, "command": command.strip(),
+              "exact_only": args.exact_only, "valuation": args.valuation,
+              "command": command.strip(),
               "seconds_per_timing": args.seconds, "seeds": seeds,
               "seconds": time.perf_counter() - started,
               "versions": {"torch": torch.__version__,

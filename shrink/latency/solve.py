@@ -245,7 +245,7 @@ class Problem:
         if self.latency(least) > budget:
             return self._result(least, False, math.inf)
         if math.prod(len(k) for k in self._k) <= self.exact_max:
-            return self._result(self.enumerate(budget, lower), True, 0.0)
+            return self._result(self.exhaustive(budget, lower), True, 0.0)
         # lam's scale: importance per millisecond of the dense model
         span = max(self.value(dense) - self.value(least), 1e-12)
         hi = span / max(self.latency(dense) - self.latency(least), 1e-12)
@@ -274,7 +274,7 @@ class Problem:
             best = self.tighten(best, budget, lower)
         return self._result(best, True, best_lam)
 
-    def enumerate(self, budget: float, lower: float | None = None) -> list[int]:
+    def exhaustive(self, budget: float, lower: float | None = None) -> list[int]:
         """The exact solution of a small problem: of every plan within ``budget``, the most
         valuable one at or above ``lower`` (ties keep more channels), else the one with the
         highest latency (then value). Call only when the budget admits the smallest plan."""

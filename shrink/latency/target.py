@@ -267,6 +267,7 @@ def _kind_costs(bench: Bench, model: nn.Module, feed: tuple[Any, ...],
                            for gid, per in axis if gid == c.id))
         kinds.setdefault(sig, []).append(i)
     dense_idx = [len(c.counts) - 1 for c in problem.choices]
+    dense_ms = problem.latency(dense_idx)
     extra: list[Cost] = []
     offset = 0.0
     for members in kinds.values():
@@ -282,7 +283,7 @@ def _kind_costs(bench: Bench, model: nn.Module, feed: tuple[Any, ...],
                      e)
             continue
         saved = (1 - ms["pruned"] / ms["dense"]) * m_dense
-        predicted = problem.latency(dense_idx) - problem.latency(idx)
+        predicted = dense_ms - problem.latency(idx)
         removed = sum(problem.choices[i].counts[-1] - problem.choices[i].counts[idx[i]]
                       for i in members)
         per_channel = (saved - predicted) / max(removed, 1)

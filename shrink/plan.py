@@ -394,8 +394,13 @@ def _check_size(data: Mapping[str, object]) -> None:
                     )
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the sorted (name, shape, dtype) of every parameter and buffer."""
+def fingerprint(model: nn.Module, *, caches: bool = False) -> str:
+    """sha256 over the sorted (name, shape, dtype) of every parameter and persistent buffer.
+
+    Non-persistent buffers are caches a forward may replace (timm's ConViT sets
+    ``rel_indices`` to the token grid it first sees), so a model's fingerprint must not depend
+    on them. ``caches=True``: include them, as plans saved before 2026-11-30 did
+    (:func:`fits`)."""
     items = []
     params: set[int] = set()
     buffers: set[int] = set()
@@ -403,10 +408,17 @@ def fingerprint(model: nn.Module) -> str:
     # of its first holder in named_modules() order
     for prefix, mod in model.named_modules():
         dot = f"{prefix}." if prefix else ""
+        skip = () if caches else mod._non_persistent_buffers_set
         for tensors, seen in ((mod._parameters, params), (mod._buffers, buffers)):
             for name, t in tensors.items():
-                if t is not None and id(t) not in seen:
+                if t is not None and id(t) not in seen and name not in skip:
                     seen.add(id(t))
                     items.append((dot + name, tuple(t.shape), str(t.dtype)))
     items.sort()
     return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def fits(model: nn.Module, fp: str) -> bool:
+    """Whether a plan fingerprinted ``fp`` was made for ``model``'s architecture (by today's
+    :func:`fingerprint` or by the older one that counted non-persistent buffers)."""
+    return fp == fingerprint(model) or fp == fingerprint(model, caches=True)

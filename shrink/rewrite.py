@@ -18,7 +18,7 @@ from shrink.bind import describe_gaps, describe_mismatch
 from shrink.errors import InvariantError, PlanError, RewriteError
 from shrink.interop import hf
 from shrink.modcopy import copy_module
-from shrink.plan import Plan, Side, fingerprint
+from shrink.plan import Plan, Side, fingerprint, fits
 from shrink.provenance import plans_of, record
 from shrink.rules import rule_for
 from shrink.rules.base import Keep
@@ -57,8 +57,8 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
-    fp = fingerprint(model)
-    if plan.model != fp:
+    if not fits(model, plan.model):
+        fp = fingerprint(model)
         why = describe_mismatch(model, plan.extents()) or "parameter names or shapes differ"
         raise PlanError(
             f"this plan was made for a different model (plan fingerprint {plan.model}, model "

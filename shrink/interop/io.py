@@ -37,7 +37,7 @@ from shrink._version import __version__
 from shrink.api import Result
 from shrink.bind import axis_length, describe_mismatch
 from shrink.errors import ConfigError, PlanError
-from shrink.plan import Plan, Side, fingerprint
+from shrink.plan import Plan, Side, fingerprint, fits
 from shrink.provenance import plans_of
 from shrink.rewrite import apply
 from shrink.rules import rule_for
@@ -140,8 +140,8 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
     ):
         raise PlanError(f"{_name(path)}: 'aliases' must map names to names; the file is corrupt")
-    fp = fingerprint(model)
-    if plan.model != fp:
+    if not fits(model, plan.model):
+        fp = fingerprint(model)
         raise PlanError(
             f"{_name(path)} was saved from a different model (plan fingerprint {plan.model}, "
             f"model {fp}): {_explain(model, plan, tensors, aliases)}. Build the architecture "

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import shrink
-from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side
+from shrink.plan import ChannelGroup, Decision, IndexMap, Member, Plan, Side, fingerprint
 
 
 def _model() -> nn.Module:
@@ -150,3 +150,54 @@ def test_a_deep_copy_of_a_pruned_model_shares_its_immutable_plan() -> None:
     assert copy.deepcopy(plan) is plan
     (copied,) = plans_of(copy.deepcopy(small))
     assert copied is plan
+
+
+class _GridCache(nn.Module):
+    """Like timm's ConViT attention: a non-persistent buffer the forward replaces with one sized
+    to the input it first sees (``resize=False``: kept as built, so the model captures)."""
+
+    def __init__(self, resize: bool = True) -> None:
+        super().__init__()
+        self.resize = resize
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.register_buffer("grid", torch.zeros(1, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize and self.grid.shape[-1] != x.shape[-1]:
+            self.grid = torch.linspace(0, 1, x.shape[-1], device=x.device).expand(1, 1, 1, -1)
+        return self.head(torch.relu(self.conv(x)) + self.grid)
+
+
+def test_a_cache_the_forward_resizes_does_not_change_the_fingerprint() -> None:
+    torch.manual_seed(0)
+    model = _GridCache().eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = fingerprint(model)
+    with torch.no_grad():
+        model(x)
+    assert tuple(model.grid.shape) == (1, 1, 1, 6)  # the forward did resize it
+    assert fingerprint(model) == before
+    assert fingerprint(model, caches=True) != before
+
+    still = _GridCache(resize=False).eval()
+    still.load_state_dict(model.state_dict())
+    plan = shrink.prune(still, (x,), shrink.PruneConfig(0.5)).plan
+    pruned = shrink.apply(model, plan)  # the plan fits the model whose cache was resized
+    assert pruned.conv.out_channels == 4
+    mask = torch.zeros(8)
+    mask[list(plan.decisions[0].keep)] = 1
+    with torch.no_grad():
+        ref = model.head((torch.relu(model.conv(x)) + model.grid) * mask[:, None, None])
+        torch.testing.assert_close(pruned(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_fingerprinted_with_caches_still_applies() -> None:
+    torch.manual_seed(0)
+    model = _GridCache(resize=False).eval()
+    x = torch.randn(2, 3, 6, 6)
+    plan = shrink.prune(model, (x,), shrink.PruneConfig(0.5)).plan
+    old = Plan.from_json(plan.to_json().replace(plan.model, fingerprint(model, caches=True)))
+    assert old.model != plan.model
+    with torch.no_grad():
+        torch.testing.assert_close(shrink.apply(model, old)(x), shrink.apply(model, plan)(x))

@@ -420,7 +420,8 @@ def digits_one_seed(digits: Any, seed: int, args: argparse.Namespace) -> dict[st
                           max_batches=8)
                 if args.importance == "taylor":
                     kw["loss_fn"] = nn.functional.cross_entropy
-            lat_kw: dict[str, Any] = {}
+            lat_kw: dict[str, Any] = {"valuation": "scores"}   # spelled out: data= with
+            # loss_fn= (importance="taylor") would make "loss" the default
             if args.valuation == "loss":   # the latency target's allocation only
                 from torch.utils.data import DataLoader
 

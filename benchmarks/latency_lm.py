@@ -136,7 +136,7 @@ def run_seed(args: argparse.Namespace, setup: Any, seed: int, data: tuple) -> di
         timer = LMTimer(dense, x, Path(tmp), args.seconds)
         for ratio in args.ratios:
             t1 = time.perf_counter()
-            lat_kw: dict[str, Any] = {}
+            lat_kw: dict[str, Any] = {"valuation": "scores"}
             if args.valuation == "loss":  # the latency allocation only: measured loss
                 lat_kw = {"valuation": "loss", "max_batches": args.loss_batches,
                           "data": [{"input_ids": ids, "labels": ids} for ids in calib]}

@@ -65,10 +65,11 @@ class PruneConfig:
         threads: ``target="latency"``: intra-op threads of the runtime (default 1).
         batch: ``target="latency"``: batch size timed (default: the example inputs' batch).
         valuation: ``target="latency"``: what keeping ``k`` channels of a group is worth to the
-            allocation: ``"scores"`` (default: the sum of its ``k`` best channel scores) or
-            ``"loss"`` (the measured loss of pruning that group alone to ``k`` on ``data``,
-            with ``loss_fn`` and ``max_batches``: slower, and on trained models it keeps the
-            layers whose cuts cost accuracy; see :mod:`shrink.latency.value`).
+            allocation: ``"scores"`` (the sum of its ``k`` best channel scores) or ``"loss"``
+            (the measured loss of pruning that group alone to ``k`` on ``data``, with
+            ``loss_fn`` and ``max_batches``: slower, and on trained models it keeps the layers
+            whose cuts cost accuracy; see :mod:`shrink.latency.value`). Default: ``"loss"``
+            when ``data`` and ``loss_fn`` are given, else ``"scores"``.
         round_to: kept counts rounded up to a multiple; ``"auto"`` (default for
             ``target="channels"`` and ``"latency"``) rounds groups of 16+ channels to 16 (for
             a latency target: the runtime's channel block); 1 (default for a MACs/params
@@ -170,14 +171,26 @@ class PruneConfig:
         if not self.rtol > 0:
             raise ConfigError(f"rtol must be > 0, got {self.rtol}")
         if self.data is not None and self.depth is None and not _uses_data(self.importance) \
-                and self.valuation != "loss":
+                and self.resolved_valuation != "loss":
             raise ConfigError(
                 "data= is used only by importance='taylor', 'activation_weighted' or "
                 f"'activation', by depth= (block influence) and by target='latency' with "
-                f"valuation='loss'; got importance={self.importance!r}"
+                f"valuation='loss' (its default when loss_fn= is given too); got "
+                f"importance={self.importance!r}"
             )
         self.criterion  # noqa: B018  # validates importance/norm now, not at prune time
         self.policy  # noqa: B018
+
+    @property
+    def resolved_valuation(self) -> str | None:
+        """``valuation``, or its default for a latency target: ``"loss"`` when ``data`` and
+        ``loss_fn`` are given (labelled calibration data: measured losses allocate better
+        than channel scores, docs/latency.md), else ``"scores"``; None for other targets."""
+        if self.target != "latency":
+            return None
+        if self.valuation is not None:
+            return self.valuation
+        return "loss" if self.data is not None and self.loss_fn is not None else "scores"
 
     @property
     def resolved_scope(self) -> str:
@@ -204,7 +217,7 @@ class PruneConfig:
             return base
         if self.target == "latency":
             assert isinstance(base, Global)  # _check_latency_options refuses scope="local"
-            valuation = None if self.valuation != "loss" or self.data is None else \
+            valuation = None if self.resolved_valuation != "loss" or self.data is None else \
                 LossValuation(self.data, self.loss_fn, self.max_batches)
             return LatencyTarget(float(self.ratio or 0), Runtime(self.runtime or "onnxruntime-cpu"),
                                  threads=1 if self.threads is None else self.threads,

@@ -179,6 +179,30 @@ def test_prune_to_latency_with_loss_valuation_says_what_it_needs() -> None:
     assert shrink.PruneConfig(0.5, target="latency").policy.valuation is None  # type: ignore
 
 
+def test_labelled_data_makes_loss_the_default_valuation() -> None:
+    data = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
+
+    def target(**kw: object) -> shrink.latency.LatencyTarget:
+        policy = shrink.PruneConfig(0.5, target="latency", **kw).policy  # type: ignore[arg-type]
+        assert isinstance(policy, shrink.latency.LatencyTarget)
+        return policy
+
+    loss = target(data=data, loss_fn=F.cross_entropy).valuation
+    assert loss is not None
+    assert (loss.data, loss.loss_fn) == (data, F.cross_entropy)
+    assert shrink.PruneConfig(0.5, target="latency", data=data,
+                              loss_fn=F.cross_entropy).resolved_valuation == "loss"
+    # opted out, or no loss to measure (data for an activation criterion): channel scores
+    assert target(data=data, loss_fn=F.cross_entropy, valuation="scores",
+                  importance="taylor").valuation is None
+    assert target(data=data, importance="activation").valuation is None
+    assert shrink.PruneConfig(0.5, target="latency").resolved_valuation == "scores"
+    assert shrink.PruneConfig(0.5).resolved_valuation is None
+    # data= alone serves no criterion and no valuation: still refused
+    with pytest.raises(shrink.ConfigError, match="data= is used only by"):
+        shrink.PruneConfig(0.5, target="latency", data=data)
+
+
 def test_a_batch_without_a_target_is_a_config_error() -> None:
     model, _, data, analysis = _setup()
     scores = shrink.score(analysis.groups, model, LnNorm())

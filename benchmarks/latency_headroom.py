@@ -175,8 +175,44 @@ def table(doc: dict[str, Any]) -> str:
                 f"{a['acc_least_loss']:.1f} | {a['acc_best']:.1f} | "
                 f"{a['acc_best'] - a['acc_uniform']:+.1f} |")
     lines += ["", f"best - uniform: mean {np.mean(gaps):+.2f}, max {max(gaps):+.1f} points "
-              f"over {len(gaps)} comparisons; shrink - uniform: mean {np.mean(ours):+.2f}."]
-    return "\n".join(lines) + "\n"
+              f"over {len(gaps)} comparisons; shrink - uniform: mean {np.mean(ours):+.2f}.", ""]
+    return "\n".join(lines + rules(doc)) + "\n"
+
+
+def _alone(plans: dict[tuple[int, ...], dict[str, Any]], w: tuple[int, ...],
+           base: tuple[int, ...]) -> float:
+    """The summed loss increases of cutting each group of ``base`` alone to ``w``'s count."""
+    return sum(plans[(*base[:i], w[i], *base[i + 1:])]["loss"] - plans[base]["loss"]
+               for i in range(len(w)))
+
+
+def rules(doc: dict[str, Any]) -> list[str]:
+    """Selection rules applied to the measured band of each anchor (no latency model in the
+    way): the plan each rule prefers, its accuracy after the fine-tune minus uniform's."""
+    dense = tuple(GROUPS.values())
+    found: dict[str, list[float]] = {}
+    for row in doc["rows"]:
+        plans = {tuple(p["w"]): p for p in row["plans"]}
+        for a in row["anchors"].values():
+            uni, band = tuple(a["uniform"]), [tuple(w) for w in a["band"]]
+
+            picks = {
+                "each group's loss cut alone, summed (valuation='loss')":
+                    min(band, key=lambda w, p=plans: _alone(p, w, dense)),   # type: ignore[misc]
+                "the same, each group cut alone from the uniform plan":
+                    min(band, key=lambda w, p=plans, u=uni: _alone(p, w, u)),   # type: ignore[misc]
+                "joint loss, BN re-estimated (EagleEye)": min(band, key=lambda w: plans[w]["loss"]),
+                "accuracy before the fine-tune": max(band, key=lambda w: plans[w]["acc0"]),
+            }
+            for name, w in picks.items():
+                found.setdefault(name, []).append(plans[w]["acc5"] - plans[uni]["acc5"])
+    out = ["Rules applied to the measured band (every plan in it timed and fine-tuned): accuracy "
+           "after the fine-tune of the plan each rule prefers, minus uniform's.", "",
+           "| rule | mean | wins/ties/losses |", "|---|---|---|"]
+    for name, v in found.items():
+        w, t = sum(x > 0.01 for x in v), sum(abs(x) <= 0.01 for x in v)
+        out.append(f"| {name} | {np.mean(v):+.2f} | {w}/{t}/{len(v) - w - t} |")
+    return out
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ class LatencyReport:
         dense_ms: best-of latency of the dense model (interleaved with the final plan's).
         pruned_ms: best-of latency of the pruned model.
         predicted: the latency model's kept fraction for the final plan, before calibration.
-        corrections: end-to-end measurements after the first.
+        corrections: end-to-end measurements after the first that corrected the budget.
         converged: whether the measured kept fraction is within the tolerance of ``goal``.
         layer_shapes: distinct layer signatures in the latency table.
         measured_shapes: of those, how many were timed now (the rest came from the cache).
@@ -45,6 +45,8 @@ class LatencyReport:
         history: ``(predicted, measured)`` kept fractions of every plan timed end to end.
         valuation: what the allocation maximised: ``"scores"`` (channel scores) or
             ``"loss: ..."`` (measured loss; with the pruned copies evaluated and their time).
+        explored: more valuable plans measured once the goal was met
+            (:attr:`~shrink.latency.LatencyTarget.explore`); ``history`` lists them last.
     """
 
     runtime: str
@@ -61,6 +63,7 @@ class LatencyReport:
     seconds: float
     history: tuple[tuple[float, float], ...] = ()
     valuation: str = "scores"
+    explored: int = 0
 
     @property
     def measured(self) -> float:
@@ -72,7 +75,9 @@ class LatencyReport:
         return (f"latency ({self.runtime}, {self.threads} thread(s), batch {self.batch}): "
                 f"{self.dense_ms:.3f} ms -> {self.pruned_ms:.3f} ms, kept {self.measured:.3f} "
                 f"(goal {self.goal:.3f}, {state}; predicted {self.predicted:.3f}, "
-                f"{self.corrections} correction(s); valued by {self.valuation})")
+                f"{self.corrections} correction(s)"
+                + (f", {self.explored} more valuable plan(s) tried" if self.explored else "")
+                + f"; valued by {self.valuation})")
 
 
 @dataclass(frozen=True, slots=True)

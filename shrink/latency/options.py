@@ -82,6 +82,11 @@ class LatencyTarget:
         tolerance: accept a plan whose measured kept latency is within this *relative* error of
             ``1 - ratio``.
         max_corrections: end-to-end measurements after the first that re-solve the budget.
+        explore: once a plan is within half the tolerance, at most this many more valuable
+            plans (the allocation at budgets up to half the tolerance above that plan's
+            predicted latency) are measured, and the most valuable plan within half the
+            tolerance wins: the latency model's error between nearby plans (a few percent)
+            should not decide which of two equally fast plans is kept.
         seconds: time budget of each end-to-end measurement (interleaved rounds).
         valuation: what keeping ``k`` channels of a group is worth to the allocation: None
             values them by their scores (the sum of the ``k`` best, over the group's mean); a
@@ -100,6 +105,7 @@ class LatencyTarget:
     policy: Global = field(default_factory=lambda: Global(0.0, round_to=AUTO))
     tolerance: float = 0.05
     max_corrections: int = 4
+    explore: int = 2
     seconds: float = 3.0
     valuation: LossValuation | None = None
 
@@ -129,6 +135,9 @@ class LatencyTarget:
         if isinstance(self.max_corrections, bool) or not isinstance(self.max_corrections, int) \
                 or self.max_corrections < 0:
             raise ConfigError(f"max_corrections must be an int >= 0, got {self.max_corrections!r}")
+        if isinstance(self.explore, bool) or not isinstance(self.explore, int) \
+                or self.explore < 0:
+            raise ConfigError(f"explore must be an int >= 0, got {self.explore!r}")
         if not self.seconds > 0:
             raise ConfigError(f"seconds must be > 0, got {self.seconds}")
         if self.valuation is not None and not isinstance(self.valuation, LossValuation):

@@ -125,6 +125,10 @@ class Problem:
     def value(self, idx: Sequence[int]) -> float:
         return float(sum(v[i] for v, i in zip(self._v, idx, strict=True)))
 
+    def value_of(self, counts: Mapping[str, int]) -> float:
+        """:meth:`value` of kept counts given by group id."""
+        return self.value([c.counts.index(counts[c.id]) for c in self.choices])
+
     def _group_costs(self, g: int, idx: Sequence[int]) -> np.ndarray:
         """Latency of the layers touching choice ``g`` at each of its counts, others fixed."""
         k = self._k[g]

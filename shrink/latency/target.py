@@ -140,6 +140,18 @@ def solve_latency(
                 p_dense = problem.latency([len(c.counts) - 1 for c in problem.choices])
                 points = f"{fingerprint}/kinds"   # points of this model of the latency
         loop = Corrections(target, p_dense / max(m_dense, 1e-9), cache.points(points))
+
+        def measure(counts: Mapping[str, int], why: str) -> Point:
+            plan = plan_from_counts(groups, scores, counts, fingerprint)
+            with stage(f"latency measure {len(loop.history) + 1}"):
+                dense_ms, pruned_ms = _measure(bench, model, apply(model, plan), feed, loop)
+            point = Point(problem.latency_of(counts) / p_dense, pruned_ms / dense_ms,
+                          dense_ms, pruned_ms, plan, counts, problem.value_of(counts))
+            log.info("latency: plan %d (%s): layer fraction %.3f, measured %.3f (goal %.3f)",
+                     len(loop.history) + 1, why, point.s, point.r, loop.goal)
+            loop.record(point)
+            return point
+
         s_goal = loop.next_s()
         while s_goal is not None:
             between = None
@@ -151,26 +163,29 @@ def solve_latency(
                     s_goal = loop.nudge(counts)
                     continue
                 counts = between
-            plan = plan_from_counts(groups, scores, counts, fingerprint)
-            with stage(f"latency measure {len(loop.history) + 1}"):
-                dense_ms, pruned_ms = _measure(bench, model, apply(model, plan), feed, loop)
-            point = Point(problem.latency_of(counts) / p_dense, pruned_ms / dense_ms,
-                          dense_ms, pruned_ms, plan, counts)
-            log.info("latency: plan %d (%s): layer fraction %.3f, measured %.3f (goal %.3f)",
-                     len(loop.history) + 1, "between" if between is not None else "budget",
-                     point.s, point.r, loop.goal)
-            loop.record(point)
+            measure(counts, "between" if between is not None else "budget")
             s_goal = loop.next_s()
+        explored = 0
+        for s_try in loop.explore_budgets():   # more value at the same measured latency
+            best = loop.best()
+            counts = problem.solve(s_try * p_dense, lower=best.s * p_dense).counts
+            if explored >= target.explore or loop.measured(counts) \
+                    or problem.value_of(counts) <= best.value:
+                continue
+            explored += 1
+            if not loop.close(measure(counts, "explore").r):
+                break   # a larger budget gives a slower plan still
         cache.add_points(points, [(p.s, p.r) for p in loop.history])
         cache.save()
     best = loop.best()
     report = LatencyReport(
         runtime=target.runtime.value, threads=target.threads, batch=batch,
         goal=1 - target.ratio, dense_ms=best.dense_ms, pruned_ms=best.pruned_ms,
-        predicted=loop.predicted(best.s), corrections=len(loop.history) - 1,
+        predicted=loop.predicted(best.s), corrections=len(loop.history) - 1 - explored,
         converged=loop.met(best.r), layer_shapes=len(tables), measured_shapes=measured,
         seconds=time.perf_counter() - start,
-        history=tuple((loop.predicted(p.s), p.r) for p in loop.history), valuation=valuation)
+        history=tuple((loop.predicted(p.s), p.r) for p in loop.history), valuation=valuation,
+        explored=explored)
     log.info("shrink: %s", report)
     return LatencySolution(best.plan, report)
 

@@ -381,6 +381,52 @@ def test_an_unreachable_target_returns_the_closest_plan_and_says_so(tmp_path: Pa
     assert "NOT met" in str(sol.report)
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_more_valuable_plans_of_the_same_measured_latency_are_explored(
+        ratio: float, tmp_path: Path) -> None:
+    """Once a plan is within half the tolerance, the allocation just above its predicted latency
+    is measured too; the most valuable plan within half the tolerance is returned."""
+    from shrink.latency.value import score_value
+
+    model = Net().eval()
+    analysis = shrink.analyze(shrink.capture(model, X))
+    scores = shrink.score(analysis.groups, model, shrink.PruneConfig(0.5).criterion)
+    sizes = {g.id: g for g in analysis.groups}
+
+    def value(plan: shrink.Plan) -> float:
+        kept = {d.group: len(d.keep) for d in plan.decisions}
+        return sum(score_value(sizes[g], scores[g], kept.get(g, sizes[g].size))
+                   for g in scores if sizes[g].prunable)
+
+    sols = {ex: solve_latency(model, X, analysis.groups, scores, LatencyTarget(ratio, explore=ex),
+                              analysis.model, bench=SyntheticBench(),
+                              cache_dir=tmp_path / str(ex)) for ex in (0, 2)}
+    plain, explored = sols[0].report, sols[2].report
+    assert plain.explored == 0
+    assert 1 <= explored.explored <= 2           # this net has such plans at every ratio here
+    assert explored.history[:len(plain.history)] == plain.history   # the same corrections
+    assert len(explored.history) == len(plain.history) + explored.explored
+    assert explored.corrections == plain.corrections
+    assert abs(explored.measured / (1 - ratio) - 1) <= 0.025          # half the tolerance
+    assert value(sols[2].plan) > value(sols[0].plan)
+    assert f"{explored.explored} more valuable plan(s) tried" in str(explored)
+
+
+def test_the_most_valuable_plan_within_half_the_tolerance_wins() -> None:
+    loop = Corrections(LatencyTarget(0.5), f=1.0)
+    assert loop.explore_budgets() == ()
+    loop.record(Point(0.40, 0.60, 1.0, 0.60, shrink.Plan("fp", (), ()), {"a": 64}, value=9.0))
+    assert loop.explore_budgets() == ()                        # nothing close yet
+    loop.record(Point(0.30, 0.505, 1.0, 0.505, shrink.Plan("fp", (), ()), {"a": 40}, value=5.0))
+    loop.record(Point(0.31, 0.495, 1.0, 0.495, shrink.Plan("fp", (), ()), {"a": 36}, value=4.0))
+    assert loop.best().counts == {"a": 40}                     # more value, both close
+    assert loop.explore_budgets() == pytest.approx((0.30 * 1.0125, 0.30 * 1.025))
+    far = Corrections(LatencyTarget(0.5), f=1.0)               # none close: the closest
+    far.record(Point(0.4, 0.54, 1.0, 0.54, shrink.Plan("fp", (), ()), {"a": 48}, value=9.0))
+    far.record(Point(0.3, 0.47, 1.0, 0.47, shrink.Plan("fp", (), ()), {"a": 32}, value=1.0))
+    assert far.best().counts == {"a": 32}
+
+
 def _point(s: float, r: float, counts: dict[str, int]) -> Point:
     return Point(s, r, 1.0, r, shrink.Plan("fp", (), ()), counts)
 

@@ -13,8 +13,11 @@
    moves one timing by a few percent.
 4. **Correct** (:mod:`shrink.latency.correct`): the measured points calibrate the next
    budget, or pick a plan between two that bracket the goal, until one is within half the
-   tolerance or the corrections run out; the closest plan is returned and the report says
-   whether it is within the tolerance.
+   tolerance or the corrections run out.
+5. **Explore**: the allocation at budgets a little above the plan within half the tolerance
+   is measured when it is worth more (``LatencyTarget.explore``); the most valuable plan
+   within half the tolerance is returned, else the closest, and the report says whether it
+   is within the tolerance.
 
 The calibration points are cached per model fingerprint, so a second run on the same model
 starts calibrated and usually needs one measurement.

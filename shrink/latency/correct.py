@@ -25,8 +25,8 @@ timing), after ``max_corrections`` corrections, or when nothing new can be tried
   errs by a few percent between them (on the digits CNN it put the uniform plan 2% over a budget
   that plan measured exactly at). So once a plan is within half the tolerance, the allocation
   at budgets a quarter and a half of the tolerance above its predicted latency is measured too
-  when it is worth more (at most ``explore`` plans, stopping at the first one measured outside
-  half the tolerance).
+  when it is worth more (at most ``explore`` plans; one measured outside half the tolerance
+  does not stop the next, since the model's error differs from plan to plan).
 
 The most valuable plan within half the tolerance wins; without one, the closest.
 """

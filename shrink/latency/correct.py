@@ -176,10 +176,10 @@ class Corrections:
     def explore_budgets(self) -> tuple[float, ...]:
         """The layer-fraction budgets to explore above the best plan (see the module doc);
         none unless that plan is within half the tolerance."""
-        if not self.history or not self.close(self.best().r):
+        best = self.best() if self.history else None
+        if best is None or not self.close(best.r):
             return ()
-        s = self.best().s
-        return tuple(s * (1 + f * self.target.tolerance) for f in (0.25, 0.5))
+        return tuple(best.s * (1 + f * self.target.tolerance) for f in (0.25, 0.5))
 
 
 def _snap(counts: Sequence[int], k: float) -> int:

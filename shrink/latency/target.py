@@ -170,10 +170,11 @@ def solve_latency(
             s_goal = loop.next_s()
         explored = 0
         for s_try in loop.explore_budgets():   # more value at the same measured latency
+            if explored >= target.explore:
+                break
             best = loop.best()
             counts = problem.solve(s_try * p_dense, lower=best.s * p_dense).counts
-            if explored >= target.explore or loop.measured(counts) \
-                    or problem.value_of(counts) <= best.value:
+            if loop.measured(counts) or problem.value_of(counts) <= best.value:
                 continue
             explored += 1
             measure(counts, "explore")   # the model errs plan by plan: a miss ends nothing

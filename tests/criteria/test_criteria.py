@@ -43,6 +43,22 @@ def test_ln_norm_joins_producer_rows_and_consumer_columns(p: float, expected: li
     torch.testing.assert_close(scores["0:out"], torch.tensor(expected, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf], ids=["l1", "l2", "l3", "linf"])
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1, 1), (6, 5, 3, 3), (6, 1, 3)],
+                         ids=["linear", "conv1x1", "conv3x3", "depthwise1d"])
+def test_slice_norms_equal_the_norm_of_each_slice(shape: tuple[int, ...], p: float) -> None:
+    from shrink.criteria.weight import slice_norms
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    for dim in range(2):
+        slices = [w.select(dim, i).double().flatten() for i in range(shape[dim])]
+        want = torch.stack([s.abs().max() if p == math.inf else s.abs().pow(p).sum()
+                            for s in slices])
+        torch.testing.assert_close(slice_norms(w, dim, p), want)
+        torch.testing.assert_close(slice_norms(w.transpose(0, 1).contiguous().transpose(0, 1),
+                                               dim, p), want)  # a strided weight
+
+
 def test_taylor_is_mean_over_batches_of_abs_weight_times_grad() -> None:
     # L = sum(W2 W1 x). Batch x=[1,1]: h=[3,7], dL/dW2=h, dL/dW1=[[5,5],[6,6]]
     #   ch0: |1*5|+|2*5| + |5*3| = 30;  ch1: |3*6|+|4*6| + |6*7| = 84

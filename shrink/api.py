@@ -17,7 +17,7 @@ from shrink.capture_parts import part_calls
 from shrink.config import PruneConfig, option_names
 from shrink.criteria.weight import score
 from shrink.depth import DepthResult, remove_layers
-from shrink.errors import CaptureError, ConfigError
+from shrink.errors import CaptureError, ConfigError, InvariantError
 from shrink.interop import hf
 from shrink.latency import LatencyTarget, solve_latency
 from shrink.plan import Plan, fingerprint
@@ -127,16 +127,29 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
     captured, analysis = _capture_and_analyze(model, inputs, config, config.capture)
     with stage("score"):
         scores = score(analysis.groups, model, config.criterion)
-    plan, analysis, latency, probe, built = _plan(model, inputs, analysis, scores,
-                                                  config.policy, captured)
+    analyzed = analysis
+    plan, analysis, latency, probe, built, unprobed = _plan(
+        model, inputs, analyzed, scores, config.policy, captured, defer_fit=config.verify)
     with stage("apply"):
         pruned = apply(model, plan) if built is None else built
     report = None
     if config.verify:
         parts = () if captured.parts is None else captured.parts.captured
         with stage("verify"):
-            report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts,
-                             probe=probe)
+            try:
+                report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts,
+                                 probe=probe)
+            except InvariantError:
+                if not unprobed:
+                    raise
+                # the pruned model does not fit: the probe finds the groups to pin
+                log.info("shrink: the unprobed plan does not run; probing it")
+                plan, analysis, latency, probe, built, _ = _plan(
+                    model, inputs, analyzed, scores, config.policy, captured,
+                    defer_fit=False)
+                pruned = apply(model, plan) if built is None else built
+                report = verify_(model, pruned, plan, inputs, rtol=config.rtol, parts=parts,
+                                 probe=probe)
         note = pruned.__dict__.get(hf.NOTE_ATTR)
         if note:
             report = dataclasses.replace(report, diagnostics=(note, *report.diagnostics))
@@ -151,8 +164,8 @@ def _prune_width(model: nn.Module, inputs: tuple[Any, ...], config: PruneConfig)
 
 def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
           scores: Mapping[str, torch.Tensor], policy: Policy | LatencyTarget,
-          captured: Captured
-          ) -> tuple[Plan, Analysis, LatencyReport | None, ShapeProbe, nn.Module | None]:
+          captured: Captured, *, defer_fit: bool = False
+          ) -> tuple[Plan, Analysis, LatencyReport | None, ShapeProbe, nn.Module | None, bool]:
     """select, then the shape probe: pin the groups whose pruning breaks a shape and select
     again (the budget goes to the other groups), until the pruned architecture fits. A model
     captured in parts is probed part by part, on each part's recorded inputs.
@@ -161,6 +174,14 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     for the latency target's outcome), the latency report of a latency target, the probe
     (whose runs tell verify the MACs and the dense model's layer calls), and the pruned model
     when the first plan fitted (it was built for the probe to check), else None.
+
+    ``defer_fit`` (the caller verifies the result): the first plan, once built, is not run on
+    meta to see that it fits. The oracle runs the pruned model anyway (:func:`shrink.verify`,
+    on the reduced input or the example inputs, with the same layer calls as the dense model at
+    the example size), and its run tells the same: the last value returned is True, and should
+    the oracle find that the pruned model does not run or returns other shapes
+    (:class:`~shrink.errors.InvariantError`), the caller plans again without deferring. Not for
+    a model captured in parts, or a latency target (its plan is measured, not only built).
     """
     parts = () if captured.parts is None else part_calls(captured.graph_modules,
                                                           captured.graph_inputs)
@@ -207,7 +228,10 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
             plan = select(groups, scores, chosen, analysis.model)
     with stage("probe"):
         built = _build(model, plan) if probe.on_meta else None
-        if built is None or not probe.fits(plan, built):
+        unprobed = (defer_fit and built is not None and not parts
+                    and not isinstance(policy, LatencyTarget))
+        if built is None or not (unprobed or probe.fits(plan, built)):
+            unprobed = False
             built = None
             while found := probe.culprits(plan):
                 pinned.update(found)
@@ -220,7 +244,7 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     if notes:
         analysis = Analysis(analysis.model, groups, (*analysis.diagnostics, *notes),
                             frontend=analysis.frontend)
-    return plan, analysis, latency[-1] if latency else None, probe, built
+    return plan, analysis, latency[-1] if latency else None, probe, built, unprobed
 
 
 def _build(model: nn.Module, plan: Plan) -> nn.Module | None:

@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
 from shrink.plan import ChannelGroup, Decision, Plan
-from shrink.reduced import DenseRun, recording_calls, signature
+from shrink.reduced import DenseRun, complete, layer_macs, recording_calls, signature
 from shrink.report import counted
 from shrink.rewrite import apply
 
@@ -92,9 +92,10 @@ class ShapeProbe:
         self._dense_calls: list[_Call] | None = None
         self._last_fit: tuple[Plan, int] | None = None  # the last plan that fitted, its MACs
         try:
-            with recording_calls(self._base) as calls:
+            with layer_macs(self._base) as layers, recording_calls(self._base) as calls:
                 out, macs = self._forward(self._base)
-            self._dense_run: DenseRun | None = DenseRun(macs, signature(out), tuple(calls))
+            self._dense_run: DenseRun | None = DenseRun(macs, signature(out), tuple(calls),
+                                                        complete(layers, macs))
         except Exception as e:  # an op without a meta kernel: probe real copies
             log.info("shape probe: the model does not run on meta (%s); probing on real "
                      "tensors", _first_line(e))

@@ -35,6 +35,7 @@ catches too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,11 +60,88 @@ class DenseRun:
         outputs: the :func:`signature` of its outputs.
         calls: FQNs of its submodules and names of torch functions, in the order they were
             called (:func:`recording_calls`).
+        layers: the MACs of each convolution and linear layer (:class:`layer_macs`), when
+            they add up to ``macs`` (every MAC is in such a layer); else None.
     """
 
     macs: int
     outputs: object
     calls: tuple[str, ...]
+    layers: dict[str, int] | None = None
+
+
+_WEIGHT_FORWARDS = {
+    nn.Conv1d.forward: False, nn.Conv2d.forward: False, nn.Conv3d.forward: False,
+    nn.ConvTranspose1d.forward: True, nn.ConvTranspose2d.forward: True,
+    nn.ConvTranspose3d.forward: True, nn.Linear.forward: False,
+}
+
+
+class layer_macs:  # noqa: N801 (a context manager, used as a function)
+    """Count the MACs of every call of ``model``'s convolution and linear layers (those whose
+    forward is torch's own) by :func:`shrink.report.count_macs`'s formulas, per layer FQN:
+    ``out.numel() * prod(weight.shape[1:])``, or the input's numel for a transposed
+    convolution. Forward hooks, removed on exit; works on real and meta tensors. Enter it
+    before :class:`recording_calls`, whose hooks then wrap these (their shape reads are not
+    the model's calls).
+
+    The pruned model's MACs follow from three such counts without running it at the example
+    size (:func:`pruned_macs`).
+
+    Example:
+        >>> with layer_macs(model) as macs:
+        ...     model(x)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.macs: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> dict[str, int]:
+        macs = self.macs
+
+        def counter(fqn: str, transposed: bool) -> Callable[..., None]:
+            def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                x = args[0] if transposed else out
+                macs[fqn] = macs.get(fqn, 0) + x.numel() * math.prod(_weight(m).shape[1:])
+            return hook
+
+        for fqn, m in self.model.named_modules():
+            transposed = _WEIGHT_FORWARDS.get(type(m).forward)
+            if transposed is not None and isinstance(getattr(m, "weight", None), torch.Tensor):
+                self._handles.append(m.register_forward_hook(counter(fqn, transposed)))
+        return macs
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def pruned_macs(dense: DenseRun, reference: dict[str, int],
+                pruned: dict[str, int]) -> int | None:
+    """The pruned model's MACs on the example inputs, from the dense run's per-layer MACs and
+    :class:`layer_macs` counts of the masked original (``reference``) and the pruned model
+    (``pruned``) on the reduced input; None when that cannot be exact.
+
+    A layer's MACs are a product of its weight's size (the channels) and of the positions it
+    runs on (batch and spatial sides, the same for both models at one input). Pruning changes
+    the first factor and the input size the second, so the layer's MACs at the example size are
+    ``dense * pruned / reference``, an exact integer. A layer whose positions carry channels
+    (a Linear over a channel-mixed axis) scales the same way. Every MAC must be in such a layer
+    (``dense.layers``) and every layer must have run in both reduced runs.
+    """
+    if dense.layers is None or reference.keys() != dense.layers.keys() or (
+            pruned.keys() != dense.layers.keys()):
+        return None
+    total = 0
+    for fqn, full in dense.layers.items():
+        ref, got = reference[fqn], pruned[fqn]
+        if ref <= 0 or (full * got) % ref:
+            return None
+        total += full * got // ref
+    return total
 
 
 def reduced_inputs(inputs: tuple[Any, ...]) -> tuple[torch.Tensor] | None:
@@ -191,11 +269,22 @@ def dense_run(model: nn.Module, inputs: tuple[Any, ...]) -> DenseRun:
     from shrink.report import counted
 
     def run(m: nn.Module, x: tuple[Any, ...], lean: bool) -> DenseRun:
-        with recording_calls(m) as calls:
+        with layer_macs(m) as layers, recording_calls(m) as calls:  # ours before its hooks
             out, macs = counted(lambda: m(*x), lean=lean)
-        return DenseRun(macs, signature(out), tuple(calls))
+        return DenseRun(macs, signature(out), tuple(calls), complete(layers, macs))
 
     try:
         return run(meta_copy(model).eval(), to_meta(inputs), True)
     except Exception:  # an op without a meta kernel: run a real copy, as count_macs does
         return run(copy_module(model).eval(), inputs, False)
+
+
+def complete(layers: dict[str, int], macs: int) -> dict[str, int] | None:
+    """``layers`` (a :class:`layer_macs` count) when it accounts for all ``macs``, else None."""
+    return layers if layers and sum(layers.values()) == macs else None
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    w = m.weight
+    assert isinstance(w, torch.Tensor)
+    return w

@@ -34,6 +34,8 @@ from shrink.reduced import (
     DenseRun,
     dense_run,
     describe,
+    layer_macs,
+    pruned_macs,
     recording_calls,
     reduced_inputs,
     signature,
@@ -216,7 +218,7 @@ def verify(
         macs_before=dense.macs if dense is not None else count_macs(
             _shared_reference(original, plan, renormalize=False) if parts else original,
             example_inputs),
-        macs_after=_pruned_macs(probe, plan, test, example_inputs),
+        macs_after=_pruned_macs(probe, plan, test, example_inputs, check),
         groups=rows,
         max_rel_error=err,
         oracle_dtype=oracle_dtype,
@@ -235,6 +237,7 @@ class _Check:
     whole: float | None = None  # the whole model's error, for a model captured in parts
     whole_why: str = ""  # why the whole model's outputs cannot be compared
     input: str | None = None  # the reduced input compared on; None: the example inputs
+    macs_after: int | None = None  # the pruned model's MACs at the example size, where known
 
     def note(self, rtol: float) -> str:
         checked = (f"each captured part equals its masked original on the masked original's "
@@ -254,19 +257,27 @@ def _check_reduced(ref: nn.Module, test: nn.Module, small: tuple[torch.Tensor],
     """The check on the reduced input, when :mod:`shrink.reduced`'s conditions hold and it
     passes; None to check on the example inputs instead."""
     recording = recording_calls(ref)
-    try:
-        check = _check(ref, test, small, (), around_ref=recording)
+    try:  # the layers' MAC hooks go on before the recording's (which wrap them)
+        with layer_macs(ref) as ref_macs, layer_macs(test) as test_macs:
+            check = _check(ref, test, small, (), around_ref=recording)
     except Exception:  # the model does not run at this size: the example inputs decide
         return None
     calls = recording.calls
     if tuple(calls) != dense.calls or signature(check.expected, VIEWS) != dense.outputs:
         return None
-    return dataclasses.replace(check, input=describe(small)) if check.error <= rtol else None
+    if not check.error <= rtol:
+        return None
+    return dataclasses.replace(check, input=describe(small),
+                               macs_after=pruned_macs(dense, ref_macs, test_macs))
 
 
 def _pruned_macs(probe: ShapeProbe | None, plan: Plan, test: nn.Module,
-                 inputs: tuple[Any, ...]) -> int:
+                 inputs: tuple[Any, ...], check: _Check) -> int:
+    """The pruned model's MACs on the example inputs, from the probe's run of it, else from the
+    reduced check's layer counts (:func:`shrink.reduced.pruned_macs`), else counted."""
     counted = None if probe is None else probe.pruned_macs(plan)
+    if counted is None:
+        counted = check.macs_after
     return counted if counted is not None else count_macs(test, inputs)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 
 import shrink
 from shrink.plan import Plan
+from shrink.probe import ShapeProbe
 from shrink.reduced import reduced_inputs
 from shrink.testing import randomize_
 from shrink.verify import _check, _shared_reference, relative_error
@@ -190,3 +193,78 @@ def test_the_reduced_input_catches_every_wrong_kept_index_the_example_input_catc
     with pytest.raises(shrink.VerificationError):
         shrink.verify(model, shrink.apply(model, _one_wrong_index(res.plan, groups[0])),
                       res.plan, (x,))
+
+
+class _Transposed(nn.Module):
+    """An encoder-decoder: a transposed convolution's MACs follow its input, not its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(24, 12, 2, stride=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(self.down(x))))
+
+
+class _SizeFromShape(_Pooled):
+    """``c``'s output viewed with a channel count read from ``b``'s output shape (as
+    ``test_probe.ViewFromShape``): pruning either breaks the view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.a(y)
+        z, w = self.b(y), self.c(y)
+        w = w.view(w.shape[0], z.shape[1] - 4, w.shape[2], w.shape[3])
+        return self.fc(self.pool(torch.cat([z, w], 1)).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["pooled", "transposed", "resnet18", "mobilenet_v3_small"])
+def test_pruned_macs_from_the_reduced_check_equal_count_macs(
+    name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shrink.report import count_macs
+
+    model, x = {**_models(), "transposed": (_Transposed(), torch.randn(1, 3, 64, 64))}[name]
+    model = randomize_(model, seed=0).eval()
+
+    def no_meta_run(*_: Any) -> Any:
+        raise AssertionError("the pruned model ran on meta")
+
+    # prune's oracle runs the pruned model on the reduced input: no other run is needed
+    with monkeypatch.context() as patch:
+        patch.setattr(ShapeProbe, "fits", no_meta_run)
+        patch.setattr(sys.modules["shrink.verify"], "count_macs", no_meta_run)
+        res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1))
+    assert res.report is not None
+    assert res.report.oracle_input is not None
+    assert res.report.macs_before == count_macs(model, (x,))
+    assert res.report.macs_after == count_macs(res.model, (x,))
+    assert res.report.macs_after < res.report.macs_before
+
+
+def test_a_plan_that_breaks_a_shape_is_probed_when_the_oracle_cannot_run_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # prune's first plan is built but not probed (the oracle's run tells whether it fits); it
+    # fails in the oracle, so the probe pins what breaks and the model is planned again
+    from shrink.report import count_macs
+
+    model, x = randomize_(_SizeFromShape(), seed=0).eval(), torch.randn(1, 3, 64, 64)
+    with caplog.at_level(logging.INFO, logger="shrink.api"):
+        res = shrink.prune(model, (x,), shrink.PruneConfig(0.5, round_to=1))
+    assert "the unprobed plan does not run" in caplog.text
+    pinned = {g.id: g.pinned for g in res.analysis.groups if g.pinned}
+    assert pinned.keys() & {"b.0:out", "c:out"}
+    assert all("shape probe" in pinned[g] and "view" in pinned[g]
+               for g in pinned.keys() & {"b.0:out", "c:out"})
+    assert any(d.group == "stem.0:out" and len(d.keep) < 16 for d in res.plan.decisions)
+    assert res.report is not None
+    assert res.report.max_rel_error is not None
+    assert res.report.max_rel_error <= 1e-5
+    assert res.report.oracle_input == "2x3x32x32"
+    assert res.report.macs_after == count_macs(res.model, (x,))
+    with torch.no_grad():
+        assert res.model(x).shape == model(x).shape

@@ -181,7 +181,11 @@ class Plan:
         if len(by_id) != len(self.groups):
             raise PlanError("plan has duplicate group ids; re-create it with shrink.select")
         self._by_id.update(by_id)
-        _check_positions(self.groups)
+        if _CHECKED.get(id(self.groups)) is not self.groups:
+            _check_positions(self.groups)
+            _CHECKED[id(self.groups)] = self.groups
+            while len(_CHECKED) > 8:
+                _CHECKED.pop(next(iter(_CHECKED)))
         self._check_decisions()
 
     def _check_decisions(self) -> None:
@@ -328,6 +332,11 @@ class Plan:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise PlanError(f"plan JSON is malformed: {type(e).__name__}: {e}") from e
+
+
+#: the last group tuples that passed :func:`_check_positions`, by id (held, so that an id stays
+#: theirs): plans made of one analysis's groups (a select, the probe's re-plans) check them once
+_CHECKED: dict[int, tuple[ChannelGroup, ...]] = {}
 
 
 def _check_positions(groups: Sequence[ChannelGroup]) -> None:

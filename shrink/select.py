@@ -295,7 +295,10 @@ def plan_from_counts(groups: tuple[ChannelGroup, ...], scores: Mapping[str, torc
 def _pick(g: ChannelGroup, scores: torch.Tensor, n_keep: int, round_to: int) -> tuple[int, ...]:
     s = scores.tolist()
     if not g.blocks:
-        order = sorted(range(g.size), key=lambda i: (s[i], i))
+        # ascending by score, ties by index: a stable sort, in C (sorted() with a key tuple
+        # per channel cost more than the rest of select); NaN sorts as Python sorts it
+        order = (sorted(range(g.size), key=lambda i: (s[i], i)) if scores.isnan().any()
+                 else torch.sort(scores, stable=True).indices.tolist())
         return _every_layer_keeps_one(g, set(order[g.size - n_keep :]), s)
     labels = sorted(set(g.blocks))
     per_block = [[i for i in range(g.size) if g.blocks[i] == b] for b in labels]

@@ -1,9 +1,9 @@
 """apply / apply_: rebuild every layer a plan touches, physically smaller.
 
-Each layer is rebuilt by its rule through its torch base class's constructor (so PyTorch
-re-validates channel counts and groups; a subclass keeps its class, see
-:func:`shrink.rules.base.construct`) with the kept slices of its parameters and buffers, then set
-on its parent. Nothing else of the model changes: other attributes, hooks, mode and dtype stay.
+Each layer is rebuilt by its rule as a copy of itself with new channel counts and the kept
+slices of its parameters and buffers (:func:`shrink.rules.base.recast`; the rule checks that the
+counts fit its groups), then set on its parent. Nothing else of the model changes: other
+attributes, hooks, mode and dtype stay.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
 
 
 def _check_materialized(fqn: str, old: nn.Module, new: nn.Module) -> None:
-    """Rules build layers on the meta device and set every tensor from ``old``'s slices
-    (:func:`shrink.rules.base.set_param_`): one left on meta was forgotten.
+    """Rules set every tensor of a rebuilt layer from ``old``'s slices: one on the meta device
+    (a rule that builds its layer there) was forgotten.
 
     Raises:
         InvariantError: ``new`` holds a meta tensor and ``old`` holds none.

@@ -3,16 +3,17 @@
 A *module rule* (registered for ``nn.Module`` types) says how channel ids flow through the layer
 (``propagate``), how long its IN/OUT axes are (``extent``), which parameter slices score a channel
 (``score_params``), which input axis carries its input channels (``in_axis``, used by the masked
-oracle), and how to rebuild it smaller (``shrink``, through the layer's constructor so PyTorch
-re-validates it). A *function rule* (registered for an fx call target) only propagates ids.
+oracle), and how to rebuild it smaller (``shrink``: a copy with the kept slices,
+:func:`recast`). A *function rule* (registered for an fx call target) only propagates ids.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -177,26 +178,6 @@ def copy_param_(dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
         dst.copy_(src)
 
 
-def set_param_(m: nn.Module, name: str, value: torch.Tensor | None,
-               like: torch.Tensor | None) -> None:
-    """Set parameter ``name`` of ``m``, a layer its rule constructed on the meta device (so the
-    constructor validated the sizes without drawing random weights that would be overwritten),
-    to ``value``: a new tensor sliced from ``like``, keeping ``like``'s ``requires_grad``.
-
-    Raises:
-        InvariantError: ``value`` does not have the shape the constructor gave the parameter.
-    """
-    if value is None or like is None:
-        return
-    built = getattr(m, name)
-    if tuple(built.shape) != tuple(value.shape):
-        raise InvariantError(
-            f"the rebuilt {type(m).__name__}.{name} has shape {tuple(built.shape)} but its kept "
-            f"slice has {tuple(value.shape)}; this is a shrink bug, please report it"
-        )
-    setattr(m, name, nn.Parameter(value.detach().contiguous(), requires_grad=like.requires_grad))
-
-
 def index(t: torch.Tensor, dim: int, keep: Sequence[int]) -> torch.Tensor:
     return t.index_select(dim, _positions(tuple(keep), t.device))
 
@@ -226,19 +207,24 @@ def sliced_copy(m: M, names: Sequence[str], dim: int, keep: Sequence[int]) -> M:
     return new
 
 
-def construct(m: M, bases: tuple[type[nn.Module], ...], *args: Any, **kwargs: Any) -> M:
-    """A new layer of ``m``'s class, built by the constructor of its torch base in ``bases``.
+def recast(m: M, bases: tuple[type[nn.Module], ...], tensors: dict[str, torch.Tensor | None],
+           **attrs: Any) -> M:
+    """A smaller copy of the layer ``m``: same class and attributes, ``attrs`` (the channel
+    counts) set anew, and the parameters and buffers named in ``tensors`` replaced by the given
+    slices of them (new tensors; a parameter keeps its ``requires_grad``).
 
-    The torch constructor re-validates the smaller layer (channel counts, groups). A subclass may
-    have a constructor of its own with other arguments (torchvision's ``Conv3DSimple(in_planes,
-    out_planes, midplanes, stride, padding)``), so it is never called: the base class builds the
-    layer, which is then recast to ``type(m)`` through ``type(m).__new__``, keeping ``m``'s
-    other attributes (deep copied). The registry hands a subclass to its base's rule only when
-    it does not override ``forward``, so the base's state is all that forward reads.
+    Nothing else about a layer changes with its channels, so copying it keeps everything torch
+    and the caller set on it (hooks of every kind, extra attributes), where rebuilding it
+    through its constructor cost twice the slicing. The rule checks what the constructor would
+    (the counts fit the groups); this checks that each slice has the shape the new counts give
+    it (``shapes``, as the rule computes them).
+
+    A subclass whose ``forward`` is its torch base's (the registry hands over no other) is
+    copied the same way, but must hold no parameters, buffers or submodules beyond the base's
+    (those in ``tensors``): nothing says how they shrink with the channels.
 
     Raises:
-        RewriteError: the subclass holds parameters, buffers or submodules the base layer does
-            not: nothing says how they shrink with the channels.
+        RewriteError: the subclass holds tensors or submodules the base layer does not.
         InvariantError: ``m`` derives from none of ``bases``.
     """
     cls = type(m)
@@ -246,14 +232,10 @@ def construct(m: M, bases: tuple[type[nn.Module], ...], *args: Any, **kwargs: An
     if base is None:
         raise InvariantError(f"{cls.__name__} derives from none of "
                              f"{[b.__name__ for b in bases]}; register its rule for those")
-    new = _on_meta(base, *args, **kwargs) if kwargs.get("device") == "meta" else base(
-        *args, **kwargs)
-    if cls is base:
-        return new  # type: ignore[return-value]
     extra = sorted(
         name for slot in ("_parameters", "_buffers", "_modules")
         for name, value in getattr(m, slot).items()
-        if value is not None and name not in getattr(new, slot)
+        if value is not None and name not in tensors
     )
     if extra:
         raise RewriteError(
@@ -261,34 +243,47 @@ def construct(m: M, bases: tuple[type[nn.Module], ...], *args: Any, **kwargs: An
             "how they shrink with the channels. Pass ignore=[that layer] or register a rule "
             f"for {cls.__name__} (shrink.register_rule)."
         )
-    out = cls.__new__(cls)
-    own = {k: v for k, v in vars(m).items() if k not in vars(new)}
-    vars(out).update(copy.deepcopy(own))
-    vars(out).update(vars(new))
-    return out
-
-
-def _on_meta(base: type[M], *args: Any, **kwargs: Any) -> M:
-    """``base(*args, **kwargs)`` for a layer built on the meta device, without its
-    ``reset_parameters``: the constructor runs (and validates) as ever, but the random
-    initialisation it ends with would only fill meta tensors, which hold no values and which the
-    rule replaces with sliced real ones (:func:`set_param_`; apply checks none is left). That
-    initialisation was a third of the cost of rebuilding a conv."""
-    new = base.__new__(base)
-    new.__class__ = _without_init(base)  # type: ignore[assignment, arg-type]
-    try:
-        base.__init__(new, *args, **kwargs)
-    finally:
-        new.__class__ = base
+    state: dict[str, Any] = {}
+    memo: dict[int, Any] = {}
+    for key, value in vars(m).items():
+        kind = type(value)
+        if kind in _ATOMS or (kind in (tuple, list) and all(type(v) in _ATOMS for v in value)):
+            state[key] = value if kind is not list else list(value)
+        elif kind in _TABLES:
+            state[key] = kind(value)  # hook and tensor tables: new tables, the same entries
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    for name, value in tensors.items():
+        old = getattr(m, name)
+        if old is None or value is None:
+            continue
+        table = "_parameters" if name in m._parameters else "_buffers"
+        state[table][name] = (nn.Parameter(value, requires_grad=old.requires_grad)
+                              if isinstance(old, nn.Parameter) else value)
+    state.update(attrs)
+    new = cls.__new__(cls)
+    new.__dict__.update(state)
     return new
 
 
-@cache
-def _without_init(base: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of ``base`` whose ``reset_parameters`` does nothing (only ever the class of a
-    layer while its constructor runs, see :func:`_on_meta`)."""
-    return type(f"_{base.__name__}WithoutInit", (base,),
-                {"reset_parameters": lambda self: None, "__module__": __name__})
+_ATOMS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device})
+_TABLES = (dict, OrderedDict, set)
+
+
+def check_shape(layer: nn.Module, name: str, value: torch.Tensor,
+                want: tuple[int, ...]) -> torch.Tensor:
+    """``value``, the kept slice of ``layer.<name>``, when it has the shape ``want`` that the
+    rebuilt layer's channel counts give it.
+
+    Raises:
+        InvariantError: it does not.
+    """
+    if tuple(value.shape) != want:
+        raise InvariantError(
+            f"the rebuilt {type(layer).__name__}.{name} needs shape {want} but its kept slice "
+            f"has {tuple(value.shape)}; this is a shrink bug, please report it"
+        )
+    return value
 
 
 def narrow(m: nn.Module, tp: type[M]) -> M:

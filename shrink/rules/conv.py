@@ -30,11 +30,11 @@ from shrink.rules.base import (
     Keep,
     LayerOp,
     ModuleRule,
-    construct,
+    check_shape,
     finish,
     index,
     narrow,
-    set_param_,
+    recast,
 )
 from shrink.rules.registry import register_rule
 
@@ -113,21 +113,22 @@ class ConvRule(ModuleRule):
         groups = {"dense": 1, "depthwise": len(kin), "grouped": 0}[kind] \
             or _kept_groups(m, kin, kout)
         c = narrow(m, nn.modules.conv._ConvNd)
-        new = construct(
-            c, (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-            len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
-            dilation=c.dilation, groups=groups, bias=c.bias is not None,
-            padding_mode=c.padding_mode, device="meta", dtype=c.weight.dtype,
-        )
+        if len(kin) % groups or len(kout) % groups:
+            raise ValueError(f"in_channels ({len(kin)}) and out_channels ({len(kout)}) must be "
+                             f"divisible by groups ({groups})")
         w = index(c.weight, 0, kout)
         if kind == "dense":
             w = index(w, 1, kin)
         elif kind == "grouped":
             cols = _grouped_columns(m, kin, kout, w.shape)
             w = w.gather(1, cols) if cols.numel() else w
-        set_param_(new, "weight", w, c.weight)
-        if c.bias is not None:
-            set_param_(new, "bias", index(c.bias, 0, kout), c.bias)
+        tensors = {
+            "weight": check_shape(c, "weight", w, (len(kout), len(kin) // groups,
+                                                   *c.kernel_size)),
+            "bias": None if c.bias is None else index(c.bias, 0, kout),
+        }
+        new = recast(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d), tensors, in_channels=len(kin),
+                     out_channels=len(kout), groups=groups)
         return finish(new, m)
 
 
@@ -209,14 +210,11 @@ class ConvTransposeRule(ModuleRule):
         kin = keep.resolve(Side.IN, m.in_channels)  # type: ignore[arg-type]
         kout = keep.resolve(Side.OUT, m.out_channels)  # type: ignore[arg-type]
         c = narrow(m, nn.modules.conv._ConvTransposeNd)
-        new = construct(
-            c, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-            len(kin), len(kout), c.kernel_size, stride=c.stride, padding=c.padding,
-            output_padding=c.output_padding, groups=1, bias=c.bias is not None,
-            dilation=c.dilation, padding_mode=c.padding_mode,
-            device="meta", dtype=c.weight.dtype,
-        )
-        set_param_(new, "weight", index(index(c.weight, 0, kin), 1, kout), c.weight)
-        if c.bias is not None:
-            set_param_(new, "bias", index(c.bias, 0, kout), c.bias)
+        w = index(index(c.weight, 0, kin), 1, kout)  # (in, out / groups, *kernel); groups 1
+        tensors = {
+            "weight": check_shape(c, "weight", w, (len(kin), len(kout), *c.kernel_size)),
+            "bias": None if c.bias is None else index(c.bias, 0, kout),
+        }
+        new = recast(c, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), tensors,
+                     in_channels=len(kin), out_channels=len(kout))
         return finish(new, m)

@@ -19,11 +19,11 @@ from shrink.rules.base import (
     Keep,
     LayerOp,
     ModuleRule,
-    construct,
+    check_shape,
     finish,
     index,
     narrow,
-    set_param_,
+    recast,
 )
 from shrink.rules.registry import register_rule, register_rule_by_name
 
@@ -75,11 +75,11 @@ class LinearRule(ModuleRule):
         lin = narrow(m, nn.Linear)
         kin = keep.resolve(Side.IN, lin.in_features)
         kout = keep.resolve(Side.OUT, lin.out_features)
-        new = construct(lin, (nn.Linear,), len(kin), len(kout), bias=lin.bias is not None,
-                        device="meta", dtype=lin.weight.dtype)
-        set_param_(new, "weight", index(index(lin.weight, 0, kout), 1, kin), lin.weight)
-        if lin.bias is not None:
-            set_param_(new, "bias", index(lin.bias, 0, kout), lin.bias)
+        w = index(index(lin.weight, 0, kout), 1, kin)
+        tensors: dict[str, torch.Tensor | None] = {
+                   "weight": check_shape(lin, "weight", w, (len(kout), len(kin))),
+                   "bias": None if lin.bias is None else index(lin.bias, 0, kout)}
+        new = recast(lin, (nn.Linear,), tensors, in_features=len(kin), out_features=len(kout))
         return finish(new, m)
 
 

@@ -30,11 +30,11 @@ from shrink.plan import Side
 from shrink.rules.base import (
     Keep,
     ModuleRule,
-    construct,
+    check_shape,
     finish,
     index,
     narrow,
-    set_param_,
+    recast,
     sliced_copy,
 )
 from shrink.rules.pointwise import ElementwiseModuleRule
@@ -98,29 +98,15 @@ class BatchNormRule(ModuleRule):
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:
         kout = keep.resolve(Side.OUT, m.num_features)  # type: ignore[arg-type]
         bn = narrow(m, nn.modules.batchnorm._BatchNorm)
-        ref = bn.weight if bn.weight is not None else bn.running_mean
-        device = None if ref is None else ref.device
-        # built on meta, every tensor then set to a real slice: as if constructed on
-        # ``device`` and copied into, without filling tensors that are overwritten
-        new = construct(
-            m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
-            len(kout), eps=m.eps, momentum=m.momentum, affine=m.affine,  # type: ignore[arg-type]
-            track_running_stats=m.track_running_stats,  # type: ignore[arg-type]
-            device="meta", dtype=None if ref is None else ref.dtype,
-        )
+        tensors: dict[str, torch.Tensor | None] = {}
         for name in _STATE:
-            old, built = getattr(m, name), getattr(new, name)
-            if old is None or built is None:
-                continue
-            value = index(old.detach(), 0, kout).to(device=device, dtype=built.dtype)
-            if isinstance(old, nn.Parameter):
-                set_param_(new, name, value, old)
-            else:
-                setattr(new, name, value)
+            old = getattr(bn, name)
+            tensors[name] = None if old is None else check_shape(
+                bn, name, index(old.detach(), 0, kout), (len(kout),))
         counted = bn.num_batches_tracked
-        if counted is not None and new.num_batches_tracked is not None:
-            new.num_batches_tracked = counted.detach().to(device=device, dtype=torch.long,
-                                                          copy=True)
+        tensors["num_batches_tracked"] = None if counted is None else counted.detach().clone()
+        new = recast(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+                     tensors, num_features=len(kout))
         return finish(new, m)
 
 

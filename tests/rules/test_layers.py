@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from shrink.errors import RewriteError
 from shrink.rules import rule_for
 from shrink.rules.base import Keep
 from tests.helpers import kept, prune_checked
@@ -120,13 +121,44 @@ def test_batch_norm_rebuild_holds_real_slices_of_every_tensor(affine: bool, trac
     torch.testing.assert_close(new(x[:, list(keep)]), bn(x)[:, list(keep)])
 
 
-def test_layers_built_on_meta_keep_their_class_and_validation() -> None:
-    from shrink.rules.base import construct
+def test_rebuilt_layers_are_copies_that_keep_class_hooks_and_attributes() -> None:
+    class Tagged(nn.Conv2d):
+        pass
 
-    conv = nn.Conv2d(4, 8, 3)
-    new = construct(conv, (nn.Conv2d,), 2, 4, 3, device="meta")
-    assert type(new) is nn.Conv2d
+    conv = Tagged(4, 8, 3)
+    conv.note = ["kept"]  # an attribute of the caller's
+    seen: list[str] = []
+    def untag(m: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        seen.append(kwargs.pop("tag"))
+        return args, kwargs
+
+    conv.register_forward_pre_hook(untag, with_kwargs=True)
+    conv.register_state_dict_post_hook(lambda m, sd, prefix, local: seen.append("saved"))
+    new = rule_for(conv).shrink(conv, Keep((0, 2), (1, 3, 5, 7)))
+    assert type(new) is Tagged
+    assert (new.in_channels, new.out_channels, new.groups) == (2, 4, 1)
     assert new.weight.shape == (4, 2, 3, 3)
-    assert new.weight.is_meta
+    assert not new.weight.is_meta
+    torch.testing.assert_close(new.weight, conv.weight[[1, 3, 5, 7]][:, [0, 2]])
+    assert new.note == ["kept"]
+    assert new.note is not conv.note
+    new(torch.randn(1, 2, 5, 5), tag="run")  # the kwargs hook is called with its kwargs
+    new.state_dict()
+    assert seen == ["run", "saved"]
+    new.register_forward_pre_hook(lambda *_: None)
+    assert len(new._forward_pre_hooks) == 2
+    assert len(conv._forward_pre_hooks) == 1  # the tables are the copy's own
+
+
+def test_rebuilt_layers_are_validated_as_their_constructor_would() -> None:
+    depthwise = nn.Conv2d(4, 8, 3, groups=4)  # two filters per input channel
     with pytest.raises(ValueError, match="divisible by groups"):
-        construct(conv, (nn.Conv2d,), 3, 4, 3, groups=2, device="meta")
+        rule_for(depthwise).shrink(depthwise, Keep((0, 1), (0, 1, 2)))
+
+    class WithScale(nn.Conv2d):
+        def __init__(self) -> None:
+            super().__init__(4, 8, 1)
+            self.scale = nn.Parameter(torch.ones(8))
+
+    with pytest.raises(RewriteError, match="adds \\['scale'\\]"):
+        rule_for(WithScale()).shrink(WithScale(), Keep(None, (0, 1)))

@@ -300,13 +300,23 @@ def _pick(g: ChannelGroup, scores: torch.Tensor, n_keep: int, round_to: int) -> 
         order = (sorted(range(g.size), key=lambda i: (s[i], i)) if scores.isnan().any()
                  else torch.sort(scores, stable=True).indices.tolist())
         return _every_layer_keeps_one(g, set(order[g.size - n_keep :]), s)
-    labels = sorted(set(g.blocks))
-    per_block = [[i for i in range(g.size) if g.blocks[i] == b] for b in labels]
-    size_b = len(per_block[0])
+    blocks = torch.tensor(g.blocks, dtype=torch.long)
+    labels, counts = torch.unique(blocks, return_counts=True)  # ascending labels
+    size_b = int(counts[0])
     kb = max(1, min(size_b, round(n_keep / len(labels))))
     step = round_to // math.gcd(round_to, len(labels))
     if step > 1:
         kb = min(size_b, math.ceil(kb / step) * step)
+    if bool((counts == size_b).all()) and not scores.isnan().any():
+        # every block at once, in C: its members ascend (a stable sort by label), then a
+        # stable sort of each block's scores
+        members = torch.sort(blocks, stable=True).indices.view(len(labels), size_b)
+        order = torch.sort(scores[members], dim=1, stable=True).indices[:, size_b - kb:]
+        return tuple(sorted(members.gather(1, order).flatten().tolist()))
+    by_label: dict[int, list[int]] = {}
+    for i, b in enumerate(g.blocks):
+        by_label.setdefault(b, []).append(i)
+    per_block = [by_label[b] for b in sorted(by_label)]
     keep: list[int] = []
     for members in per_block:
         order = sorted(members, key=lambda i: (s[i], i))

@@ -160,6 +160,7 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _reads_only(mod: nn.Module) -> bool:
-    if type(mod) not in _READS_ONLY or any(getattr(mod, h, None) for h in _HOOKS):
+    state = mod.__dict__  # (Module.__getattr__ is slow for a name it does not hold)
+    if type(mod) not in _READS_ONLY or any(state.get(h) for h in _HOOKS):
         return False
-    return getattr(mod, "max_norm", None) is None  # nn.Embedding renormalises rows in place
+    return state.get("max_norm") is None  # nn.Embedding renormalises rows in place

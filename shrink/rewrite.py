@@ -40,8 +40,9 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         >>> pruned = shrink.apply(model, plan)
     """
     check_plan(model, plan)
-    replaced = _rebuild(model, plan)
-    memo: dict[int, object] = {id(model.get_submodule(f)): new for f, new in replaced.items()}
+    modules = _by_name(model)
+    replaced = _rebuild(model, plan, modules)
+    memo: dict[int, object] = {id(modules[f]): new for f, new in replaced.items()}
     for fqn, new_t in _rebuild_tensors(model, plan).items():
         memo[id(_tensor(model, fqn))] = new_t
     out = copy_module(model, memo)
@@ -80,7 +81,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     before = plans_of(model)
     owners = _shared_parameters(model)
     tensors = _rebuild_tensors(model, plan)
-    replaced = {id(model.get_submodule(f)): new for f, new in _rebuild(model, plan).items()}
+    modules = _by_name(model)
+    replaced = {id(modules[f]): new for f, new in _rebuild(model, plan, modules).items()}
     for fqn, new_t in tensors.items():
         owner_name, _, attr = fqn.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -165,8 +167,17 @@ def _rebuild_tensors(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
-    """New, smaller layers for every module the plan touches (``model`` is only read)."""
+def _by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule of ``model`` by each of its names (one walk; ``get_submodule`` walks the
+    path again for every name)."""
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def _rebuild(model: nn.Module, plan: Plan,
+             modules: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """New, smaller layers for every module the plan touches (``model`` is only read).
+    ``modules``: :func:`_by_name` of ``model``, when the caller has it."""
+    modules = _by_name(model) if modules is None else modules
     extents = plan.extents()
     per_module: dict[str, dict[Side, tuple[int, ...]]] = {}
     for (fqn, side), dropped in plan.drops().items():
@@ -176,7 +187,7 @@ def _rebuild(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
             sorted(set(range(extents[(fqn, side)])).difference(dropped)))
     out: dict[str, nn.Module] = {}
     for fqn, keeps in per_module.items():
-        old = model.get_submodule(fqn)
+        old = modules[fqn] if fqn in modules else model.get_submodule(fqn)
         rule = rule_for(old)
         if rule is None:
             raise PlanError(f"plan prunes {fqn!r} ({type(old).__name__}), which has no rule")

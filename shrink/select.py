@@ -310,9 +310,9 @@ def _pick(g: ChannelGroup, scores: torch.Tensor, n_keep: int, round_to: int) -> 
     if bool((counts == size_b).all()) and not scores.isnan().any():
         # every block at once, in C: its members ascend (a stable sort by label), then a
         # stable sort of each block's scores
-        members = torch.sort(blocks, stable=True).indices.view(len(labels), size_b)
-        order = torch.sort(scores[members], dim=1, stable=True).indices[:, size_b - kb:]
-        return tuple(sorted(members.gather(1, order).flatten().tolist()))
+        grid = torch.sort(blocks, stable=True).indices.view(len(labels), size_b)
+        top = torch.sort(scores[grid], dim=1, stable=True).indices[:, size_b - kb:]
+        return tuple(sorted(grid.gather(1, top).flatten().tolist()))
     by_label: dict[int, list[int]] = {}
     for i, b in enumerate(g.blocks):
         by_label.setdefault(b, []).append(i)

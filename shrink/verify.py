@@ -59,10 +59,11 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
 
 
 def _mask(ref: nn.Module, plan: Plan, renormalize: bool) -> nn.Module:
+    modules = dict(ref.named_modules(remove_duplicate=False))
     for (fqn, side), dropped in plan.drops().items():
         if side.tensor_axis is not None or side is Side.ATTR:
             continue  # a tensor used in forward: its dropped entries are never read downstream
-        mod = ref.get_submodule(fqn)
+        mod = modules[fqn] if fqn in modules else ref.get_submodule(fqn)
         rule = rule_for(mod)
         if rule is None:
             raise VerificationError(
@@ -79,9 +80,10 @@ def _shared_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tr
     masks by writing to weights (attention heads: :meth:`ModuleRule.mask_` overridden) get their
     own copies."""
     writes = set()
+    modules = dict(original.named_modules(remove_duplicate=False))
     for (fqn, side) in plan.drops():
         if side.tensor_axis is None and side is not Side.ATTR:
-            rule = rule_for(original.get_submodule(fqn))
+            rule = rule_for(modules[fqn] if fqn in modules else original.get_submodule(fqn))
             if rule is not None and type(rule).mask_ is not ModuleRule.mask_:
                 writes.add(fqn)
     return _mask(shared_copy(original, writes), plan, renormalize)

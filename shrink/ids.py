@@ -99,7 +99,6 @@ class Tracker:
         self.inexact: dict[int, str] = {}
         self.members: dict[tuple[str, Side], MemberRecord] = {}
         self.blocks: list[tuple[str, np.ndarray, int]] = []
-        self.where: str = ""
         self.diagnostics: list[tuple[str, str]] = []
 
     # -------------------------------------------------------------- allocation
@@ -317,8 +316,18 @@ class Call:
     out: Any
     node: Any
     name: str
-    where: str
     extra: dict[str, Any] = field(default_factory=dict)
+    _where: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The user's source line that made the node (``file.py:LINE in fn``), for reasons:
+        found from the node's stack trace when a rule first asks."""
+        if self._where is None:
+            from shrink.capture import source_location
+
+            self._where = source_location(self.node)
+        return self._where
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
         if len(self.args) > i:

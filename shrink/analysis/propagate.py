@@ -64,7 +64,6 @@ class Propagator(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n  # named by propagate() when the model fails on the example inputs
         out = super().run_node(n)
-        self.t.where = source_location(n)
         self.ids[n] = self._propagate(n, out)
         return out
 
@@ -118,7 +117,7 @@ class Propagator(fx.Interpreter):
 
         args = fx.node.map_arg(n.args, lambda a: self.ids[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self.ids[a])
-        call = Call(tuple(args), dict(kwargs), out, n, describe(n), t.where)  # run_node set it
+        call = Call(tuple(args), dict(kwargs), out, n, describe(n))
         result: Any = None
         handled = False
         if n.op == "call_module":

@@ -54,12 +54,18 @@ class Propagator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.t = tracker
         self.ids: dict[fx.Node, Any] = {}
-        self.modules = dict(gm.named_modules())
+        self.modules: dict[str, nn.Module] = self.submodules  # fx walked the modules once
         part = getattr(gm, "_shrink_part", None)  # a model captured in parts: its boundary
         self.boundary = "" if part is None else f" (boundary of captured part {part!r})"
         source = getattr(gm, "_shrink_source", gm)
         self.model_tensors = {f for f, _ in source.named_parameters()} | {
             f for f, _ in source.named_buffers()}
+
+    def fetch_attr(self, target: str) -> Any:
+        """A module by its name from the table fx made (its own walk of the path costs a
+        ``Module.__getattr__`` per name part, per call); anything else as fx fetches it."""
+        found = self.submodules.get(target)
+        return found if found is not None else super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n  # named by propagate() when the model fails on the example inputs

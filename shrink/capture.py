@@ -14,7 +14,6 @@ import copy
 import itertools
 import linecache
 import logging
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -350,19 +349,6 @@ def trace_part(module: nn.Module, inputs: tuple[torch.Tensor, ...],
                                 name)
         except CaptureError:
             raise fx_error from None
-
-
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-
-
-def source_location(node: fx.Node) -> str:
-    """``file.py:LINE in fn`` of the user code that created ``node``, or its name."""
-    trace = node.stack_trace or ""
-    frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0] and "/shrink/" not in f[0]]
-    if not frames:
-        return f"node {node.name!r}"
-    path, line, fn = frames[-1]
-    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"
 
 
 def describe(node: fx.Node) -> str:

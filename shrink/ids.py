@@ -13,6 +13,7 @@ Ids are stored compressed: an array with the tensor's rank where a dim along whi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -324,8 +325,6 @@ class Call:
         """The user's source line that made the node (``file.py:LINE in fn``), for reasons:
         found from the node's stack trace when a rule first asks."""
         if self._where is None:
-            from shrink.capture import source_location
-
             self._where = source_location(self.node)
         return self._where
 
@@ -338,3 +337,17 @@ class Call:
         if len(self.node.args) > i:
             return self.node.args[i]
         return self.node.kwargs.get(name)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def source_location(node: Any) -> str:
+    """``file.py:LINE in fn`` of the user code that created the fx ``node``, or its name."""
+    trace = node.stack_trace or ""
+    frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0] and "/shrink/" not in f[0]]
+    if not frames:
+        return f"node {node.name!r}"
+    path, line, fn = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"
+

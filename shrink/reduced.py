@@ -81,9 +81,9 @@ class layer_macs:  # noqa: N801 (a context manager, used as a function)
     """Count the MACs of every call of ``model``'s convolution and linear layers (those whose
     forward is torch's own) by :func:`shrink.report.count_macs`'s formulas, per layer FQN:
     ``out.numel() * prod(weight.shape[1:])``, or the input's numel for a transposed
-    convolution. Forward hooks, removed on exit; works on real and meta tensors. Enter it
-    before :class:`recording_calls`, whose hooks then wrap these (their shape reads are not
-    the model's calls).
+    convolution. Forward hooks, removed on exit; works on real and meta tensors. They call
+    torch with its function handling off, so :class:`recording_calls` neither records them nor
+    counts them as hooks of the layer's own.
 
     The pruned model's MACs follow from three such counts without running it at the example
     size (:func:`pruned_macs`).
@@ -104,7 +104,10 @@ class layer_macs:  # noqa: N801 (a context manager, used as a function)
         def counter(fqn: str, transposed: bool) -> Callable[..., None]:
             def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
                 x = args[0] if transposed else out
-                macs[fqn] = macs.get(fqn, 0) + x.numel() * math.prod(_weight(m).shape[1:])
+                with torch._C.DisableTorchFunction():  # silent to recording_calls
+                    n = x.numel() * math.prod(_weight(m).shape[1:])
+                macs[fqn] = macs.get(fqn, 0) + n
+            hook.silent = True  # type: ignore[attr-defined]
             return hook
 
         for fqn, m in self.model.named_modules():
@@ -223,18 +226,45 @@ class recording_calls:  # noqa: N801 (a context manager, used as a function)
         def in_forward(*_: Any) -> None:
             mode.in_hooks = False
 
+        plain: dict[int, str] = {}  # modules without hooks of their own: the global hooks
         for fqn, m in self.model.named_modules():  # ours run first and last around the others
+            if not (_own(m._forward_pre_hooks) or _own(m._forward_hooks)):
+                plain[id(m)] = fqn
+                continue
             after = in_hooks if fqn == "" else in_forward
             if m._forward_pre_hooks:
                 self._handles += [m.register_forward_pre_hook(called(fqn), prepend=True),
                                   m.register_forward_pre_hook(in_forward)]
-            else:  # no hooks of its own: one of ours does what both would
+            else:  # no pre-hooks of its own: one of ours does what both would
                 self._handles.append(m.register_forward_pre_hook(entered(fqn)))
             if m._forward_hooks:
                 self._handles += [m.register_forward_hook(in_hooks, prepend=True),
                                   m.register_forward_hook(after)]
             else:
                 self._handles.append(m.register_forward_hook(after))
+
+        # Every other module is recorded by one pair of global hooks (they run before a
+        # module's own, which it has none of): two handles instead of two per module. They
+        # see every module called in the process and keep to this model's.
+        def global_pre(m: nn.Module, _a: Any) -> None:
+            fqn = plain.get(id(m))
+            if fqn is not None:
+                calls.append(fqn)
+                mode.in_hooks = False
+
+        def global_post(m: nn.Module, _a: Any, _o: Any) -> None:
+            fqn = plain.get(id(m))
+            if fqn is not None:
+                mode.in_hooks = fqn == ""  # past the root: as if in hooks
+
+        if plain:
+            from torch.nn.modules.module import (
+                register_module_forward_hook,
+                register_module_forward_pre_hook,
+            )
+
+            self._handles += [register_module_forward_pre_hook(global_pre),
+                              register_module_forward_hook(global_post)]
         mode.__enter__()
         return calls
 
@@ -243,6 +273,12 @@ class recording_calls:  # noqa: N801 (a context manager, used as a function)
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _own(hooks: dict[int, Any]) -> bool:
+    """Whether a module's hook table holds a hook of its own: one not marked ``silent`` (a hook
+    that calls torch with its function handling off, like :class:`layer_macs`'s)."""
+    return any(not getattr(h, "silent", False) for h in hooks.values())
 
 
 class _Functions(TorchFunctionMode):

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from shrink.capture import Captured, describe, source_location, to_meta
+from shrink.capture import Captured, describe, to_meta
 from shrink.errors import CaptureError
 from shrink.fastmeta import fast_meta
-from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values
+from shrink.ids import Call, Ids, Tracker, ids_on_axis, iter_ids, map_values, source_location
 from shrink.plan import Side
 from shrink.rules import function_rule, rule_for
 

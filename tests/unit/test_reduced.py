@@ -268,3 +268,35 @@ def test_a_plan_that_breaks_a_shape_is_probed_when_the_oracle_cannot_run_it(
     assert res.report.macs_after == count_macs(res.model, (x,))
     with torch.no_grad():
         assert res.model(x).shape == model(x).shape
+
+
+def test_recording_calls_lists_layers_and_forward_functions_but_not_hooks() -> None:
+    from torch.nn.modules import module as torch_module
+
+    from shrink.reduced import layer_macs, recording_calls
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.flatten(self.head(self.body(x)), 1)
+
+    net = Net()
+    net.head.register_forward_pre_hook(lambda m, a: (torch.neg(a[0]),))  # the oracle's kind
+    net.body[1].register_forward_hook(lambda m, a, out: torch.abs(out))
+    before = (len(torch_module._global_forward_pre_hooks),
+              len(torch_module._global_forward_hooks))
+    with layer_macs(net) as macs, recording_calls(net) as calls:
+        net(torch.randn(1, 3, 4, 4))
+    flatten = [c for c in calls if c.startswith("torch:") and "flatten" in c]
+    assert [c for c in calls if not c.startswith("torch:")] == [
+        "", "body", "body.0", "body.1", "head"]
+    assert len(flatten) == 1
+    assert calls.index(flatten[0]) == len(calls) - 1  # after head returns, in Net.forward
+    assert not any("neg" in c or "abs" in c for c in calls)  # the hooks' calls
+    assert macs == {"body.0": 4 * 16 * 3, "head": 2 * 16 * 4}
+    assert (len(torch_module._global_forward_pre_hooks),
+            len(torch_module._global_forward_hooks)) == before

@@ -20,8 +20,10 @@ Models with an op that cannot run on meta are probed on a real copy instead (one
 per step).
 
 Every run counts its MACs on the way (:func:`shrink.report.counted`), and the first records the
-dense model's layer and torch calls: :func:`shrink.verify` takes both from the probe instead of
-running the models on meta again.
+dense model's layer and torch calls and each conv and linear layer's MACs: :func:`shrink.verify`
+takes them from the probe instead of running the models on meta again. With verification on,
+:func:`shrink.prune` does not probe its first plan: the oracle runs the pruned model anyway, and
+only a plan that fails there comes back to :meth:`ShapeProbe.culprits`.
 """
 
 from __future__ import annotations

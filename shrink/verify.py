@@ -7,9 +7,13 @@ consumed: at the input of every layer whose IN axis loses them. The dropped chan
 computed, but nothing reads them. ``verify`` checks exactly that, in the model's own dtype.
 
 Cost. The two models run as copies that share the weights their layers only read
-(:func:`~shrink.modcopy.shared_copy`), the MACs and the dense model's shapes come from the shape
-probe's meta runs when :func:`shrink.prune` passes it, and an image model is compared on two
+(:func:`~shrink.modcopy.shared_copy`), the dense model's MACs and shapes come from the shape
+probe's meta run when :func:`shrink.prune` passes it, and an image model is compared on two
 half-resolution views of its input where it runs the same code there (:mod:`shrink.reduced`).
+The pruned model's MACs at the example size then follow from the per-layer MACs of the two runs
+(:func:`shrink.reduced.pruned_macs`), so :func:`shrink.prune` need not run the pruned model on
+meta: this run shows that it fits, and a pruned model that does not run here is sent back to the
+shape probe (``InvariantError``, see ``shrink.api._plan``).
 """
 
 from __future__ import annotations

@@ -342,8 +342,16 @@ class Call:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
+#: ``node.meta`` key of the user's source line that made an fx node (``file.py:LINE in fn``),
+#: where shrink's tracer recorded it (:class:`shrink.capture._Tracer`)
+WHERE = "shrink_where"
+
+
 def source_location(node: Any) -> str:
     """``file.py:LINE in fn`` of the user code that created the fx ``node``, or its name."""
+    where = node.meta.get(WHERE)
+    if where is not None:
+        return str(where)
     trace = node.stack_trace or ""
     frames = [f for f in _FRAME.findall(trace) if "/torch/" not in f[0] and "/shrink/" not in f[0]]
     if not frames:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -183,9 +184,10 @@ class Plan:
         self._by_id.update(by_id)
         if _CHECKED.get(id(self.groups)) is not self.groups:
             _check_positions(self.groups)
-            _CHECKED[id(self.groups)] = self.groups
-            while len(_CHECKED) > 8:
-                _CHECKED.pop(next(iter(_CHECKED)))
+            with _CHECKED_LOCK:  # plans may be made in several threads
+                _CHECKED[id(self.groups)] = self.groups
+                while len(_CHECKED) > 8:
+                    _CHECKED.pop(next(iter(_CHECKED)))
         self._check_decisions()
 
     def _check_decisions(self) -> None:
@@ -337,6 +339,7 @@ class Plan:
 #: the last group tuples that passed :func:`_check_positions`, by id (held, so that an id stays
 #: theirs): plans made of one analysis's groups (a select, the probe's re-plans) check them once
 _CHECKED: dict[int, tuple[ChannelGroup, ...]] = {}
+_CHECKED_LOCK = threading.Lock()
 
 
 def _check_positions(groups: Sequence[ChannelGroup]) -> None:

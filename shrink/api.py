@@ -24,7 +24,7 @@ from shrink.plan import Plan, fingerprint
 from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
 from shrink.report import LatencyReport, Report, count_macs, count_params
-from shrink.rewrite import apply
+from shrink.rewrite import apply, rebuild
 from shrink.rules import rule_for
 from shrink.select import Global, Policy, Target, Uniform, select
 from shrink.verify import verify as verify_
@@ -227,7 +227,7 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
         with stage("select"):
             plan = select(groups, scores, chosen, analysis.model)
     with stage("probe"):
-        built = _build(model, plan) if probe.on_meta else None
+        built = _build(model, plan, oracle=defer_fit) if probe.on_meta else None
         unprobed = (defer_fit and built is not None and not parts
                     and not isinstance(policy, LatencyTarget))
         if built is None or not (unprobed or probe.fits(plan, built)):
@@ -247,16 +247,18 @@ def _plan(model: nn.Module, inputs: tuple[Any, ...], analysis: Analysis,
     return plan, analysis, latency[-1] if latency else None, probe, built, unprobed
 
 
-def _build(model: nn.Module, plan: Plan) -> nn.Module | None:
+def _build(model: nn.Module, plan: Plan, *, oracle: bool = False) -> nn.Module | None:
     """``apply(model, plan)``, built before the shape probe has passed the plan so that the
     probe can check it (:meth:`ShapeProbe.fits`) instead of applying the plan to a meta copy
     too; None when it cannot be built (the probe then finds what breaks, and the apply stage
     raises what it raised) or for a Hugging Face model, whose config the real apply settles
-    and the probe's meta apply does not."""
+    and the probe's meta apply does not. ``oracle``: the oracle will run the result, so the
+    plan (made from ``model`` in this call) is not checked against it first
+    (:func:`shrink.rewrite.rebuild`)."""
     if hf.is_hf(model):
         return None
     try:
-        return apply(model, plan)
+        return rebuild(model, plan) if oracle else apply(model, plan)
     except Exception:  # the probe and the apply stage report it, as without this step
         return None
 

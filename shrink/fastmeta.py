@@ -14,7 +14,11 @@ is plain to state:
 * ``mean`` over some dims, and ``cat`` of tensors of one dtype and rank that agree off the
   concatenated dim;
 * a convolution (not transposed) of a contiguous input and weight: its output shape, and with
-  ``count`` its flops by FlopCounterMode's own formula.
+  ``count`` its flops by FlopCounterMode's own formula;
+* ``mm`` and ``addmm`` (a Linear layer on a batch of vectors) of two matrices of one dtype,
+  of any strides (the weight comes transposed): the contiguous ``(n, p)`` result, counted by
+  the registry's formula (the default meta ``addmm`` is a Python decomposition: 0.7 ms a
+  call).
 
 Only contiguous meta tensors of the exact class ``torch.Tensor`` (or ``nn.Parameter``) take
 these paths, where the default kernel also returns contiguous results; anything else, and any
@@ -150,6 +154,38 @@ def _conv(x: Any, w: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
     return torch.empty(shape, dtype=x.dtype, device="meta")
 
 
+_MATMUL = {aten.mm.default, aten.addmm.default}
+
+
+def _matmul(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``mm(a, b)`` or ``addmm(bias, a, b)`` (``beta``/``alpha`` numbers) of meta matrices of
+    the exact tensor class and one floating dtype: an empty contiguous ``(n, p)``."""
+    if func is aten.addmm.default:
+        if len(args) != 3 or any(k not in ("beta", "alpha") or type(v) not in (int, float)
+                                 for k, v in kwargs.items()):
+            return NotImplemented
+        bias, a, b = args
+    else:
+        if len(args) != 2 or kwargs:
+            return NotImplemented
+        bias, (a, b) = None, args
+    for t in (a, b) if bias is None else (bias, a, b):
+        if type(t) not in _PLAIN or not t.is_meta or not t.is_floating_point():
+            return NotImplemented
+    if a.dim() != 2 or b.dim() != 2 or a.dtype != b.dtype or a.shape[1] != b.shape[0]:
+        return NotImplemented  # the default kernel raises the user-facing error
+    shape = (a.shape[0], b.shape[1])
+    if bias is not None:
+        if bias.dtype != a.dtype or bias.dim() > 2:
+            return NotImplemented
+        try:
+            if torch.broadcast_shapes(bias.shape, shape) != shape:
+                return NotImplemented
+        except RuntimeError:
+            return NotImplemented
+    return torch.empty(shape, dtype=a.dtype, device="meta")
+
+
 def _ints(v: Any, n: int) -> bool:
     return type(v) in (list, tuple) and len(v) == n and all(type(i) is int for i in v)
 
@@ -204,6 +240,15 @@ class FastMeta(TorchDispatchMode):
             if out is not NotImplemented:
                 if self.count:  # FlopCounterMode's formula (conv_flop), on the same shapes
                     self.flops += int(_conv_flops(args[0].shape, args[1].shape, out.shape))
+                return out
+        if func in _MATMUL:
+            out = _matmul(func, args, kwargs)
+            if out is not NotImplemented:
+                if self.count:
+                    from torch.utils.flop_counter import flop_registry
+
+                    self.flops += int(_flops(flop_registry[func._overloadpacket], args,
+                                             kwargs, out))
                 return out
         if not self.count:
             return func(*args, **kwargs)

@@ -40,6 +40,13 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         >>> pruned = shrink.apply(model, plan)
     """
     check_plan(model, plan)
+    return rebuild(model, plan)
+
+
+def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
+    """:func:`apply` without :func:`check_plan`: for a plan made from ``model`` in the same
+    call, whose result the caller checks anyway (:func:`shrink.prune` with verification; the
+    oracle runs the result against the masked original)."""
     modules = _by_name(model)
     replaced = _rebuild(model, plan, modules)
     memo: dict[int, object] = {id(modules[f]): new for f, new in replaced.items()}
@@ -49,7 +56,8 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     _retie(model, out)
     _set_attributes(out, plan)
     # (the shape probe applies plans to meta copies many times: nothing to describe there)
-    meta = any(p.is_meta for p in model.parameters())
+    meta = any(p.is_meta for m in modules.values() for p in m._parameters.values()
+               if p is not None)
     note = None if meta else hf.settle_config(model, out)
     if note:
         log.info("shrink: %s", note)

@@ -179,6 +179,8 @@ def _leaf_types(captured: Captured) -> tuple[type[nn.Module], ...]:
 
 
 def _pin_ignored(gms: Sequence[nn.Module], t: Tracker, ignore: Sequence[Ignore]) -> None:
+    if not ignore:
+        return
     modules = {f: m for g in gms for f, m in g.named_modules()}
     for pattern in ignore:
         if isinstance(pattern, type):

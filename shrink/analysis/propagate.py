@@ -57,9 +57,18 @@ class Propagator(fx.Interpreter):
         self.modules: dict[str, nn.Module] = self.submodules  # fx walked the modules once
         part = getattr(gm, "_shrink_part", None)  # a model captured in parts: its boundary
         self.boundary = "" if part is None else f" (boundary of captured part {part!r})"
-        source = getattr(gm, "_shrink_source", gm)
-        self.model_tensors = {f for f, _ in source.named_parameters()} | {
-            f for f, _ in source.named_buffers()}
+        self._source = getattr(gm, "_shrink_source", gm)
+        self._model_tensors: set[str] | None = None
+
+    @property
+    def model_tensors(self) -> set[str]:
+        """Names of the model's parameters and buffers (what a ``get_attr`` node may slice);
+        listed when the first such node asks."""
+        if self._model_tensors is None:
+            source = self._source
+            self._model_tensors = {f for f, _ in source.named_parameters()} | {
+                f for f, _ in source.named_buffers()}
+        return self._model_tensors
 
     def fetch_attr(self, target: str) -> Any:
         """A module by its name from the table fx made (its own walk of the path costs a
@@ -207,11 +216,12 @@ def propagate(captured: Captured, tracker: Tracker) -> None:
 def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:
     """Pin layers whose parameters are shared with another layer, or that carry hooks."""
     owners: dict[int, list[str]] = {}
-    for fqn, mod in gm.named_modules():
-        for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(fqn)
+    modules = dict(gm.named_modules())
+    for fqn, mod in modules.items():
+        for pid in {id(p) for p in mod._parameters.values() if p is not None}:
+            owners.setdefault(pid, []).append(fqn)
     hooked = {
-        fqn for fqn, mod in gm.named_modules()
+        fqn for fqn, mod in modules.items()
         if mod._forward_hooks or mod._forward_pre_hooks
     }
     shared: dict[str, list[str]] = {}
@@ -219,7 +229,7 @@ def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:
         if len(fqns) > 1:
             for f in fqns:
                 shared.setdefault(f, []).extend(o for o in fqns if o != f)
-    tied = _tie_members(gm, tracker, owners)
+    tied = _tie_members(modules, tracker, owners)
     for (fqn, side), rec in tracker.members.items():
         if fqn in shared and (fqn, side) not in tied:
             tracker.pin(rec.ids, f"{fqn} shares a parameter with {shared[fqn]}: tied weights stay")
@@ -227,13 +237,14 @@ def pin_special_modules(gm: nn.Module, tracker: Tracker) -> None:
             tracker.pin(rec.ids, f"{fqn} has forward hooks shrink cannot see through")
 
 
-def _tie_members(gm: nn.Module, tracker: Tracker, owners: dict[int, list[str]]) -> set[Any]:
+def _tie_members(modules: dict[str, nn.Module], tracker: Tracker,
+                 owners: dict[int, list[str]]) -> set[Any]:
     """Tied weights (a language model's input embedding and ``lm_head``): module axes that
     slice one shared parameter along the same dim are one channel per position, so they shrink
     together and :func:`shrink.apply` ties the sliced copies again. Returns the ``(fqn, side)``
     members that touch shared parameters only that way; any other member of a layer that
-    shares a parameter is pinned by the caller."""
-    modules = dict(gm.named_modules())
+    shares a parameter is pinned by the caller. ``modules``: the graph module's
+    ``named_modules()``."""
     uses: dict[int, list[tuple[tuple[str, Side], int]]] = {}
     touching: dict[tuple[str, Side], set[int]] = {}
     for key in tracker.members:

@@ -62,6 +62,16 @@ CASES: dict[str, Callable[[], Any]] = {
         X.contiguous(memory_format=torch.channels_last), _m(4, 8, 3, 3)),
     "conv2d_half": lambda: F.conv2d(X.half(), _m(4, 8, 3, 3, dtype=torch.float16)),
     "conv_transpose2d": lambda: F.conv_transpose2d(X, _m(8, 4, 3, 3), stride=2),
+    "linear": lambda: F.linear(_m(3, 8), _m(5, 8), _m(5)),
+    "linear_no_bias": lambda: F.linear(_m(3, 8), _m(5, 8)),
+    "linear_3d": lambda: F.linear(_m(2, 3, 8), _m(5, 8), _m(5)),
+    "linear_half": lambda: F.linear(_m(3, 8, dtype=torch.float16),
+                                    _m(5, 8, dtype=torch.float16), _m(5, dtype=torch.float16)),
+    "mm": lambda: torch.mm(_m(3, 8), _m(8, 5)),
+    "addmm_row_bias_scaled": lambda: torch.addmm(_m(1, 5), _m(3, 8), _m(8, 5), beta=0.5,
+                                                 alpha=2.0),
+    "addmm_full_bias": lambda: torch.addmm(_m(3, 5), _m(3, 8), _m(5, 8).t()),
+    "addmm_mixed_dtype": lambda: torch.addmm(_m(5, dtype=torch.float64), _m(3, 8), _m(8, 5)),
 }
 
 ERRORS: dict[str, Callable[[], Any]] = {
@@ -75,6 +85,9 @@ ERRORS: dict[str, Callable[[], Any]] = {
     "mean_dim_twice": lambda: X.mean((2, 2)),
     "conv_wrong_channels": lambda: F.conv2d(X, _m(4, 7, 3, 3)),
     "conv_kernel_too_large": lambda: F.conv2d(X, _m(4, 8, 7, 7)),
+    "mm_mismatch": lambda: torch.mm(_m(3, 8), _m(7, 5)),
+    "addmm_bias_too_wide": lambda: torch.addmm(_m(6), _m(3, 8), _m(8, 5)),
+    "linear_wrong_width": lambda: F.linear(_m(3, 8), _m(5, 7), _m(5)),
 }
 
 
@@ -98,6 +111,8 @@ def test_fast_meta_result_equals_default_kernel(case: str) -> None:
 FAST = ("hardtanh", "hardtanh_", "hardswish", "relu", "sigmoid", "add_same", "mul_broadcast",
         "sub_broadcast_left", "add_inplace", "add_half", "bn2d", "bn1d", "bn_no_affine",
         "bn_no_training_op", "mean_keepdim", "mean_drop", "cat", "cat_negative_dim")
+MATMUL = ("linear", "linear_no_bias", "linear_3d", "linear_half", "mm",
+          "addmm_row_bias_scaled", "addmm_full_bias")
 CONV = ("conv2d", "conv2d_bias_stride_pad", "conv2d_dilated", "conv2d_depthwise",
         "conv2d_grouped", "conv1d", "conv3d", "conv2d_half")
 
@@ -144,6 +159,33 @@ def test_fast_meta_answers_convolutions_and_counts_them_as_flop_counter(
         with fast_meta(count=True) as mode:
             CASES[case]()
     assert answered == [True]
+    assert mode.flops == counter.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("case", MATMUL)
+def test_fast_meta_answers_matrix_products_and_counts_them_as_flop_counter(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import shrink.fastmeta as fm
+
+    answered: list[Any] = []
+    matmul = fm._matmul
+
+    def spy(*a: Any) -> Any:
+        out = matmul(*a)
+        answered.append(out is not NotImplemented)
+        return out
+
+    monkeypatch.setattr(fm, "_matmul", spy)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            CASES[case]()
+        with fast_meta(count=True) as mode:
+            CASES[case]()
+    assert answered
+    assert all(answered)
     assert mode.flops == counter.get_total_flops() > 0
 
 

@@ -136,56 +136,30 @@ def test_fast_meta_takes_its_own_path(case: str, monkeypatch: pytest.MonkeyPatch
     assert answered
 
 
-@pytest.mark.parametrize("case", CONV)
-def test_fast_meta_answers_convolutions_and_counts_them_as_flop_counter(
-        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("case", "path"), [(c, "_conv") for c in CONV]
+                         + [(c, "_matmul") for c in MATMUL])
+def test_fast_meta_answers_convolutions_and_matrix_products_and_counts_them_as_flop_counter(
+        case: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     import shrink.fastmeta as fm
 
     answered: list[Any] = []
-    conv = fm._conv
+    own = getattr(fm, path)
 
     def spy(*a: Any) -> Any:
-        out = conv(*a)
+        out = own(*a)
         answered.append(out is not NotImplemented)
         return out
 
-    monkeypatch.setattr(fm, "_conv", spy)
+    monkeypatch.setattr(fm, path, spy)
     with torch.no_grad():
         counter = FlopCounterMode(display=False)
         with counter:
             CASES[case]()
         with fast_meta(count=True) as mode:
             CASES[case]()
-    assert answered == [True]
-    assert mode.flops == counter.get_total_flops() > 0
-
-
-@pytest.mark.parametrize("case", MATMUL)
-def test_fast_meta_answers_matrix_products_and_counts_them_as_flop_counter(
-        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import shrink.fastmeta as fm
-
-    answered: list[Any] = []
-    matmul = fm._matmul
-
-    def spy(*a: Any) -> Any:
-        out = matmul(*a)
-        answered.append(out is not NotImplemented)
-        return out
-
-    monkeypatch.setattr(fm, "_matmul", spy)
-    with torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            CASES[case]()
-        with fast_meta(count=True) as mode:
-            CASES[case]()
-    assert answered
-    assert all(answered)
+    assert answered == [True]  # one op each (a Linear on a 3-D input: one mm after a view)
     assert mode.flops == counter.get_total_flops() > 0
 
 

@@ -24,7 +24,7 @@ from shrink.plan import Plan, fingerprint
 from shrink.probe import ShapeProbe, pin
 from shrink.progress import stage
 from shrink.report import LatencyReport, Report, count_macs, count_params
-from shrink.rewrite import apply, rebuild
+from shrink.rewrite import apply, apply_unchecked
 from shrink.rules import rule_for
 from shrink.select import Global, Policy, Target, Uniform, select
 from shrink.verify import verify as verify_
@@ -254,11 +254,11 @@ def _build(model: nn.Module, plan: Plan, *, oracle: bool = False) -> nn.Module |
     raises what it raised) or for a Hugging Face model, whose config the real apply settles
     and the probe's meta apply does not. ``oracle``: the oracle will run the result, so the
     plan (made from ``model`` in this call) is not checked against it first
-    (:func:`shrink.rewrite.rebuild`)."""
+    (:func:`shrink.rewrite.apply_unchecked`)."""
     if hf.is_hf(model):
         return None
     try:
-        return rebuild(model, plan) if oracle else apply(model, plan)
+        return apply_unchecked(model, plan) if oracle else apply(model, plan)
     except Exception:  # the probe and the apply stage report it, as without this step
         return None
 

@@ -40,10 +40,10 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         >>> pruned = shrink.apply(model, plan)
     """
     check_plan(model, plan)
-    return rebuild(model, plan)
+    return apply_unchecked(model, plan)
 
 
-def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_unchecked(model: nn.Module, plan: Plan) -> nn.Module:
     """:func:`apply` without :func:`check_plan`: for a plan made from ``model`` in the same
     call, whose result the caller checks anyway (:func:`shrink.prune` with verification; the
     oracle runs the result against the masked original)."""

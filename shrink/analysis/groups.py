@@ -28,6 +28,7 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
 
     # members
     members: dict[int, list[Member]] = defaultdict(list)
+    spans: dict[int, tuple[int, ...]] = {}  # tuple(range(n)), shared by the axes of length n
     for (fqn, side), rec in sorted(t.members.items(), key=lambda kv: kv[1].order):
         cl = cluster[rec.ids]
         extent = extents.get((fqn, side), len(rec.ids))
@@ -36,9 +37,12 @@ def build_groups(t: Tracker, extents: dict[tuple[str, Side], int]) -> tuple[Chan
                 f"{fqn} {side.value}-axis has {extent} positions but analysis saw {len(rec.ids)}"
             )
         chans = channel_of[root[rec.ids]]
-        if cl.size and bool((cl == cl[0]).all()):  # the usual case: the axis is one group's
+        if cl.size and cl.min() == cl.max():  # the usual case: the axis is one group's
+            span = spans.get(len(cl))
+            if span is None:
+                span = spans[len(cl)] = tuple(range(len(cl)))
             members[int(cl[0])].append(Member(fqn, side, extent, IndexMap(
-                tuple(range(len(cl))), tuple(chans.tolist()))))
+                span, tuple(chans.tolist()))))
             continue
         _, firsts = np.unique(cl, return_index=True)
         for c in cl[np.sort(firsts)].tolist():  # groups in order of their first position
@@ -90,14 +94,19 @@ def _clusters(t: Tracker, root: np.ndarray) -> np.ndarray:
     Computed as the connected components of the roots, with an edge from the root of every
     id to the root of its batch's first id.
     """
-    roots, node = np.unique(root, return_inverse=True)  # roots ascending; node: id -> index
     if len(t.batches) == 0:
         return root.copy()
+    # roots ascending, and node: id -> the index of its root among them (roots are ids, so a
+    # presence mask over the ids numbers them without sorting)
+    present = np.zeros(len(root), dtype=bool)
+    present[root] = True
+    roots = np.flatnonzero(present)
+    node = (np.cumsum(present) - 1)[root]
     starts = np.fromiter((b.start for b in t.batches), dtype=np.int64, count=len(t.batches))
-    batch = np.searchsorted(starts, np.arange(len(root), dtype=np.int64), side="right") - 1
-    edges = np.unique((node << 32) | node[starts[batch]])
-    a, b = edges >> 32, edges & 0xFFFFFFFF
-    return roots[smallest_connected(len(roots), a[a != b], b[a != b])][node]
+    sizes = np.diff(np.r_[starts, len(root)])
+    first = node[np.repeat(starts, sizes)]  # the node of each id's batch's first id
+    edge = node != first
+    return roots[smallest_connected(len(roots), node[edge], first[edge])][node]
 
 
 def _first_batch(chans: list[int], root: np.ndarray, t: Tracker) -> int:
@@ -123,12 +132,13 @@ def _channels(t: Tracker, root: np.ndarray, cluster: np.ndarray
     batch_starts = np.asarray([b.start for b in t.batches], dtype=np.int64)
     ordered = roots[by_cluster].tolist()
     ends = [*starts[1:].tolist(), len(ordered)]
+    batches = (np.searchsorted(batch_starts, first[by_cluster[starts]], side="right") - 1
+               ).tolist()
     cluster_channels: dict[int, list[int]] = {}
     label_of: dict[int, str] = {}
-    for s, e in zip(starts.tolist(), ends, strict=True):
-        c = int(clusters[s])
+    for s, e, c, batch in zip(starts.tolist(), ends, clusters[starts].tolist(), batches,
+                              strict=True):
         cluster_channels[c] = ordered[s:e]
-        batch = int(np.searchsorted(batch_starts, first[by_cluster[s]], side="right")) - 1
         label_of[c] = t.batches[batch].label
     return cluster_channels, channel_of, label_of
 

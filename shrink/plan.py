@@ -182,12 +182,9 @@ class Plan:
         if len(by_id) != len(self.groups):
             raise PlanError("plan has duplicate group ids; re-create it with shrink.select")
         self._by_id.update(by_id)
-        if _CHECKED.get(id(self.groups)) is not self.groups:
+        if not positions_checked(self.groups):
             _check_positions(self.groups)
-            with _CHECKED_LOCK:  # plans may be made in several threads
-                _CHECKED[id(self.groups)] = self.groups
-                while len(_CHECKED) > 8:
-                    _CHECKED.pop(next(iter(_CHECKED)))
+            mark_positions_checked(self.groups)
         self._check_decisions()
 
     def _check_decisions(self) -> None:
@@ -340,6 +337,26 @@ class Plan:
 #: theirs): plans made of one analysis's groups (a select, the probe's re-plans) check them once
 _CHECKED: dict[int, tuple[ChannelGroup, ...]] = {}
 _CHECKED_LOCK = threading.Lock()
+
+
+def positions_checked(groups: tuple[ChannelGroup, ...]) -> bool:
+    """Whether ``groups`` (this very tuple) passed :func:`_check_positions` or was vouched
+    for with :func:`mark_positions_checked`."""
+    return _CHECKED.get(id(groups)) is groups
+
+
+def mark_positions_checked(groups: tuple[ChannelGroup, ...]) -> None:
+    """Record that ``groups`` satisfy :func:`_check_positions`, so plans over them skip it.
+
+    For groups valid by construction: the analysis's (:func:`shrink.analysis.groups.build_groups`
+    takes each position from its axis and each channel from its group, and the analysis checks
+    that no position is in two groups), and the same groups with some pinned
+    (:func:`shrink.probe.pin` changes no position). A plan read from JSON is always checked.
+    """
+    with _CHECKED_LOCK:  # plans may be made in several threads
+        _CHECKED[id(groups)] = groups
+        while len(_CHECKED) > 8:
+            _CHECKED.pop(next(iter(_CHECKED)))
 
 
 def _check_positions(groups: Sequence[ChannelGroup]) -> None:

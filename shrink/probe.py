@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
-from shrink.plan import ChannelGroup, Decision, Plan
+from shrink.plan import ChannelGroup, Decision, Plan, mark_positions_checked, positions_checked
 from shrink.reduced import DenseRun, complete, layer_macs, recording_calls, signature
 from shrink.report import counted
 from shrink.rewrite import apply
@@ -283,8 +283,11 @@ def _zeros_like(value: Any, device: torch.device) -> Any:
 
 def pin(groups: Sequence[ChannelGroup], reasons: Mapping[str, str]) -> tuple[ChannelGroup, ...]:
     """``groups`` with those named in ``reasons`` pinned for that reason."""
-    return tuple(dataclasses.replace(g, pinned=reasons[g.id]) if g.id in reasons else g
-                 for g in groups)
+    out = tuple(dataclasses.replace(g, pinned=reasons[g.id]) if g.id in reasons else g
+                for g in groups)
+    if isinstance(groups, tuple) and positions_checked(groups):
+        mark_positions_checked(out)  # pinning moves no position
+    return out
 
 
 def _with(plan: Plan, decisions: Sequence[Decision]) -> Plan:

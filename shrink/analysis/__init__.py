@@ -14,7 +14,7 @@ from shrink.analysis.propagate import MetaUnsupportedError, pin_special_modules,
 from shrink.capture import Captured, capture
 from shrink.errors import CaptureError, ConfigError, InvariantError
 from shrink.ids import Tracker
-from shrink.plan import ChannelGroup, Side
+from shrink.plan import ChannelGroup, Side, mark_positions_checked
 from shrink.rules import rule_for
 
 Ignore = str | type[nn.Module]
@@ -146,6 +146,7 @@ def analyze(
     groups = build_groups(t, extents)
     if check:
         _check_partition(groups)
+        mark_positions_checked(groups)  # positions in range by construction, none twice
     diags = tuple(Diagnostic(sev, msg) for sev, msg in dict.fromkeys(t.diagnostics))
     return Analysis(captured.fingerprint, groups, diags, frontend=captured.frontend)
 

@@ -201,3 +201,31 @@ def test_a_plan_fingerprinted_with_caches_still_applies() -> None:
     assert old.model != plan.model
     with torch.no_grad():
         torch.testing.assert_close(shrink.apply(model, old)(x), shrink.apply(model, plan)(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet"])
+def test_the_analysis_vouches_only_for_groups_that_pass_the_position_check(name: str) -> None:
+    import dataclasses
+
+    import torchvision
+
+    from shrink.plan import _check_positions, positions_checked
+    from shrink.probe import pin
+
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    groups = shrink.analyze(shrink.capture(model, (torch.randn(1, 3, 64, 64),))).groups
+    assert positions_checked(groups)
+    _check_positions(groups)  # what a plan over them skips holds
+    pinned = pin(groups, {groups[1].id: "by hand"})
+    assert positions_checked(pinned) and pinned[1].pinned == "by hand"
+    # the same groups with one position moved past its axis: a new tuple, checked again
+    g = next(g for g in groups if g.members[0].extent > 1)
+    m = g.members[0]
+    bad = dataclasses.replace(m, index_map=IndexMap((m.extent,) + m.index_map.index[1:],
+                                                     m.index_map.channel))
+    tampered = tuple(dataclasses.replace(x, members=(bad, *x.members[1:])) if x is g else x
+                     for x in groups)
+    assert not positions_checked(tampered)
+    with pytest.raises(shrink.PlanError, match="outside the axis or group"):
+        Plan("fp", tampered, ())

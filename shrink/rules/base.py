@@ -300,5 +300,7 @@ def narrow(m: nn.Module, tp: type[M]) -> M:
 
 def finish(new: nn.Module, old: nn.Module) -> nn.Module:
     """Carry the mode of ``old`` over to ``new``."""
-    new.train(old.training)
+    if (new.training is not old.training or new._modules
+            or type(new).train is not nn.Module.train):
+        new.train(old.training)  # (else a no-op: a recast layer has its flag already)
     return new

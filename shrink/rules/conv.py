@@ -148,34 +148,37 @@ def _kept_groups(m: Any, kin: list[int], kout: list[int]) -> int:
     """Conv groups that keep channels; each must keep the same number of inputs and outputs."""
     g = m.groups
     ipg, opg = m.in_channels // g, m.out_channels // g
-    counts: dict[int, list[int]] = {}
-    for i in kin:
-        counts.setdefault(i // ipg, [0, 0])[0] += 1
-    for o in kout:
-        counts.setdefault(o // opg, [0, 0])[1] += 1
-    shapes = {tuple(c) for c in counts.values()}
+    ins = np.bincount(np.asarray(kin, dtype=np.int64) // ipg, minlength=g)
+    outs = np.bincount(np.asarray(kout, dtype=np.int64) // opg, minlength=g)
+    used = (ins > 0) | (outs > 0)  # the conv groups that keep an input or an output
+    shapes = set(zip(ins[used].tolist(), outs[used].tolist(), strict=True))
     if len(shapes) != 1 or 0 in next(iter(shapes)):
         raise PlanError(
             f"{type(m).__name__}(groups={g}): the plan keeps unequal channel counts per conv "
             f"group {sorted(shapes)}; grouped convs need equal (inputs, outputs) in every kept "
             "group. Re-create the plan with shrink.select."
         )
-    return len(counts)
+    return int(used.sum())
 
 
 def _grouped_columns(m: Any, kin: list[int], kout: list[int], wshape: torch.Size) -> torch.Tensor:
     """For each kept output, the local columns of the inputs kept in its conv group."""
     g = m.groups
     ipg, opg = m.in_channels // g, m.out_channels // g
-    local: list[list[int]] = [[] for _ in range(g)]
-    for i in kin:
-        local[i // ipg].append(i % ipg)
-    rows = [local[o // opg] for o in kout]
-    if len(rows[0]) == ipg:
+    # (checked by _kept_groups: every conv group that keeps an output keeps the same number
+    # n of inputs, and no other group keeps one)
+    inputs = np.asarray(kin, dtype=np.int64)
+    of = inputs // ipg
+    groups = np.unique(of)
+    n = len(kin) // len(groups)
+    if n == ipg:
         return torch.empty(0)  # whole groups: every column stays
-    idx = torch.as_tensor(rows, dtype=torch.long, device=m.weight.device)
+    # row k: the columns group groups[k] keeps, in the order of kin
+    local = (inputs[np.argsort(of, kind="stable")] % ipg).reshape(len(groups), n)
+    rows = local[np.searchsorted(groups, np.asarray(kout, dtype=np.int64) // opg)]
+    idx = torch.from_numpy(rows).to(m.weight.device)
     return idx.reshape(len(kout), -1, *([1] * (len(wshape) - 2))).expand(
-        len(kout), len(rows[0]), *wshape[2:]
+        len(kout), n, *wshape[2:]
     )
 
 

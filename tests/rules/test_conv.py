@@ -226,3 +226,22 @@ def test_linear_layer_op_counts_the_tokens_in_front_of_the_features() -> None:
     lin = nn.Linear(12, 5)
     assert rule_for(lin).layer_op(lin, (2, 7, 3, 12)).spatial == (7, 3)
     assert rule_for(lin).layer_op(lin, (2, 12)).spatial == ()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_grouped_conv_rebuilt_by_rule_computes_its_kept_slice(seed: int) -> None:
+    # 6 conv groups of 4 inputs -> 3 outputs; keep the same count in 4 of the groups, in an
+    # arbitrary order of groups: the new layer must equal the old one restricted to the kept
+    # inputs (zero elsewhere) at the kept outputs
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(24, 18, 3, padding=1, groups=6)
+    groups = torch.randperm(6, generator=gen)[:4].tolist()
+    n_in, n_out = 1 + seed % 3, 1 + seed % 2
+    kin = sorted(g * 4 + i for g in groups for i in torch.randperm(4, generator=gen)[:n_in].tolist())
+    kout = sorted(g * 3 + o for g in groups for o in torch.randperm(3, generator=gen)[:n_out].tolist())
+    new = rule_for(conv).shrink(conv, Keep(tuple(kin), tuple(kout), None))
+    assert (new.in_channels, new.out_channels, new.groups) == (len(kin), len(kout), 4)
+    x = torch.randn(2, 24, 5, 5, generator=gen)
+    masked = torch.zeros_like(x)
+    masked[:, kin] = x[:, kin]
+    torch.testing.assert_close(new(x[:, kin]), conv(masked)[:, kout], rtol=1e-5, atol=1e-6)

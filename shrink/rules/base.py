@@ -243,21 +243,26 @@ def recast(m: M, bases: tuple[type[nn.Module], ...], tensors: dict[str, torch.Te
             "how they shrink with the channels. Pass ignore=[that layer] or register a rule "
             f"for {cls.__name__} (shrink.register_rule)."
         )
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = dict(vars(m))  # atoms stay as they are; the rest is replaced
     memo: dict[int, Any] = {}
-    for key, value in vars(m).items():
+    for key, value in state.items():  # (values of existing keys only: safe while iterating)
         kind = type(value)
-        if kind in _ATOMS or (kind in (tuple, list) and all(type(v) in _ATOMS for v in value)):
-            state[key] = value if kind is not list else list(value)
-        elif kind in _TABLES:
+        if kind in _ATOMS:
+            continue
+        if kind in _TABLES:
             state[key] = kind(value)  # hook and tensor tables: new tables, the same entries
+        elif kind in (tuple, list) and all(type(v) in _ATOMS for v in value):
+            if kind is list:
+                state[key] = list(value)
         else:
             state[key] = copy.deepcopy(value, memo)
+    params, buffers = m._parameters, m._buffers
     for name, value in tensors.items():
-        old = getattr(m, name)
+        old = params.get(name) if name in params else (
+            buffers.get(name) if name in buffers else getattr(m, name))
         if old is None or value is None:
             continue
-        table = "_parameters" if name in m._parameters else "_buffers"
+        table = "_parameters" if name in params else "_buffers"
         state[table][name] = (nn.Parameter(value, requires_grad=old.requires_grad)
                               if isinstance(old, nn.Parameter) else value)
     state.update(attrs)

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
 from shrink.errors import CaptureError
 from shrink.ids import WHERE
 from shrink.interop.prune_masks import find_masks
-from shrink.modcopy import copy_module
+from shrink.modcopy import copy_module, set_eval
 from shrink.plan import fingerprint
 from shrink.rules import rule_for
 
@@ -177,7 +177,7 @@ def capture(
     except CaptureError as whole:
         if frontend != "auto":  # a forced front-end is what the user asked for
             raise
-        copied = (meta_copy(model) if on_meta else copy.deepcopy(model)).eval()
+        copied = set_eval(meta_copy(model) if on_meta else copy.deepcopy(model))
         parts = capture_parts(model, copied, inputs, whole,
                               lambda m, x, name: trace_part(m, x, leaf_types, name))
         return Captured(parts.graph_modules, inputs, fingerprint(model), on_meta,
@@ -212,7 +212,7 @@ def _whole(model: nn.Module, inputs: tuple[Any, ...], leaf_types: Sequence[type[
     fx_trace = _fx_tracer(leaf_types, name)
 
     def fx_copy() -> fx.GraphModule:
-        return fx_trace((meta_copy(model) if on_meta else copy.deepcopy(model)).eval())
+        return fx_trace(set_eval(meta_copy(model) if on_meta else copy.deepcopy(model)))
 
     if frontend == "fx":
         return fx_trace, fx_copy(), on_meta
@@ -251,12 +251,12 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], leaf_types: Sequence[type
         meta_inputs = to_meta(inputs)
         trace: Trace = lambda c: trace_export(c, meta_inputs, leaf_types, name)  # noqa: E731
         try:
-            return trace, trace(meta_copy(model).eval()), True
+            return trace, trace(set_eval(meta_copy(model))), True
         except CaptureError as e:
             if isinstance(e.__cause__, GuardOnDataDependentSymNode):
                 raise  # control flow on data: real inputs are traced as fake ones, and fail too
     trace = lambda c: trace_export(c, inputs, leaf_types, name)  # noqa: E731
-    return trace, trace(copy.deepcopy(model).eval()), False
+    return trace, trace(set_eval(copy.deepcopy(model))), False
 
 
 def _refuse_prune_masks(model: nn.Module) -> None:

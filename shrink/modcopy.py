@@ -24,7 +24,7 @@ import copy
 import copyreg
 import itertools
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -52,13 +52,14 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     # What this function memoises (the module, its dicts, its empty containers) is held by
     # ``module``, which outlives the copy, so unlike ``deepcopy`` it need not keep it alive
     # through the memo (``deepcopy`` does so for the objects it makes along the way).
-    state = module.__getstate__()  # a new dict: nothing else can refer to it
-    copied: dict[str, Any] = {}
-    for key, value in state.items():
+    # a new dict, which nothing else can refer to: its values are replaced in place (atoms
+    # stay, being what deepcopy returns for them)
+    copied = module.__getstate__()
+    for key, value in copied.items():
         kind = type(value)
         if kind in _ATOMS:
-            copied[key] = value
-        elif kind in _EMPTY and not value and id(value) not in memo:
+            continue
+        if kind in _EMPTY and not value and id(value) not in memo:
             copied[key] = memo[id(value)] = kind()  # the hook dicts, mostly
         elif key == "_modules" and kind is dict:
             children: dict[str, Any] = {}
@@ -121,6 +122,34 @@ def _copies_plainly(cls: type) -> bool:
     return known
 
 
+def set_eval(model: nn.Module) -> nn.Module:
+    """``model.eval()``, faster where that is all it would do: when no module of the tree
+    overrides ``train`` (nor the root ``eval``), each one's flag is set directly instead of
+    through ``Module.__setattr__``, module by module (about 2 us each).
+
+    Example:
+        >>> runner = set_eval(copy_module(model))
+    """
+    modules = list(model.modules())
+    if type(model).eval is not nn.Module.eval or any(
+            type(m).train is not nn.Module.train or type(m).__setattr__ is not nn.Module.__setattr__
+            for m in modules):
+        return model.eval()
+    for m in modules:
+        m.__dict__["training"] = False
+    return model
+
+
+def set_modes(modes: Iterable[tuple[nn.Module, bool]]) -> None:
+    """Put back the ``training`` flags ``[(module, flag), ...]`` that a run changed (directly
+    where ``Module.__setattr__`` would only store it)."""
+    for m, training in modes:
+        if type(m).__setattr__ is nn.Module.__setattr__:
+            m.__dict__["training"] = training
+        else:
+            m.training = training
+
+
 def shared_copy(model: nn.Module, own: Collection[str] = ()) -> nn.Module:
     """A copy of ``model`` in eval mode (new module objects: they take their own mode flags and
     hooks) that shares the tensors of layers whose eval-mode forward only reads them, and copies
@@ -147,7 +176,7 @@ def shared_copy(model: nn.Module, own: Collection[str] = ()) -> nn.Module:
                 seen = readers.get(id(t))
                 readers[id(t)] = (t, reads_only if seen is None else seen[1] and reads_only)
     memo: dict[int, Any] = {i: t for i, (t, shared) in readers.items() if shared}
-    return copy_module(model, memo).eval()
+    return set_eval(copy_module(model, memo))
 
 
 _READS_ONLY = frozenset({

@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from shrink.capture import meta_copy, to_meta
 from shrink.errors import CaptureError, InvariantError, RewriteError
+from shrink.modcopy import set_eval, set_modes
 from shrink.plan import ChannelGroup, Decision, Plan, mark_positions_checked, positions_checked
 from shrink.reduced import DenseRun, complete, layer_macs, recording_calls, signature
 from shrink.report import counted
@@ -88,7 +89,7 @@ class ShapeProbe:
         self._parts = tuple(parts)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         self._real_inputs = _zeros_like(parts, device) if parts else example_inputs
-        self._base: nn.Module = meta_copy(model).eval() if base is None else base
+        self._base: nn.Module = set_eval(meta_copy(model)) if base is None else base
         self._inputs = to_meta(parts if parts else example_inputs)
         self.runs = 0
         self._dense_calls: list[_Call] | None = None
@@ -126,16 +127,15 @@ class ShapeProbe:
         def run() -> Any:
             with torch.no_grad(), contextlib.nullcontext() if mode is None else mode:
                 if self._parts:
-                    return [model.get_submodule(fqn).eval()(*args, **kwargs)
+                    return [set_eval(model.get_submodule(fqn))(*args, **kwargs)
                             for fqn, args, kwargs in self._inputs]
-                return model.eval()(*self._inputs)
+                return set_eval(model)(*self._inputs)
 
         modes = [(m, m.training) for m in model.modules()]
         try:
             return counted(run)
         finally:
-            for m, training in modes:
-                m.training = training
+            set_modes(modes)
 
     @property
     def on_meta(self) -> bool:

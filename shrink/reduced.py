@@ -301,7 +301,7 @@ def dense_run(model: nn.Module, inputs: tuple[Any, ...]) -> DenseRun:
     """Run a weightless (meta) copy of ``model`` on ``inputs``, counting MACs as
     :func:`shrink.report.count_macs` does (a real copy when the model cannot run on meta)."""
     from shrink.capture import meta_copy, to_meta
-    from shrink.modcopy import copy_module
+    from shrink.modcopy import copy_module, set_eval
     from shrink.report import counted
 
     def run(m: nn.Module, x: tuple[Any, ...], lean: bool) -> DenseRun:
@@ -310,9 +310,9 @@ def dense_run(model: nn.Module, inputs: tuple[Any, ...]) -> DenseRun:
         return DenseRun(macs, signature(out), tuple(calls), complete(layers, macs))
 
     try:
-        return run(meta_copy(model).eval(), to_meta(inputs), True)
+        return run(set_eval(meta_copy(model)), to_meta(inputs), True)
     except Exception:  # an op without a meta kernel: run a real copy, as count_macs does
-        return run(copy_module(model).eval(), inputs, False)
+        return run(set_eval(copy_module(model)), inputs, False)
 
 
 def complete(layers: dict[str, int], macs: int) -> dict[str, int] | None:

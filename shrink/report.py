@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from shrink.modcopy import copy_module
+from shrink.modcopy import copy_module, set_eval
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
     from shrink.capture import meta_copy, to_meta
 
     try:
-        return count_run(meta_copy(model).eval(), to_meta(example_inputs))
+        return count_run(set_eval(meta_copy(model)), to_meta(example_inputs))
     except Exception:  # an op without a meta kernel: count on a real copy
-        return count_run(copy_module(model).eval(), example_inputs, lean=False)
+        return count_run(set_eval(copy_module(model)), example_inputs, lean=False)
 
 
 def count_run(model: nn.Module, inputs: tuple[Any, ...], *, lean: bool = True) -> int:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from shrink.errors import InvariantError, VerificationError
-from shrink.modcopy import copy_module, shared_copy
+from shrink.modcopy import copy_module, set_eval, shared_copy
 from shrink.plan import Plan, Side
 from shrink.reduced import (
     VIEWS,
@@ -59,7 +59,7 @@ def masked_reference(original: nn.Module, plan: Plan, *, renormalize: bool = Tru
     their statistics over the kept channels, as the pruned model does; without it they see the
     zeroed channels, which is the plainly masked original the inexact deviation is measured to.
     """
-    return _mask(copy_module(original).eval(), plan, renormalize)
+    return _mask(set_eval(copy_module(original)), plan, renormalize)
 
 
 def _mask(ref: nn.Module, plan: Plan, renormalize: bool) -> nn.Module:

@@ -140,3 +140,34 @@ def test_shared_copy_shares_only_weights_that_forward_reads() -> None:
     assert new.sub[0].weight is not model.sub[0].weight  # named in own
     assert new is not model
     assert new.conv is not model.conv
+
+
+def test_set_eval_sets_every_flag_as_eval_does() -> None:
+    import torchvision
+
+    from shrink.modcopy import set_eval, set_modes
+
+    model = torchvision.models.mobilenet_v3_small().train()
+    model.features[1].training = False  # mixed flags: all must end up False
+    modes = [(m, m.training) for m in model.modules()]
+    assert set_eval(model) is model
+    assert not any(m.training for m in model.modules())
+    set_modes(modes)
+    assert [m.training for m in model.modules()] == [t for _, t in modes]
+
+
+def test_set_eval_runs_a_train_override() -> None:
+    from shrink.modcopy import set_eval
+
+    class FrozenNorm(nn.Sequential):  # e.g. a backbone that keeps its norms in eval
+        calls = 0
+
+        def train(self, mode: bool = True) -> "FrozenNorm":
+            FrozenNorm.calls += 1
+            super().train(mode)
+            self[1].train(False)
+            return self
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenNorm(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    set_eval(model.train())
+    assert FrozenNorm.calls == 2 and not any(m.training for m in model.modules())

@@ -3,11 +3,13 @@
 Per model: ``shrink.prune`` with and without verification and torch-pruning 1.6 (in place, the
 model copied outside the timer), interleaved round by round, process CPU seconds, the minimum
 over ``--repeat`` rounds; prints each and the ratios to torch-pruning. To compare two versions
-of shrink, run it from each checkout, alternating::
+of shrink, run it from inside each checkout, alternating (``python -m`` puts the current
+directory first on the path, ahead of ``PYTHONPATH``, so run from elsewhere it would import
+that directory's ``shrink``; the first line printed names the one imported)::
 
-    python -m benchmarks.compile_ratio --models mobilenet_v2,mobilenet_v3_large --repeat 11
-    git worktree add /tmp/before <commit>
-    PYTHONPATH=/tmp/before python -m benchmarks.compile_ratio --models ... --repeat 11
+    git worktree add /tmp/before <commit>    # copy this file there if it predates it
+    for d in . /tmp/before . /tmp/before; do
+        (cd $d && python -m benchmarks.compile_ratio --repeat 15); done
 """
 
 from __future__ import annotations

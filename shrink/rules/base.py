@@ -161,9 +161,14 @@ class ModuleRule:
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> Any:
             x = args[0]
-            x = x.index_fill(rule.in_axis(mod, x.ndim), idx.to(x.device), 0)
+            if type(x) is torch.Tensor:  # silent to recording_calls: a plain op on a plain tensor
+                with torch._C.DisableTorchFunction():
+                    x = x.index_fill(rule.in_axis(mod, x.ndim), idx.to(x.device), 0)
+            else:
+                x = x.index_fill(rule.in_axis(mod, x.ndim), idx.to(x.device), 0)
             return (x, *args[1:])
 
+        hook.silent = True  # type: ignore[attr-defined]
         m.register_forward_pre_hook(hook)
 
     def shrink(self, m: nn.Module, keep: Keep) -> nn.Module:

@@ -300,3 +300,22 @@ def test_recording_calls_lists_layers_and_forward_functions_but_not_hooks() -> N
     assert macs == {"body.0": 4 * 16 * 3, "head": 2 * 16 * 4}
     assert (len(torch_module._global_forward_pre_hooks),
             len(torch_module._global_forward_hooks)) == before
+
+
+def test_the_oracles_masks_are_silent_to_the_call_record() -> None:
+    """The masks are hooks whose op the record leaves out: the masked original records the
+    calls the plain model records, so the reduced input stays usable."""
+    from shrink.modcopy import shared_copy
+    from shrink.reduced import recording_calls
+
+    model = _Pooled().eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = shrink.prune(model, (x,), shrink.PruneConfig(0.5)).plan
+    ref, plain = _shared_reference(model, plan), shared_copy(model)
+    masked = [f for f, m in ref.named_modules() if m._forward_pre_hooks]
+    assert masked  # the consumers of dropped channels carry masks
+    with torch.no_grad(), recording_calls(plain) as want:
+        plain(x)
+    with torch.no_grad(), recording_calls(ref) as got:
+        ref(x)
+    assert got == want and any(c.startswith("torch:") for c in got)

@@ -293,8 +293,17 @@ class _Functions(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         if not self.in_hooks:
-            self.calls.append(f"torch:{getattr(func, '__qualname__', None) or func!r}")
+            name = _NAMES.get(func)
+            if name is None:
+                if len(_NAMES) > 4096:  # (bounded, should some func be made per call)
+                    _NAMES.clear()
+                name = _NAMES[func] = f"torch:{getattr(func, '__qualname__', None) or func!r}"
+            self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+#: the record's name of each torch function seen (torch's functions live as long as the process)
+_NAMES: dict[Any, str] = {}
 
 
 def dense_run(model: nn.Module, inputs: tuple[Any, ...]) -> DenseRun:

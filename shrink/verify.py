@@ -391,8 +391,9 @@ def _to64(v: Any) -> Any:
 
 
 def _versions(*models: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    return [(t, t._version) for m in models
-            for t in itertools.chain(m.parameters(), m.buffers())]
+    return [(t, t._version) for m in models for mod in m.modules()
+            for t in itertools.chain(mod._parameters.values(), mod._buffers.values())
+            if t is not None]
 
 
 def _check_untouched(versions: list[tuple[torch.Tensor, int]], *models: nn.Module) -> None:

@@ -9,6 +9,7 @@ oracle), and how to rebuild it smaller (``shrink``: a copy with the kept slices,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -161,10 +162,10 @@ class ModuleRule:
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> Any:
             x = args[0]
-            if type(x) is torch.Tensor:  # silent to recording_calls: a plain op on a plain tensor
-                with torch._C.DisableTorchFunction():
-                    x = x.index_fill(rule.in_axis(mod, x.ndim), idx.to(x.device), 0)
-            else:
+            # silent to recording_calls: a plain op, with torch-function handling off where
+            # no tensor subclass needs it
+            with (torch._C.DisableTorchFunction() if type(x) is torch.Tensor
+                  else contextlib.nullcontext()):
                 x = x.index_fill(rule.in_axis(mod, x.ndim), idx.to(x.device), 0)
             return (x, *args[1:])
 
@@ -263,8 +264,8 @@ def recast(m: M, bases: tuple[type[nn.Module], ...], tensors: dict[str, torch.Te
             state[key] = copy.deepcopy(value, memo)
     params, buffers = m._parameters, m._buffers
     for name, value in tensors.items():
-        old = params.get(name) if name in params else (
-            buffers.get(name) if name in buffers else getattr(m, name))
+        old = params[name] if name in params else (
+            buffers[name] if name in buffers else getattr(m, name))
         if old is None or value is None:
             continue
         table = "_parameters" if name in params else "_buffers"
